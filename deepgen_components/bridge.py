@@ -1,0 +1,174 @@
+"""Stacked Channel Bridging (SCB): K VLM hidden states -> DiT context tokens and pooled vector.
+
+stack the K selected hidden states along channels (K*D) -> one Linear to the connector width ->
+bidirectional connector encoder -> two zero-initialised heads: ``pooled`` = head(mean over tokens),
+``context`` = head(per token). The stacked (B, L, K*D) tensor is never materialised: the projection reads
+the K states directly (``ops.stack_project``).
+
+Two options decide how faithful to the official model the bridge is:
+
+* ``tokens``: ``"all"`` (official: every VLM token, prompt + vision + think + pads, reaches the DiT) or
+  ``"think"`` (only the N think tokens; they already attended to the whole prompt inside the VLM).
+* ``mask_padding``: the official model masks nothing after the VLM (pads attend and are attended to in the
+  connector, the pooled mean includes them, the DiT attends to them), so its outputs depend on how much
+  left padding a batch has. With ``mask_padding=True`` pads are excluded everywhere and the outputs of a
+  prompt no longer depend on the batch it is in. Official parity needs ``False``; new training should
+  use ``True`` (the default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
+
+import torch
+from torch import nn
+
+from deepgen_components import ops
+from deepgen_components.connector import ConnectorConfig, ConnectorEncoder
+
+__all__ = ["BridgeConfig", "BridgeOutput", "StackedChannelBridge"]
+
+
+@dataclass
+class BridgeConfig:
+    num_stacked_layers: int = 6
+    vlm_hidden_size: int = 2048
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    context_dim: int = 4096  # DiT joint_attention_dim
+    pooled_dim: int = 2048  # DiT pooled_projection_dim
+    tokens: Literal["all", "think"] = "all"
+    mask_padding: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.connector, dict):
+            self.connector = ConnectorConfig(**self.connector)
+        if self.tokens not in ("all", "think"):
+            raise ValueError(f"tokens must be 'all' or 'think', got {self.tokens!r}")
+        for name in ("num_stacked_layers", "vlm_hidden_size", "context_dim", "pooled_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def stacked_dim(self) -> int:
+        return self.num_stacked_layers * self.vlm_hidden_size
+
+    @classmethod
+    def deepgen_1_0(cls, **overrides) -> BridgeConfig:
+        """The official sizes: 6 x 2048 -> 2048, 6 layers, 32 heads, FFN 11946, context 4096, pooled 2048.
+
+        Official parity (``tokens="all"``, ``mask_padding=False``) unless overridden.
+        """
+        values = dict(
+            num_stacked_layers=6,
+            vlm_hidden_size=2048,
+            connector=ConnectorConfig(hidden_size=2048, num_layers=6, num_heads=32, intermediate_size=11946),
+            context_dim=4096,
+            pooled_dim=2048,
+            tokens="all",
+            mask_padding=False,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BridgeConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown BridgeConfig keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class BridgeOutput:
+    """context (B, L', context_dim), pooled (B, pooled_dim), mask (B, L') bool: the context tokens the DiT
+    should attend to (all True when padding is not masked). ``intermediates`` only when requested."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor
+    mask: torch.Tensor
+    intermediates: dict[str, torch.Tensor] | None = None
+
+
+class StackedChannelBridge(nn.Module):
+    def __init__(self, config: BridgeConfig) -> None:
+        super().__init__()
+        self.config = config
+        width = config.connector.hidden_size
+        self.projector = nn.Linear(config.stacked_dim, width)
+        self.connector = ConnectorEncoder(config.connector)
+        self.pooled_head = nn.Linear(width, config.pooled_dim)
+        self.context_head = nn.Linear(width, config.context_dim)
+        self.reset_heads()
+
+    @torch.no_grad()
+    def reset_heads(self) -> None:
+        """Zero heads (official): a fresh bridge hands the DiT an all-zero condition."""
+        for head in (self.pooled_head, self.context_head):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def _check_inputs(self, hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> None:
+        cfg = self.config
+        if len(hidden_states) != cfg.num_stacked_layers:
+            raise ValueError(
+                f"hidden_states: got {len(hidden_states)} tensors, the bridge stacks "
+                f"num_stacked_layers={cfg.num_stacked_layers}"
+            )
+        shape = hidden_states[0].shape
+        for i, h in enumerate(hidden_states):
+            if h.dim() != 3 or h.shape != shape:
+                raise ValueError(
+                    f"hidden_states[{i}]: every tensor must be (B, L, D) with one shape, got "
+                    f"{tuple(h.shape)} vs {tuple(shape)}"
+                )
+        if shape[-1] != cfg.vlm_hidden_size:
+            raise ValueError(
+                f"hidden_states: width {shape[-1]} does not match vlm_hidden_size={cfg.vlm_hidden_size}"
+            )
+        if attention_mask.shape != shape[:2]:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} must be (B, L) = {tuple(shape[:2])}"
+            )
+
+    def forward(
+        self,
+        hidden_states: Sequence[torch.Tensor],
+        attention_mask: torch.Tensor,
+        think_mask: torch.Tensor | None = None,
+        *,
+        return_intermediates: bool = False,
+    ) -> BridgeOutput:
+        cfg = self.config
+        self._check_inputs(hidden_states, attention_mask)
+        mask = attention_mask.bool()
+        if cfg.tokens == "think":
+            if think_mask is None:
+                raise ValueError("think_mask is required when tokens='think'")
+            batch = mask.shape[0]
+            count = int(think_mask[0].sum())
+            if count == 0 or not bool((think_mask.sum(1) == count).all()):
+                raise ValueError("think_mask must mark the same positive number of think tokens in every sample")
+            hidden_states = [h[think_mask].view(batch, count, -1) for h in hidden_states]
+            mask = mask[think_mask].view(batch, count)
+
+        projected = ops.stack_project(hidden_states, self.projector.weight, self.projector.bias)
+        encoded = self.connector(projected, mask if cfg.mask_padding else None)
+        if cfg.mask_padding:
+            weights = mask.to(encoded.dtype).unsqueeze(-1)
+            mean = (encoded * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+            out_mask = mask
+        else:
+            mean = encoded.mean(1)  # official: plain mean over every token, pads included
+            out_mask = torch.ones_like(mask)
+        pooled = self.pooled_head(mean)
+        context = self.context_head(encoded)
+        intermediates = None
+        if return_intermediates:
+            intermediates = {"projector_out": projected, "connector_out": encoded, "connector_mean": mean}
+        return BridgeOutput(context=context, pooled=pooled, mask=out_mask, intermediates=intermediates)

@@ -1,0 +1,1 @@
+"""ONNX export, ONNX Runtime / TensorRT runtimes and parity checks (``deepgen_components.export``)."""

@@ -1,0 +1,31 @@
+"""Test-wide setup.
+
+Environment variables that the libraries read at import or decoration time are set here, before any
+test module imports triton kernels, transformers or diffusers:
+
+* ``TRITON_INTERPRET=1`` when no CUDA device is present, so the Triton kernels run in the interpreter on
+  CPU tensors (it is read when ``@triton.jit`` decorates a kernel);
+* ``HF_HUB_OFFLINE=1``: nothing may touch a model hub.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,1 @@
+"""Training recipes for the three DeepGen stages (``deepgen_components.training``)."""
