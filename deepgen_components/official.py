@@ -1,0 +1,317 @@
+"""Import of the official DeepGen 1.0 weights, from local paths only.
+
+Two released layouts are understood:
+
+(a) the original checkpoint (``.safetensors``, or ``.pt`` / ``.pth`` / ``.bin`` read with
+    ``torch.load(weights_only=True)``) holding the official model's ``state_dict()``: ``meta_queries``,
+    ``projector_1/2/3.*``, ``connector.layers.N.*``, ``transformer.*`` and, in SFT/RL checkpoints, the VLM
+    LoRA under ``lmm.*``. The base Qwen2.5-VL-3B-Instruct folder and the SD3 VAE come from their own folders.
+(b) the diffusers-format release folder: ``transformer/`` (a diffusers SD3 transformer), ``vae/``,
+    ``scheduler/``, optionally ``tokenizer/``, and the SCB weights in any other ``*.safetensors`` file of the
+    folder or its sub-folders, keyed by the official names — either in full (``connector.layers.0...``) or
+    relative to a sub-folder named after the module (``connector/...: layers.0...``,
+    ``projector_1/...: weight``).
+
+Key mapping to our modules: ``meta_queries`` -> ``encoder.think_tokens.weight``; ``projector_1`` ->
+``bridge.projector``; ``projector_2`` (pooled head) -> ``bridge.pooled_head``; ``projector_3`` (sequence head)
+-> ``bridge.context_head``; ``connector.*`` -> ``bridge.connector.*``; ``transformer.*`` ->
+``dit.transformer.*``. ``vae.*`` and ``ema.*`` keys are ignored (the official ``state_dict`` drops them).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "ImportReport",
+    "read_official_weights",
+    "find_release_folder",
+    "import_official_weights",
+    "load_state_dict_file",
+    "map_official_key",
+    "to_official_state_dict",
+]
+
+logger = logging.getLogger(__name__)
+
+_SCB_PREFIXES = {
+    "projector_1.": "bridge.projector.",
+    "projector_2.": "bridge.pooled_head.",
+    "projector_3.": "bridge.context_head.",
+    "connector.": "bridge.connector.",
+    "transformer.": "dit.transformer.",
+}
+_IGNORED_PREFIXES = ("vae.", "ema.")
+_SKIP_FOLDERS = {"transformer", "vae", "scheduler", "tokenizer", "text_encoder", "vlm", "lmm"}
+
+
+def map_official_key(key: str) -> str | None:
+    """Our parameter name for an official (non-LoRA) key, or None if it is not an SCB/DiT key."""
+    if key == "meta_queries":
+        return "encoder.think_tokens.weight"
+    for prefix, ours in _SCB_PREFIXES.items():
+        if key.startswith(prefix):
+            return ours + key[len(prefix) :]
+    return None
+
+
+def to_official_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our model's SCB + DiT weights under the official key names (inverse of the import)."""
+    inverse = {v: k for k, v in _SCB_PREFIXES.items()}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "encoder.think_tokens.weight":
+            out["meta_queries"] = tensor
+            continue
+        for ours, official in inverse.items():
+            if name.startswith(ours):
+                out[official + name[len(ours) :]] = tensor
+    return out
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file: safetensors, or a torch pickle with ``weights_only=True`` (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights_path: no such file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        for wrapper in ("state_dict", "model", "module"):
+            if isinstance(data, dict) and wrapper in data and isinstance(data[wrapper], dict):
+                data = data[wrapper]
+        if not isinstance(data, dict):
+            raise ValueError(f"weights_path: {path} does not hold a state dict (got {type(data).__name__})")
+        return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    raise ValueError(f"weights_path: unsupported file type {path.suffix!r}; use .safetensors, .pt, .pth or .bin")
+
+
+def find_release_folder(path: str | Path) -> Path | None:
+    """The diffusers-format release folder, or None when ``path`` is an original-layout checkpoint file."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if not path.exists():
+        raise FileNotFoundError(f"weights_path: no such file or folder: {path}")
+    if not (path / "transformer").is_dir():
+        raise ValueError(
+            f"weights_path: {path} is a folder without a transformer/ sub-folder; expected a checkpoint file "
+            "(.safetensors / .pt) or the diffusers-format DeepGen release folder"
+        )
+    return path
+
+
+def _read_release_folder(root: Path) -> dict[str, torch.Tensor]:
+    """Collect official-named keys from a diffusers-format release folder."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    transformer_files = sorted((root / "transformer").glob("*.safetensors"))
+    if not transformer_files:
+        raise FileNotFoundError(f"weights_path: no *.safetensors in {root / 'transformer'}")
+    for f in transformer_files:
+        state.update({f"transformer.{k}": v for k, v in load_file(str(f)).items()})
+    for f in sorted(root.rglob("*.safetensors")):
+        relative = f.relative_to(root)
+        if relative.parts[0] in _SKIP_FOLDERS:
+            continue
+        folder = relative.parts[0] if len(relative.parts) > 1 else None
+        for key, value in load_file(str(f)).items():
+            if map_official_key(key) is None and key != "meta_queries" and folder is not None:
+                key = f"{folder}.{key}" if folder != "meta_queries" else "meta_queries"
+            state[key] = value
+    return state
+
+
+def read_official_weights(weights_path: str | Path) -> dict[str, torch.Tensor]:
+    """All official-named tensors of a layout (a) file or a layout (b) release folder."""
+    path = Path(weights_path)
+    release = find_release_folder(path)
+    return _read_release_folder(release) if release is not None else load_state_dict_file(path)
+
+
+@dataclass
+class ImportReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    lora_modules: list[str] = field(default_factory=list)
+    lora_merged: bool = False
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.loaded)} tensors loaded, {len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+            f"{len(self.ignored)} ignored (vae./ema.), {len(self.lora_modules)} LoRA modules"
+            f"{' merged' if self.lora_merged else ''}"
+        )
+
+
+# transformers 4.51-style VLM keys (as re-saved by the official RL code) -> the 4.56 / 5.x layout we load.
+_VLM_LAYOUT = (
+    (re.compile(r"^model\.layers\."), "model.language_model.layers."),
+    (re.compile(r"^model\.embed_tokens\."), "model.language_model.embed_tokens."),
+    (re.compile(r"^model\.norm\."), "model.language_model.norm."),
+    (re.compile(r"^visual\."), "model.visual."),
+)
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$"
+)
+
+
+def _vlm_key(key: str) -> str:
+    key = key[len("lmm.") :]
+    if key.startswith("base_model.model."):
+        key = key[len("base_model.model.") :]
+    for pattern, replacement in _VLM_LAYOUT:
+        key = pattern.sub(replacement, key)
+    return key
+
+
+def _apply_vlm_weights(
+    vlm: torch.nn.Module, lmm: dict[str, torch.Tensor], report: ImportReport, *, merge: bool, lora_alpha: float | None
+) -> None:
+    """Load base VLM tensors and the LoRA found under ``lmm.*`` into the Hugging Face VLM."""
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    base: dict[str, torch.Tensor] = {}
+    for key, value in lmm.items():
+        vkey = _vlm_key(key)
+        match = _LORA_KEY.match(vkey)
+        if match:
+            lora.setdefault(match["module"], {})[match["kind"]] = value
+        else:
+            base[vkey.replace(".base_layer.", ".")] = value
+    params = dict(vlm.named_parameters())
+    with torch.no_grad():
+        for key, value in base.items():
+            if key not in params:
+                report.unexpected.append(f"lmm:{key}")
+                continue
+            if params[key].shape != value.shape:
+                raise ValueError(f"weights: lmm key {key} has shape {tuple(value.shape)}, the VLM expects {tuple(params[key].shape)}")
+            params[key].copy_(value)
+            report.loaded.append(f"lmm:{key}")
+    if not lora:
+        return
+    modules = dict(vlm.named_modules())
+    for name, parts in lora.items():
+        if name not in modules:
+            report.unexpected.append(f"lmm:{name} (LoRA)")
+            continue
+        if name.endswith("lm_head"):
+            report.ignored.append(f"lmm:{name} (LoRA on lm_head: logits are never computed)")
+            continue
+        a = parts.get("lora_A", parts.get("lora_embedding_A"))
+        b = parts.get("lora_B", parts.get("lora_embedding_B"))
+        if a is None or b is None:
+            raise ValueError(f"weights: LoRA for {name} lacks its A or B matrix")
+        report.lora_modules.append(name)
+    if merge:
+        # W += (alpha / r) * B @ A  (embeddings: (B @ A)^T, since peft's embedding A is (r, vocab)).
+        with torch.no_grad():
+            for name in report.lora_modules:
+                module, parts = modules[name], lora[name]
+                embedding = "lora_embedding_A" in parts
+                a = parts.get("lora_A", parts.get("lora_embedding_A")).float()
+                b = parts.get("lora_B", parts.get("lora_embedding_B")).float()
+                rank = a.shape[0]
+                scale = (lora_alpha if lora_alpha is not None else 2.0 * rank) / rank
+                delta = (b @ a) * scale
+                weight = module.weight
+                delta = delta.T if embedding else delta
+                if delta.shape != weight.shape:
+                    raise ValueError(f"weights: LoRA for {name} gives a {tuple(delta.shape)} update for a {tuple(weight.shape)} weight")
+                weight.add_(delta.to(weight.dtype))
+        report.lora_merged = True
+        return
+    from peft import LoraConfig, inject_adapter_in_model
+
+    rank = next(iter(lora.values()))["lora_A" if "lora_A" in next(iter(lora.values())) else "lora_embedding_A"].shape[0]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=lora_alpha if lora_alpha is not None else 2 * rank,
+        target_modules=report.lora_modules,
+        init_lora_weights=False,
+    )
+    inject_adapter_in_model(config, vlm)
+    params = dict(vlm.named_parameters())
+    with torch.no_grad():
+        for name in report.lora_modules:
+            for kind, value in lora[name].items():
+                target = f"{name}.{kind}.default.weight" if kind.startswith("lora_") and "embedding" not in kind else f"{name}.{kind}.default"
+                if target not in params:
+                    raise ValueError(f"weights: cannot place LoRA tensor {name}.{kind} (no parameter {target})")
+                params[target].copy_(value)
+                report.loaded.append(f"lmm:{name}.{kind}")
+
+
+def import_official_weights(
+    model,
+    weights_path: str | Path | None = None,
+    *,
+    state: dict[str, torch.Tensor] | None = None,
+    strict: bool = True,
+    merge_lora: bool = True,
+    lora_alpha: float | None = None,
+) -> ImportReport:
+    """Load official DeepGen weights (layout (a) file or layout (b) folder, or an already read ``state``)
+    into a ``DeepGenModel``.
+
+    Missing think-token / bridge / DiT keys raise in ``strict`` mode (the message lists them); unexpected keys
+    are reported and logged. The VLM LoRA (``lmm.*``) is merged into the VLM weights (``merge_lora``) or
+    injected with peft (exact unmerged computation). The LoRA scale is ``lora_alpha / r`` (official
+    alpha 128 at r 64, i.e. 2r, when ``lora_alpha`` is None).
+    """
+    if state is None:
+        if weights_path is None:
+            raise ValueError("import_official_weights needs weights_path or state")
+        state = read_official_weights(weights_path)
+    path = weights_path if weights_path is not None else "<state dict>"
+
+    report = ImportReport()
+    ours = model.state_dict()
+    expected = {k for k in ours if k.startswith(("encoder.think_tokens.", "bridge.", "dit.transformer."))}
+    mapped: dict[str, torch.Tensor] = {}
+    lmm: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(_IGNORED_PREFIXES):
+            report.ignored.append(key)
+            continue
+        if key.startswith("lmm."):
+            lmm[key] = value
+            continue
+        target = map_official_key(key)
+        if target is None or target not in ours:
+            report.unexpected.append(key)
+            continue
+        if ours[target].shape != value.shape:
+            raise ValueError(
+                f"weights: {key} has shape {tuple(value.shape)} but {target} expects {tuple(ours[target].shape)}"
+            )
+        mapped[target] = value
+    # The DiT's sin-cos position table is a fixed buffer; old checkpoints may lack it.
+    report.missing = sorted(k for k in expected - set(mapped) if not k.endswith("pos_embed.pos_embed"))
+    if strict and report.missing:
+        shown = ", ".join(report.missing[:10])
+        raise ValueError(
+            f"weights: {len(report.missing)} expected keys are missing from {path} (first: {shown}); pass "
+            "strict=False to load the rest"
+        )
+    with torch.no_grad():
+        params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        for target, value in mapped.items():
+            params[target].copy_(value.to(params[target].dtype))
+            report.loaded.append(target)
+    if lmm:
+        _apply_vlm_weights(model.encoder.vlm, lmm, report, merge=merge_lora, lora_alpha=lora_alpha)
+    if report.unexpected:
+        logger.warning("unexpected keys in %s (not loaded): %s", path, ", ".join(report.unexpected[:20]))
+    return report

@@ -1,0 +1,356 @@
+"""DeepGenPipeline: prompt (+ reference images) -> images, in the style of diffusers pipelines.
+
+``__call__`` reads like the algorithm: encode the condition once (prompt and negative prompt in one
+left-padded batch, as the official model does) -> prepare latents (and reference latents for editing) ->
+FlowMatch Euler loop with classifier-free guidance as one batched DiT call -> VAE decode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepgen_components.bridge import BridgeConfig, BridgeOutput, StackedChannelBridge
+from deepgen_components.layers import LayerSelection
+from deepgen_components.model import DeepGenConfig, DeepGenModel
+from deepgen_components.processing import limit_long_side_size, pil_to_pixels, pixels_to_pil, pixels_to_uint8
+from deepgen_components.sampling import euler_step, flow_match_sigmas, guidance
+from deepgen_components.think_tokens import ThinkTokens
+
+__all__ = ["DeepGenPipeline", "DeepGenPipelineOutput"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DeepGenPipelineOutput:
+    """images: list of PIL images, uint8 array (B, H, W, 3), float tensor (B, 3, H, W) in [-1, 1], or latents.
+    timings: seconds per stage (condition, denoise, decode, total)."""
+
+    images: list | np.ndarray | torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _nearest_multiples(value: int, multiple: int) -> str:
+    low = max(multiple, value // multiple * multiple)
+    return f"{low} or {low + multiple}" if low != value else str(value)
+
+
+class DeepGenPipeline:
+    """Text-to-image and (multi-reference) editing with a :class:`DeepGenModel`."""
+
+    def __init__(self, model: DeepGenModel) -> None:
+        self.model = model
+        self._progress_config: dict = {}
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str = "tiny", **kwargs) -> DeepGenPipeline:
+        from deepgen_components.builders import build_preset
+
+        return cls(build_preset(name, **kwargs))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> DeepGenPipeline:
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm options for the denoising loop, e.g. ``disable=True``."""
+        self._progress_config = dict(kwargs)
+
+    # -- inputs ---------------------------------------------------------------------------------------
+    def _references(self, image, batch: int) -> list[list[torch.Tensor]] | None:
+        """Per prompt, the list of reference pixels (3, H, W) in [-1, 1], resized by the official rule."""
+        if image is None:
+            return None
+        if batch == 1 and not (isinstance(image, (list, tuple)) and len(image) == 1 and isinstance(image[0], (list, tuple))):
+            per_prompt = [list(image) if isinstance(image, (list, tuple)) else [image]]
+        else:
+            if not isinstance(image, (list, tuple)) or len(image) != batch:
+                raise ValueError(
+                    f"image: with {batch} prompts give a list of {batch} entries (an image or a list of images each)"
+                )
+            per_prompt = [
+                [] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in image
+            ]
+        target = self.model.config.image_size
+        out = []
+        for refs in per_prompt:
+            pixels = []
+            for ref in refs:
+                if isinstance(ref, torch.Tensor):
+                    if ref.dim() != 3 or ref.shape[0] != 3:
+                        raise ValueError(f"image: a tensor reference must be (3, H, W) in [-1, 1], got {tuple(ref.shape)}")
+                    h, w = limit_long_side_size(ref.shape[-2], ref.shape[-1], target)
+                    if (h, w) != tuple(ref.shape[-2:]):
+                        ref = torch.nn.functional.interpolate(
+                            ref[None].float(), size=(h, w), mode="bicubic", align_corners=False
+                        )[0].clamp(-1, 1)
+                    pixels.append(ref.float())
+                    continue
+                if not hasattr(ref, "convert"):
+                    raise ValueError(f"image: expected PIL images or (3, H, W) tensors, got {type(ref).__name__}")
+                h, w = limit_long_side_size(ref.height, ref.width, target)
+                if (h, w) != (ref.height, ref.width) or ref.mode != "RGB":
+                    logger.info(
+                        "reference image %dx%d (%s) -> RGB %dx%d (long side <= %d, sides multiples of 32)",
+                        ref.width, ref.height, ref.mode, w, h, target,
+                    )
+                pixels.append(pil_to_pixels(ref, (h, w)))
+            out.append(pixels)
+        return out
+
+    def _output_size(self, height, width, references) -> tuple[int, int]:
+        if height is None or width is None:
+            # Official edit behaviour: with one reference per prompt, the output takes the reference's size.
+            sizes = {tuple(refs[0].shape[-2:]) for refs in references or [] if len(refs) == 1}
+            default = next(iter(sizes)) if references and len(sizes) == 1 and all(len(r) == 1 for r in references) else None
+            if default is None:
+                default = (self.model.config.image_size, self.model.config.image_size)
+            height = default[0] if height is None else height
+            width = default[1] if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < 32 or value % 32:
+                raise ValueError(
+                    f"{name} must be a positive multiple of 32, got {value}; nearest valid: "
+                    f"{_nearest_multiples(int(value), 32)}"
+                )
+        return height, width
+
+    # -- the algorithm ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        image=None,
+        negative_prompt: str | list[str] = "",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 4.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+    ) -> DeepGenPipelineOutput:
+        model = self.model
+        device = model.device
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt: give at least one prompt")
+        batch = len(prompts)
+        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != batch:
+            raise ValueError(f"negative_prompt: got {len(negatives)} for {batch} prompts")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        references = self._references(image, batch)
+        height, width = self._output_size(height, width, references)
+        do_cfg = guidance_scale != 1.0
+        timings: dict[str, float] = {}
+
+        # 1. Condition: once per call; prompt and negative prompt share one left-padded batch.
+        _sync(device)
+        start = time.perf_counter()
+        texts = prompts + negatives if do_cfg else prompts
+        refs_for_vlm = None if references is None else (references + references if do_cfg else references)
+        condition = model.encode_condition(texts, refs_for_vlm)
+        condition = _repeat_condition(condition, num_images_per_prompt)
+        if do_cfg:  # DiT batch order: [negative; positive]
+            half = batch * num_images_per_prompt
+            condition = _select_condition(condition, torch.cat([torch.arange(half, 2 * half), torch.arange(half)]))
+        _sync(device)
+        timings["condition"] = time.perf_counter() - start
+
+        # 2. Latents: initial noise from the generator, clean reference latents for editing.
+        start = time.perf_counter()
+        scale = model.vae_scale_factor
+        shape = (batch * num_images_per_prompt, model.latent_channels, height // scale, width // scale)
+        if latents is None:
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
+        latents = latents.to(device, model.dtype)
+        reference_latents = None
+        if references is not None:
+            encoded = [model.encode_images(refs, generator) for refs in references]
+            per_image = [refs for refs in encoded for _ in range(num_images_per_prompt)]
+            reference_latents = per_image + per_image if do_cfg else per_image
+            reference_latents = [[r.to(model.dtype) for r in refs] for refs in reference_latents]
+
+        # 3. Denoising: FlowMatch Euler on diffusers' grid; CFG as one batched DiT call.
+        timesteps, sigmas = flow_match_sigmas(model.scheduler, num_inference_steps, device=device)
+        first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        steps = range(len(timesteps))
+        if progress and not self._progress_config.get("disable", False):
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, total=len(timesteps), **{k: v for k, v in self._progress_config.items() if k != "disable"})
+        for i in steps:
+            model_input = torch.cat([latents, latents]) if do_cfg else latents
+            t = timesteps[i].expand(model_input.shape[0]).to(model.dtype)
+            velocity = model.velocity(model_input, t, condition, reference_latents)
+            if do_cfg:
+                velocity_uncond, velocity_cond = velocity.chunk(2)
+                velocity = guidance(velocity_uncond, velocity_cond, guidance_scale)
+            latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
+            # Record the first non-finite step without a host sync per step.
+            bad = ~torch.isfinite(latents).all()
+            first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, i), first_bad_step)
+        if int(first_bad_step) >= 0:
+            raise FloatingPointError(
+                f"non-finite latents (NaN/inf) appeared at denoising step {int(first_bad_step)} of {len(timesteps)}; "
+                "try float32 or a smaller guidance_scale"
+            )
+        _sync(device)
+        timings["denoise"] = time.perf_counter() - start
+
+        # 4. Decode.
+        start = time.perf_counter()
+        if output_type == "latent":
+            images = latents
+        else:
+            pixels = model.decode_latents(latents).float()
+            if output_type == "pt":
+                images = pixels
+            elif output_type == "np":
+                images = pixels_to_uint8(pixels).cpu().numpy()
+            else:
+                images = pixels_to_pil(pixels)
+        _sync(device)
+        timings["decode"] = time.perf_counter() - start
+        timings["total"] = timings["condition"] + timings["denoise"] + timings["decode"]
+        return DeepGenPipelineOutput(images=images, timings=timings)
+
+    # -- persistence ------------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Our layout: one sub-folder per component with config.json + safetensors, written atomically."""
+        from safetensors.torch import save_file
+
+        model = self.model
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            model.encoder.vlm.save_pretrained(tmp / "vlm", safe_serialization=True)
+            (tmp / "think_tokens").mkdir()
+            think = model.think_tokens
+            _write_json(tmp / "think_tokens" / "config.json", {"num_tokens": think.num_tokens, "hidden_size": think.hidden_size})
+            save_file({"weight": think.weight.detach().contiguous().cpu()}, str(tmp / "think_tokens" / "model.safetensors"))
+            (tmp / "bridge").mkdir()
+            _write_json(tmp / "bridge" / "config.json", model.bridge.config.to_dict())
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in model.bridge.state_dict().items()},
+                str(tmp / "bridge" / "model.safetensors"),
+            )
+            model.dit.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+            model.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            model.scheduler.save_pretrained(tmp / "scheduler")
+            model.tokenizer.save_pretrained(tmp / "tokenizer")
+            _write_json(
+                tmp / "model_index.json",
+                {
+                    "_class_name": "DeepGenPipeline",
+                    "_library": "deepgen-components",
+                    "format_version": FORMAT_VERSION,
+                    "config": model.config.to_dict(),
+                    "layers": model.layers.to_dict(),
+                    "vlm_class": type(model.encoder.vlm).__name__,
+                },
+            )
+            if path.exists():
+                backup = path.with_name(f".{path.name}.old")
+                shutil.rmtree(backup, ignore_errors=True)
+                os.replace(path, backup)
+                os.replace(tmp, path)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None
+    ) -> DeepGenPipeline:
+        import transformers
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"path: {index_file} not found (not a DeepGenPipeline folder)")
+        index = json.loads(index_file.read_text())
+        for sub in ("vlm", "think_tokens", "bridge", "transformer", "vae", "scheduler", "tokenizer"):
+            if not (path / sub).is_dir():
+                raise FileNotFoundError(f"path: component folder {path / sub} is missing")
+        vlm_class = getattr(transformers, index["vlm_class"], None)
+        if vlm_class is None:
+            raise ValueError(f"path: unknown VLM class {index['vlm_class']!r} in {index_file}")
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        vlm = vlm_class.from_pretrained(path / "vlm", attn_implementation="sdpa", **kwargs)
+        think_cfg = json.loads((path / "think_tokens" / "config.json").read_text())
+        think = ThinkTokens(think_cfg["num_tokens"], think_cfg["hidden_size"])
+        think.load_state_dict(load_file(str(path / "think_tokens" / "model.safetensors")))
+        bridge = StackedChannelBridge(BridgeConfig.from_dict(json.loads((path / "bridge" / "config.json").read_text())))
+        bridge.load_state_dict(load_file(str(path / "bridge" / "model.safetensors")))
+        transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        tokenizer.padding_side = "left"
+        model = DeepGenModel(
+            vlm, think, LayerSelection.from_dict(index["layers"]), bridge, transformer, vae, scheduler, tokenizer,
+            DeepGenConfig.from_dict(index.get("config", {})),
+        )
+        if dtype is not None:
+            model = model.to(dtype)
+        if device is not None:
+            model = model.to(device)
+        return cls(model.eval())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _repeat_condition(condition: BridgeOutput, times: int) -> BridgeOutput:
+    if times == 1:
+        return condition
+    return BridgeOutput(
+        context=condition.context.repeat_interleave(times, 0),
+        pooled=condition.pooled.repeat_interleave(times, 0),
+        mask=condition.mask.repeat_interleave(times, 0),
+    )
+
+
+def _select_condition(condition: BridgeOutput, index: torch.Tensor) -> BridgeOutput:
+    index = index.to(condition.context.device)
+    return BridgeOutput(context=condition.context[index], pooled=condition.pooled[index], mask=condition.mask[index])
