@@ -287,14 +287,17 @@ class DeepGenModel(nn.Module):
         index = (u * count).long().clamp(0, count - 1).to(self.train_timesteps.device)
         return u, self.train_timesteps[index], self.train_sigmas[index]
 
-    def flow_matching_loss(self, batch: dict, generator: torch.Generator | None = None) -> FlowMatchingOutput:
+    def flow_matching_loss(
+        self, batch: dict, generator: torch.Generator | None = None, *, condition_dropout: float | None = None
+    ) -> FlowMatchingOutput:
         """Rectified-flow loss: x_t = (1 - sigma) x0 + sigma * eps, target eps - x0, per-sample MSE, mean.
 
         ``batch`` keys: ``prompts`` (list[str]); ``latents`` (clean target latents: (B, C, h, w) or a list)
         or ``pixels`` (targets in [-1, 1], VAE-encoded here); optional ``reference_pixels`` (per sample, a
         list of (3, H, W) references: editing; also VAE-encoded for the DiT unless ``reference_latents`` is
         given); optional ``noise`` / ``u`` to fix the random draws. Text-to-image captions are replaced by ""
-        with probability ``condition_dropout``; editing samples never are.
+        with probability ``condition_dropout`` (default: the model config's; pass 0 when the caller already
+        dropped captions itself); editing samples never are.
         """
         prompts = list(batch["prompts"])
         references = batch.get("reference_pixels")
@@ -311,8 +314,9 @@ class DeepGenModel(nn.Module):
         if len(prompts) != size:
             raise ValueError(f"batch: {len(prompts)} prompts for {size} images")
 
-        if not editing and self.config.condition_dropout > 0:
-            drop = torch.rand(len(prompts), generator=generator) < self.config.condition_dropout
+        dropout = self.config.condition_dropout if condition_dropout is None else condition_dropout
+        if not editing and dropout > 0:
+            drop = torch.rand(len(prompts), generator=generator) < dropout
             prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
 
         reference_latents = batch.get("reference_latents")

@@ -1,0 +1,155 @@
+"""Training checkpoints: safetensors for every tensor (weights, optimizer moments, RNG states), JSON for the rest.
+
+A checkpoint is a folder ``step_XXXXXXXX/`` holding ``trainable.safetensors`` (the trainable weights, LoRA
+included, by parameter name), ``optimizer.safetensors`` + ``state.json`` (optimizer param groups, LR schedule,
+sampler position, step, config), and ``rng.safetensors``. It is written into a temporary folder and renamed
+into place (atomic on one filesystem), then ``latest`` is replaced atomically; older checkpoints beyond
+``keep_last`` are removed. A run killed at any moment resumes from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["capture_rng", "latest_checkpoint", "load_checkpoint", "restore_rng", "save_checkpoint"]
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, json) snapshot of torch (CPU and CUDA), numpy and Python RNG states."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    np_state = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    py_state = random.getstate()
+    meta = {
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, values in state["state"].items():
+        entry = {}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                entry[name] = value
+        meta["state"][str(index)] = entry
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in meta["state"].items()}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def save_checkpoint(
+    directory: str | Path,
+    step: int,
+    *,
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict | None = None,
+    scheduler_state: dict | None = None,
+    sampler_state: dict | None = None,
+    extra: dict | None = None,
+    keep_last: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` atomically into ``directory`` and prune old ones; returns its folder."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step_{step:08d}"
+    tmp = directory / f".tmp_step_{step:08d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    state: dict[str, Any] = {"step": step, "scheduler": scheduler_state, "sampler": sampler_state, "extra": extra or {}}
+    if optimizer_state is not None:
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        state["optimizer"] = opt_meta
+    rng_tensors, rng_meta = capture_rng()
+    save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
+    state["rng"] = rng_meta
+    _write_json(tmp / "state.json", state)
+    for f in tmp.iterdir():  # make the data durable before the rename publishes it
+        with f.open("rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = directory / ".latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, directory / "latest")
+    checkpoints = sorted(p for p in directory.glob("step_*") if p.is_dir())
+    for old in checkpoints[: max(0, len(checkpoints) - keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint folder in ``directory``, or None."""
+    directory = Path(directory)
+    pointer = directory / "latest"
+    if pointer.is_file():
+        candidate = directory / pointer.read_text().strip()
+        if (candidate / "state.json").is_file():
+            return candidate
+    complete = sorted(p for p in directory.glob("step_*") if (p / "state.json").is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint folder: trainable weights, optimizer/scheduler/sampler state, RNG, extra."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"checkpoint: {path} has no state.json (not a complete checkpoint)")
+    state = json.loads((path / "state.json").read_text())
+    out = {
+        "step": state["step"],
+        "trainable": load_file(str(path / "trainable.safetensors")),
+        "scheduler": state.get("scheduler"),
+        "sampler": state.get("sampler"),
+        "extra": state.get("extra", {}),
+        "optimizer": None,
+        "rng": None,
+    }
+    if "optimizer" in state and (path / "optimizer.safetensors").is_file():
+        out["optimizer"] = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    if (path / "rng.safetensors").is_file():
+        out["rng"] = (load_file(str(path / "rng.safetensors")), state["rng"])
+    return out

@@ -1,0 +1,168 @@
+"""Shared by every stage: build the model from a spec, choose what trains, LoRA, optimizer and LR schedule."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from deepgen_components.training.config import LoraConfigSpec, ModelSpec, OptimConfig
+from torch import nn
+
+from deepgen_components.model import DeepGenModel
+
+__all__ = [
+    "apply_lora",
+    "build_model",
+    "build_optimizer",
+    "build_schedule",
+    "configure_stage",
+    "lora_modules",
+    "merge_lora",
+    "trainable_state",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(spec: ModelSpec, *, device: torch.device | str | None = None) -> DeepGenModel:
+    """A DeepGen model from a :class:`ModelSpec` (embedded preset, pipeline folder, or official weights)."""
+    from deepgen_components.builders import PRESETS, deepgen_1_0, deepgen_small, deepgen_tiny
+    from deepgen_components.pipeline import DeepGenPipeline
+
+    if spec.pipeline:
+        model = DeepGenPipeline.from_pretrained(spec.pipeline).model
+    elif spec.vlm or spec.weights:
+        model = deepgen_1_0(spec.vlm, spec.weights, vae_path=spec.vae, mask_padding=spec.mask_padding,
+                            tokens=spec.tokens or "all")
+    elif spec.preset == "tiny":
+        model = deepgen_tiny(
+            spec.seed,
+            mask_padding=True if spec.mask_padding is None else spec.mask_padding,
+            tokens=spec.tokens or "all",
+            zero_heads=True,
+        )
+    elif spec.preset == "small":
+        model = deepgen_small(spec.seed)
+    elif spec.preset == "deepgen-1.0":
+        torch.manual_seed(spec.seed)
+        model = deepgen_1_0(device=device, mask_padding=spec.mask_padding, tokens=spec.tokens or "all")
+    elif spec.preset in PRESETS:
+        model = PRESETS[spec.preset]()
+    else:
+        raise ValueError(f"model.preset: unknown preset {spec.preset!r}; presets: {', '.join(sorted(PRESETS))}")
+    model.config.condition_dropout = spec.condition_dropout
+    if spec.image_size is not None:
+        model.config.image_size = spec.image_size
+    if device is not None:
+        model = model.to(device)
+    return model
+
+
+def _lm_target_regex(model: DeepGenModel, targets: list[str]) -> str:
+    names = "|".join(sorted(set(targets)))
+    scope = r".*language_model\." if model.encoder.kind == "qwen_vl" else r".*"
+    return rf"{scope}(.*\.)?({names})$"
+
+
+def apply_lora(model: DeepGenModel, spec: LoraConfigSpec) -> list[str]:
+    """Inject a peft LoRA into the VLM's language model (official: r 64, alpha 128, dropout 0.05, Gaussian
+    init, on the LM linears). Returns the names of the wrapped modules."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        init_lora_weights=spec.init if spec.init != "default" else True,
+        target_modules=_lm_target_regex(model, spec.targets),
+    )
+    inject_adapter_in_model(config, model.encoder.vlm)
+    wrapped = lora_modules(model.encoder.vlm)
+    if not wrapped:
+        raise ValueError(f"lora.targets {spec.targets} matched no module of the VLM's language model")
+    return wrapped
+
+
+def lora_modules(module: nn.Module) -> list[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return [name for name, m in module.named_modules() if isinstance(m, LoraLayer)]
+
+
+def merge_lora(module: nn.Module) -> int:
+    """Merge every peft LoRA layer into its base weight and put the plain layer back; returns the count."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, child in list(module.named_modules()):
+        if isinstance(child, LoraLayer):
+            child.merge()
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, child.get_base_layer())
+            merged += 1
+    return merged
+
+
+def configure_stage(model: DeepGenModel, stage: str, lora: LoraConfigSpec | None = None) -> list[str]:
+    """Freeze everything, then unfreeze what the stage trains; returns the trainable parameter names.
+
+    align (stage 1): think tokens + bridge (projector, connector, heads); VLM and DiT frozen — gradients still
+    flow *through* the frozen VLM to the think tokens. sft (stage 2): + the whole DiT + a LoRA on the VLM's
+    language model. rl (stage 3): the DiT only.
+    """
+    model.requires_grad_(False)
+    if stage == "align":
+        model.think_tokens.requires_grad_(True)
+        model.bridge.requires_grad_(True)
+    elif stage == "sft":
+        model.think_tokens.requires_grad_(True)
+        model.bridge.requires_grad_(True)
+        model.dit.requires_grad_(True)
+        if lora is not None:
+            if not lora_modules(model.encoder.vlm):
+                apply_lora(model, lora)
+            for name, param in model.encoder.vlm.named_parameters():
+                param.requires_grad_("lora_" in name)
+    elif stage == "rl":
+        model.dit.requires_grad_(True)
+    else:
+        raise ValueError(f"stage must be 'align', 'sft' or 'rl', got {stage!r}")
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def build_optimizer(params: list[tuple[str, nn.Parameter]], cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay only on parameters with >= 2 dims (official: biases and norms get none)."""
+    decay = [p for _, p in params if p.ndim >= 2]
+    no_decay = [p for _, p in params if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if not groups:
+        raise ValueError("no trainable parameters: check the stage and the model")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from ``warmup_start_factor * lr`` over ``warmup_ratio`` of the steps, then cosine to 0
+    (official stages 1-2) or constant."""
+    if cfg.warmup_steps is not None:
+        warmup = cfg.warmup_steps
+    else:
+        warmup = max(1, math.ceil(cfg.warmup_ratio * max_steps)) if cfg.warmup_ratio > 0 else 0
+    if cfg.schedule not in ("cosine", "constant"):
+        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return cfg.warmup_start_factor + (1.0 - cfg.warmup_start_factor) * step / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

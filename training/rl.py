@@ -1,0 +1,306 @@
+"""Stage 3 (``rl``): MR-GRPO on the DiT, with the same CLI, checkpoints and ``metrics.jsonl`` as stages 1-2.
+
+One iteration, top to bottom: draw prompts -> encode them once (frozen VLM + bridge) -> no-grad CPS rollouts
+(group of G images per prompt, shared initial noise) -> decode and score with every reward -> GDPO advantages
+(normalised over all ranks) -> for a random subset of timesteps, recompute the step log-probs with gradients,
+clipped-ratio loss + velocity-space KL to a frozen reference DiT -> SFT auxiliary flow-matching loss ->
+clip and step (one optimizer step per rollout by default; ``update_mode: per_timestep`` steps after every
+timestep as the official code effectively does).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from deepgen_components.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from deepgen_components.training.common import build_model, build_optimizer, build_schedule, configure_stage
+from deepgen_components.training.config import RLConfig, TrainConfig
+from deepgen_components.training.distributed import (
+    all_gather_cat,
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    init_distributed,
+)
+from deepgen_components.training.metrics import MetricsLogger
+from deepgen_components.training.sampler import TaskBatchSampler
+from deepgen_components.training.trainer import _load_trainable, _next_batch, build_sources, prepare_batch
+
+from deepgen_components.bridge import BridgeOutput
+from deepgen_components.grpo import (
+    MRGRPOLoss,
+    _slice_condition,
+    gdpo_advantages,
+    grpo_advantages,
+    policy_step_log_prob,
+    rollout,
+    select_timesteps,
+)
+from deepgen_components.model import DeepGenModel
+from deepgen_components.processing import pixels_to_pil
+from deepgen_components.rewards import build_reward, reward_weights
+
+__all__ = ["PromptPool", "RLResult", "train_rl"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RLResult:
+    out: Path
+    steps: int
+    final_loss: float | None
+    checkpoint: Path | None
+    pipeline: Path | None
+
+
+class PromptPool:
+    """Prompts with categories; each step draws ``prompts_per_step`` per rank, seeded by (seed, step, rank)."""
+
+    def __init__(self, rl: RLConfig, image_size: int) -> None:
+        items = [dict(p) for p in rl.prompts]
+        source = dict(rl.prompt_source or {})
+        if source:
+            kind = source.pop("kind", None)
+            if kind != "shapes":
+                raise ValueError(f"rl.prompt_source.kind must be 'shapes', got {kind!r}")
+            from deepgen_components.shapes import ShapesWorld
+
+            world = ShapesWorld(image_size=image_size, seed=int(source.get("seed", 0)))
+            count = int(source.get("count", 512))
+            items += [{"text": world.t2i_sample(i)[1], "category": source.get("category", "general")} for i in range(count)]
+        if not items:
+            raise ValueError("rl: give prompts (rl.prompts) or a prompt source (rl.prompt_source)")
+        for i, item in enumerate(items):
+            if "text" not in item:
+                raise ValueError(f"rl.prompts[{i}]: needs 'text'")
+            item.setdefault("category", "general")
+        self.items = items
+
+    def draw(self, count: int, seed: int, step: int, rank: int) -> list[dict]:
+        rng = random.Random(seed * 1_000_003 + step * 7_919 + rank)
+        return [rng.choice(self.items) for _ in range(count)]
+
+
+def _condition_velocity(dit, model: DeepGenModel, latents, timestep, condition: BridgeOutput):
+    mask = condition.mask if model.bridge.config.mask_padding else None
+    return dit(latents, timestep, condition.context, condition.pooled, context_mask=mask)
+
+
+def _repeat(condition: BridgeOutput, times: int) -> BridgeOutput:
+    return BridgeOutput(
+        condition.context.repeat_interleave(times, 0),
+        condition.pooled.repeat_interleave(times, 0),
+        condition.mask.repeat_interleave(times, 0),
+    )
+
+
+def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | None = None) -> RLResult:
+    """Run MR-GRPO as configured; resumes from the newest checkpoint in ``out``."""
+    if cfg.stage != "rl" or cfg.rl is None:
+        raise ValueError("train_rl needs stage: rl and an rl: section")
+    rl = cfg.rl
+    out = Path(out or cfg.out)
+    total_steps = max_steps if max_steps is not None else cfg.trainer.max_steps
+    info = init_distributed(cfg.trainer.device)
+    device = info.device
+    torch.manual_seed(cfg.trainer.seed)
+
+    # 1. Policy (the DiT trains), frozen reference copy, rewards.
+    model = build_model(cfg.model, device=device)
+    if cfg.model.init_from:
+        init_path = Path(cfg.model.init_from)
+        init = load_checkpoint(init_path if (init_path / "state.json").exists() else latest_checkpoint(init_path))
+        _, unexpected = model.load_state_dict(init["trainable"], strict=False)
+        if unexpected:
+            raise ValueError(f"model.init_from: {len(unexpected)} tensors do not fit the model, e.g. {unexpected[:5]}")
+    configure_stage(model, "rl")
+    model.eval()  # no dropout anywhere: rollouts and updates must see the same function
+    reference_dit = copy.deepcopy(model.dit).requires_grad_(False).eval()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    rewards = {name: build_reward(spec) for name, spec in rl.rewards.items()}
+    if not rewards:
+        raise ValueError("rl.rewards: configure at least one reward")
+    reward_names = list(rewards)
+    categories = rl.categories or {"general": {name: 1.0 for name in reward_names}}
+    loss_fn = MRGRPOLoss(rl.clip_range, rl.kl_beta, rl.sft_lambda, rl.eta)
+    prompts = PromptPool(rl, cfg.data.image_size)
+    height = width = cfg.data.image_size
+
+    # SFT auxiliary data: the data sources of the config (optional when sft_lambda == 0).
+    sft_sources = build_sources(cfg) if cfg.data.sources and rl.sft_lambda > 0 else None
+    sft_sampler = None
+    if sft_sources is not None:
+        sft_sampler = TaskBatchSampler(
+            {n: len(s) for n, s in sft_sources.items()}, {s.name: s.repeat for s in cfg.data.sources},
+            rl.sft_batch_size, seed=cfg.trainer.seed, rank=info.rank, world_size=info.world_size,
+        )
+
+    optimizer = build_optimizer(params, cfg.optim)
+    schedule = build_schedule(optimizer, cfg.optim, total_steps)
+    start_step = 0
+    ckpt_dir = out / "checkpoints"
+    resume = latest_checkpoint(ckpt_dir)
+    if resume is not None:
+        state = load_checkpoint(resume)
+        _load_trainable(model, model, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        if sft_sampler is not None and state["sampler"]:
+            sft_sampler.load_state_dict(state["sampler"])
+        if state["rng"] is not None:
+            restore_rng(*state["rng"])
+        start_step = state["step"]
+        # The reference DiT stays the initial (init_from) policy: it was copied before the resumed weights loaded.
+        logger.warning("resuming from %s (step %d)", resume, start_step)
+    metrics = MetricsLogger(out, enabled=info.is_main, resume_step=start_step,
+                            tensorboard=cfg.trainer.tensorboard, total_steps=total_steps)
+    if info.is_main:
+        import yaml
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    sft_plans = iter(sft_sampler) if sft_sampler is not None else None
+
+    gather = (lambda t: all_gather_cat(t, info)) if rl.global_normalisation else None
+    last_loss, last_ckpt = None, None
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        # 2. Prompts and the frozen condition (computed once per step).
+        drawn = prompts.draw(rl.prompts_per_step, cfg.trainer.seed, step, info.rank)
+        texts = [d["text"] for d in drawn]
+        with torch.no_grad():
+            condition = _repeat(model.encode_condition(texts), rl.group_size)
+            negative = None
+            if rl.guidance_scale != 1.0:
+                negative = _repeat(model.encode_condition([""] * len(texts)), rl.group_size)
+        # 3. Rollouts.
+        generator = torch.Generator().manual_seed(
+            (cfg.trainer.seed * 1_000_003 + step * 7_919 + info.rank * 104_729) % (2**63)
+        )
+        trajectory = rollout(
+            model, condition, height=height, width=width, num_steps=rl.num_steps, group_size=rl.group_size,
+            eta=rl.eta, sampler=rl.sampler, logprob=rl.logprob, same_noise_in_group=rl.same_noise_in_group,
+            generator=generator, micro_batch=rl.micro_batch, negative_condition=negative,
+            guidance_scale=rl.guidance_scale,
+        )
+        # 4. Rewards.
+        with torch.no_grad():
+            images = pixels_to_pil(model.decode_latents(trajectory.final.to(model.dtype)).float())
+        image_prompts = [t for t in texts for _ in range(rl.group_size)]
+        image_categories = [d["category"] for d in drawn for _ in range(rl.group_size)]
+        scores = torch.stack([rewards[name].score(images, image_prompts).float().cpu() for name in reward_names], dim=1)
+        weights = reward_weights(categories, image_categories, reward_names)
+        # 5. Advantages.
+        if rl.advantages == "gdpo":
+            advantages = gdpo_advantages(scores, weights, rl.group_size, rl.adv_eps, rl.adv_clip, gather)
+        elif rl.advantages == "grpo":
+            advantages = grpo_advantages(scores, weights, rl.group_size, rl.adv_eps, rl.adv_clip)
+        else:
+            raise ValueError(f"rl.advantages must be 'gdpo' or 'grpo', got {rl.advantages!r}")
+        advantages = advantages.to(device)
+
+        # 6. Policy update on a random subset of timesteps.
+        model.dit.train()
+        rng = random.Random(cfg.trainer.seed * 31 + step)
+        steps_trained = select_timesteps(rl.num_steps, rl.timestep_fraction, include_last=rl.include_last_step, rng=rng)
+        count = condition.context.shape[0]
+        chunks = [slice(s, s + rl.micro_batch) for s in range(0, count, rl.micro_batch)]
+        scale = 1.0 / (len(steps_trained) * len(chunks))
+        optimizer.zero_grad(set_to_none=True)
+        logs = {"policy_loss": 0.0, "kl": 0.0, "ratio_mean": 0.0, "clip_fraction": 0.0}
+        updates = 0
+        for i in steps_trained:
+            for rows in chunks:
+                x = trajectory.latents[rows, i].to(device)
+                x_next = trajectory.latents[rows, i + 1].to(device)
+                cond = _slice_condition(condition, rows)
+                log_prob, velocity = policy_step_log_prob(
+                    model, x, x_next, i, trajectory.sigmas, trajectory.timesteps, cond,
+                    eta=rl.eta, sampler=rl.sampler, logprob=rl.logprob,
+                )
+                with torch.no_grad():
+                    t = trajectory.timesteps[i].expand(x.shape[0]).to(model.dtype)
+                    ref_velocity = _condition_velocity(reference_dit, model, x.to(model.dtype), t, cond)
+                terms = loss_fn(
+                    log_prob, trajectory.log_probs[rows, i].to(device), advantages[rows],
+                    velocity=velocity, reference_velocity=ref_velocity, sigma_next=trajectory.sigmas[i + 1],
+                )
+                (loss_fn.combine(terms["loss"], None) * scale).backward()
+                for key in logs:
+                    logs[key] += float(terms[key]) / (len(steps_trained) * len(chunks))
+            if rl.update_mode == "per_timestep":
+                torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                updates += 1
+            elif rl.update_mode != "per_rollout":
+                raise ValueError(f"rl.update_mode must be 'per_rollout' or 'per_timestep', got {rl.update_mode!r}")
+        # 7. SFT auxiliary loss.
+        sft_loss = None
+        if sft_plans is not None:
+            batch, plan = _next_batch(sft_plans, sft_sources)
+            prepared = prepare_batch(model, batch, plan, cfg.trainer.seed)
+            sft = model.flow_matching_loss(prepared, condition_dropout=0.0).loss
+            (rl.sft_lambda * sft).backward()
+            sft_loss = float(sft)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.optim.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        updates += 1
+        schedule.step()
+        model.dit.eval()
+
+        # 8. Logs and checkpoints.
+        reward_means = all_reduce_mean(scores.mean(0).to(device), info).cpu()
+        record = {
+            "step": step + 1,
+            "loss": (1 - rl.sft_lambda) * (logs["policy_loss"] + rl.kl_beta * logs["kl"])
+            + (rl.sft_lambda * sft_loss if sft_loss is not None else 0.0),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "reward": float((scores * weights).sum(1).mean()),
+            **{f"reward/{name}": float(reward_means[k]) for k, name in enumerate(reward_names)},
+            **logs,
+            "sft_loss": sft_loss,
+            "advantage_abs_mean": float(advantages.abs().mean()),
+            "optimizer_updates": updates,
+            "seconds": time.perf_counter() - started,
+        }
+        last_loss = record["loss"]
+        metrics.log(record)
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"loss became non-finite at step {step + 1}")
+        if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == total_steps:
+            if info.is_main:
+                last_ckpt = save_checkpoint(
+                    ckpt_dir, step + 1,
+                    trainable={n: p.detach() for n, p in params},
+                    optimizer_state=optimizer.state_dict(),
+                    scheduler_state=schedule.state_dict(),
+                    sampler_state=sft_sampler.state_dict() if sft_sampler is not None else None,
+                    extra={"stage": "rl", "model": cfg.to_dict()["model"]},
+                    keep_last=cfg.trainer.keep_last,
+                )
+            barrier(info)
+    metrics.close()
+    pipeline_dir = None
+    if cfg.trainer.save_pipeline and info.is_main and total_steps > start_step:
+        from deepgen_components.training.trainer import save_training_pipeline
+
+        pipeline_dir = save_training_pipeline(model, out / "pipeline")
+    barrier(info)
+    cleanup(info)
+    return RLResult(out=out, steps=total_steps, final_loss=last_loss, checkpoint=last_ckpt, pipeline=pipeline_dir)

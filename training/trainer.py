@@ -1,0 +1,391 @@
+"""Stages 1 (``align``) and 2 (``sft``): the flow-matching recipe, from one CPU process to torchrun + DDP/FSDP2.
+
+Read top to bottom: build the model and choose what trains -> data sources and the task-homogeneous sampler
+-> optimizer and LR schedule -> resume from the newest checkpoint -> the loop (gradient accumulation over
+micro-batches, clip, step) with metrics and atomic checkpoints -> save the final pipeline.
+
+Randomness that shapes a sample (caption dropout, VAE posterior sample, noise, timestep) is drawn from a
+generator seeded by (seed, micro-batch position, sample position in the source stream), so a run gives the
+same numbers with any number of processes and after any resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from deepgen_components.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from deepgen_components.training.common import (
+    build_model,
+    build_optimizer,
+    build_schedule,
+    configure_stage,
+    merge_lora,
+)
+from deepgen_components.training.config import TrainConfig
+from deepgen_components.training.data import ManifestSource, ShapesSource, WebDatasetSource, collate
+from deepgen_components.training.distributed import (
+    all_reduce_mean,
+    apply_fsdp,
+    barrier,
+    cleanup,
+    init_distributed,
+    wrap_ddp,
+)
+from deepgen_components.training.metrics import MetricsLogger
+from deepgen_components.training.sampler import MicroBatchPlan, TaskBatchSampler
+from torch import nn
+
+from deepgen_components.model import DeepGenModel
+
+__all__ = ["FlowMatchingObjective", "TrainResult", "build_sources", "dry_run", "sample_seed", "train"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    final_loss: float | None
+    checkpoint: Path | None
+    pipeline: Path | None
+
+
+def build_sources(cfg: TrainConfig) -> dict:
+    """name -> indexable source, from the data config."""
+    sources = {}
+    for src in cfg.data.sources:
+        if src.name in sources:
+            raise ValueError(f"data.sources: duplicate source name {src.name!r}")
+        if src.kind == "manifest":
+            if not src.path:
+                raise ValueError(f"data.sources[{src.name}]: a manifest source needs 'path'")
+            sources[src.name] = ManifestSource(src.path, cfg.data.image_size, task=src.task)
+        elif src.kind == "webdataset":
+            if not src.path:
+                raise ValueError(f"data.sources[{src.name}]: a webdataset source needs 'path'")
+            sources[src.name] = WebDatasetSource(src.path, cfg.data.image_size, task=src.task)
+        elif src.kind == "shapes":
+            sources[src.name] = ShapesSource(src.task, cfg.data.image_size, seed=src.seed, length=src.length)
+        else:
+            raise ValueError(f"data.sources[{src.name}]: kind must be manifest, webdataset or shapes, got {src.kind!r}")
+    if not sources:
+        raise ValueError("data.sources: at least one source is needed")
+    return sources
+
+
+def sample_seed(seed: int, position: int, stream_position: int, source: str) -> int:
+    """A per-sample seed that depends on the run seed, the micro-batch and the sample, not on the world size."""
+    return (seed * 1_000_003 + position * 7_919 + stream_position * 104_729 + zlib.crc32(source.encode())) % (2**63)
+
+
+class FlowMatchingObjective(nn.Module):
+    """What DDP / FSDP wrap: ``forward(batch) -> loss`` (batch already holds latents, noise, timesteps)."""
+
+    def __init__(self, model: DeepGenModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.model.flow_matching_loss(batch, condition_dropout=0.0).loss
+
+
+@torch.no_grad()
+def prepare_batch(model: DeepGenModel, batch: dict, plan: MicroBatchPlan, seed: int) -> dict:
+    """Draw every random quantity of a micro-batch from per-sample generators; encode images with the VAE."""
+    device = model.device
+    prompts, latents, noise, u, ref_latents = [], [], [], [], []
+    pixels = batch["pixels"]
+    references = batch.get("reference_pixels")
+    dropout = model.config.condition_dropout if batch["task"] == "t2i" else 0.0
+    for j, prompt in enumerate(batch["prompts"]):
+        gen = torch.Generator().manual_seed(sample_seed(seed, plan.position, plan.global_offset + j, plan.source))
+        drop = bool(torch.rand((), generator=gen) < dropout)
+        prompts.append("" if drop else prompt)
+        u.append(torch.rand((), generator=gen))
+        x = model.encode_images(pixels[j][None].to(device), gen, mode="sample")[0]
+        latents.append(x)
+        noise.append(torch.randn(x.shape, generator=gen).to(device, x.dtype))
+        if references is not None:
+            ref_latents.append([model.encode_images(r[None].to(device), gen, mode="sample")[0] for r in references[j]])
+    same = len({tuple(x.shape) for x in latents}) == 1
+    out = {
+        "prompts": prompts,
+        "latents": torch.stack(latents) if same else latents,
+        "noise": torch.stack(noise) if same else noise,
+        "u": torch.stack(u),
+    }
+    if references is not None:
+        out["reference_pixels"] = [[r.to(device) for r in refs] for refs in references]
+        out["reference_latents"] = ref_latents
+    return out
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    use_bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda")
+    if cfg.trainer.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"trainer.precision must be auto, fp32 or bf16, got {cfg.trainer.precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def _enable_activation_checkpointing(model: DeepGenModel) -> None:
+    model.dit.transformer.enable_gradient_checkpointing()
+    model.bridge.connector.gradient_checkpointing = True
+    vlm = model.encoder.vlm
+    if hasattr(vlm, "gradient_checkpointing_enable"):
+        vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def dry_run(cfg: TrainConfig, world_size: int = 1) -> dict:
+    """Parameter counts (total / trainable per component) and an estimate of memory per GPU, without data.
+
+    Estimate: frozen weights in bf16 (2 B), trainable weights, gradients in fp32 (4 B each) and the two AdamW
+    moments (8 B); with FSDP the trainable part is divided by ``world_size``. Activations are not included.
+    """
+    spec = cfg.model
+    if spec.preset == "deepgen-1.0" and not (spec.vlm or spec.weights or spec.pipeline):
+        from deepgen_components.builders import deepgen_1_0
+
+        model = deepgen_1_0(device="meta")
+    else:
+        model = build_model(spec)
+    configure_stage(model, cfg.stage, cfg.lora)
+    parts = {"vlm": model.encoder.vlm, "think_tokens": model.think_tokens, "bridge": model.bridge,
+             "dit": model.dit, "vae": model.vae}
+    counts = {name: {"total": _count(m.parameters()), "trainable": _count(p for p in m.parameters() if p.requires_grad)}
+              for name, m in parts.items()}
+    trainable = sum(c["trainable"] for c in counts.values())
+    frozen = sum(c["total"] for c in counts.values()) - trainable
+    world = max(1, world_size) if cfg.trainer.distributed == "fsdp" else 1
+    # fp32 master weights + fp32 grads + two fp32 AdamW moments for trainable; frozen weights in bf16 on GPUs.
+    gib = 1024**3
+    estimate = {
+        "frozen_weights_gib": frozen * 2 / gib,
+        "trainable_weights_gib": trainable * 4 / gib,
+        "gradients_gib": trainable * 4 / gib,
+        "adam_states_gib": trainable * 8 / gib,
+    }
+    for key in ("trainable_weights_gib", "gradients_gib", "adam_states_gib"):
+        estimate[key] /= world
+    estimate["total_without_activations_gib"] = sum(estimate.values())
+    return {"stage": cfg.stage, "parameters": counts, "trainable": trainable, "frozen": frozen,
+            "memory_per_gpu": estimate, "sharded_over": world}
+
+
+def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | None = None) -> TrainResult:
+    """Run stage 1 or 2 as configured; resumes from the newest checkpoint in ``out`` if there is one."""
+    if cfg.stage not in ("align", "sft"):
+        raise ValueError("train() runs stages 'align' and 'sft'; for 'rl' use deepgen_components.training.rl")
+    out = Path(out or cfg.out)
+    total_steps = max_steps if max_steps is not None else cfg.trainer.max_steps
+    info = init_distributed(cfg.trainer.device)
+    device = info.device
+    torch.manual_seed(cfg.trainer.seed)
+
+    # 1. Model and what trains.
+    model = build_model(cfg.model, device=device)
+    configure_stage(model, cfg.stage, cfg.lora)
+    if cfg.model.init_from:
+        init = load_checkpoint(Path(cfg.model.init_from) if (Path(cfg.model.init_from) / "state.json").exists()
+                               else latest_checkpoint(cfg.model.init_from))
+        missing, unexpected = model.load_state_dict(init["trainable"], strict=False)
+        loaded = len(init["trainable"]) - len(unexpected)
+        logger.info("initialised %d tensors from %s (%d unexpected)", loaded, cfg.model.init_from, len(unexpected))
+        if unexpected:
+            raise ValueError(f"model.init_from: {len(unexpected)} tensors do not fit the model, e.g. {unexpected[:5]}")
+    if cfg.trainer.activation_checkpointing:
+        _enable_activation_checkpointing(model)
+    model.train()
+    model.vae.eval()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    objective: nn.Module = FlowMatchingObjective(model)
+    mode = cfg.trainer.distributed
+    if mode == "auto":
+        mode = "ddp" if info.enabled else "none"
+    if mode == "ddp" and info.enabled:
+        objective = wrap_ddp(objective, info)
+    elif mode == "fsdp" and info.enabled:
+        units = list(model.dit.transformer.transformer_blocks) + list(model.bridge.connector.layers)
+        objective = apply_fsdp(objective, units, info)
+        params = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
+    elif mode not in ("none", "ddp", "fsdp"):
+        raise ValueError(f"trainer.distributed must be auto, none, ddp or fsdp, got {mode!r}")
+
+    # 2. Data.
+    sources = build_sources(cfg)
+    sampler = TaskBatchSampler(
+        {name: len(s) for name, s in sources.items()},
+        {src.name: src.repeat for src in cfg.data.sources},
+        cfg.data.batch_size,
+        seed=cfg.trainer.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+    )
+
+    # 3. Optimizer and schedule.
+    optimizer = build_optimizer(params, cfg.optim)
+    schedule = build_schedule(optimizer, cfg.optim, total_steps)
+
+    # 4. Resume.
+    start_step = 0
+    ckpt_dir = out / "checkpoints"
+    resume = latest_checkpoint(ckpt_dir)
+    if resume is not None:
+        state = load_checkpoint(resume)
+        _load_trainable(objective, model, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        if state["rng"] is not None:
+            restore_rng(*state["rng"])
+        start_step = state["step"]
+        if info.is_main:
+            logger.warning("resuming from %s (step %d)", resume, start_step)
+    metrics = MetricsLogger(out, enabled=info.is_main, resume_step=start_step,
+                            tensorboard=cfg.trainer.tensorboard, total_steps=total_steps)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    # 5. The loop.
+    plans = iter(sampler)
+    accum = cfg.optim.grad_accum
+    last_loss, last_ckpt = None, None
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        losses, samples = [], 0
+        for micro in range(accum):
+            batch, plan = _next_batch(plans, sources)
+            prepared = prepare_batch(model, batch, plan, cfg.trainer.seed)
+            sync = nullcontext()
+            if micro < accum - 1 and hasattr(objective, "no_sync"):
+                sync = objective.no_sync()
+            with sync, _autocast(cfg, device):
+                loss = objective(prepared)
+            (loss / accum).backward()
+            losses.append(loss.detach().float())
+            samples += len(batch["prompts"])
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.optim.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        schedule.step()
+        step_loss = all_reduce_mean(torch.stack(losses).mean(), info).item()
+        last_loss = step_loss
+        elapsed = time.perf_counter() - started
+        metrics.log({
+            "step": step + 1,
+            "loss": step_loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "samples_per_s": samples * info.world_size / elapsed,
+            "task": batch["task"] if accum == 1 else "mixed",
+        })
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss became non-finite at step {step + 1}")
+        done = step + 1 == total_steps
+        if (step + 1) % cfg.trainer.checkpoint_every == 0 or done:
+            last_ckpt = _checkpoint(ckpt_dir, step + 1, objective, model, optimizer, schedule, sampler, cfg, info)
+    metrics.close()
+
+    pipeline_dir = None
+    if cfg.trainer.save_pipeline and info.is_main and total_steps > start_step:
+        pipeline_dir = out / "pipeline"
+        save_training_pipeline(model, pipeline_dir)
+    barrier(info)
+    cleanup(info)
+    return TrainResult(out=out, steps=total_steps, final_loss=last_loss, checkpoint=last_ckpt, pipeline=pipeline_dir)
+
+
+def _next_batch(plans, sources):
+    """The next micro-batch whose samples are not all skipped (corrupt images are counted, never fatal)."""
+    for _ in range(1000):
+        plan = next(plans)
+        source = sources[plan.source]
+        samples = [s for s in (source[i] for i in plan.indices) if s is not None]
+        if samples:
+            return collate(samples), plan
+    raise RuntimeError("1000 micro-batches in a row had no readable sample; check the data sources")
+
+
+def _full_state(objective: nn.Module, model: DeepGenModel) -> dict[str, torch.Tensor]:
+    """Trainable weights by model parameter name (gathered from FSDP shards when sharded)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        DTensor = ()
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            value = param.detach()
+            if DTensor and isinstance(value, DTensor):
+                value = value.full_tensor()
+            state[name] = value
+    return state
+
+
+def _load_trainable(objective: nn.Module, model: DeepGenModel, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            if name not in params:
+                raise ValueError(f"checkpoint: parameter {name} does not exist in this model")
+            target = params[name]
+            try:
+                from torch.distributed.tensor import DTensor, distribute_tensor
+
+                if isinstance(target, DTensor):
+                    value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements)
+            except ImportError:  # pragma: no cover
+                pass
+            target.copy_(value)
+
+
+def _checkpoint(ckpt_dir, step, objective, model, optimizer, schedule, sampler, cfg, info) -> Path | None:
+    state = _full_state(objective, model)
+    if not info.is_main:
+        barrier(info)
+        return None
+    path = save_checkpoint(
+        ckpt_dir, step,
+        trainable=state,
+        optimizer_state=optimizer.state_dict() if not (cfg.trainer.distributed == "fsdp" and info.enabled) else None,
+        scheduler_state=schedule.state_dict(),
+        sampler_state=sampler.state_dict(),
+        extra={"stage": cfg.stage, "model": cfg.to_dict()["model"], "lora": cfg.to_dict()["lora"]},
+        keep_last=cfg.trainer.keep_last,
+    )
+    barrier(info)
+    return path
+
+
+def save_training_pipeline(model: DeepGenModel, directory: str | Path) -> Path:
+    """Save a trained model as a DeepGenPipeline folder (LoRA merged into the VLM weights)."""
+    import copy
+
+    from deepgen_components.pipeline import DeepGenPipeline
+
+    export = copy.deepcopy(model).eval()
+    merge_lora(export.encoder.vlm)
+    DeepGenPipeline(export).save_pretrained(directory)
+    return Path(directory)
+
