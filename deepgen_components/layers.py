@@ -24,6 +24,9 @@ class LayerSelection:
     num_layers: int
 
     def __post_init__(self) -> None:
+        bad_types = [i for i in self.indices if isinstance(i, bool) or int(i) != i]
+        if bad_types:
+            raise ValueError(f"indices must be whole numbers, got {bad_types}")
         indices = tuple(int(i) for i in self.indices)
         object.__setattr__(self, "indices", indices)
         if not isinstance(self.num_layers, int) or self.num_layers < 1:

@@ -158,7 +158,11 @@ def _is_causal_lm(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     names = {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type), MODEL_MAPPING_NAMES.get(model_type)}
-    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and type(model).__name__ in names
+    registered = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and type(model).__name__ in names
+    # Encoder families (BERT, RoBERTa, ...) also have a causal-LM class, so the registry alone would let a
+    # bidirectional encoder such as BertModel through: require the self-attention to be causal as well.
+    causal_flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return registered and (not causal_flags or any(causal_flags))
 
 
 class ThinkTokenVLM(nn.Module):
