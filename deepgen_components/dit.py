@@ -266,6 +266,23 @@ class ConditionedDiT(nn.Module):
 
         temb = t.time_text_embed(timestep, pooled)
         encoder_hidden = t.context_embedder(context)
+        hidden = self.run_blocks(hidden, encoder_hidden, temb, attention_kwargs)
+        return self._unpatchify(hidden, targets, counts, as_list)
+
+    def run_blocks(
+        self,
+        hidden: torch.Tensor,
+        encoder_hidden: torch.Tensor,
+        temb: torch.Tensor,
+        attention_kwargs: dict | None = None,
+    ) -> torch.Tensor:
+        """The MMDiT trunk on embedded tokens: every block, then the output norm and projection -> (B, N, p*p*C).
+
+        ``hidden``: patch-embedded image tokens (B, N, D); ``encoder_hidden``: ``context_embedder(context)``;
+        ``temb``: ``time_text_embed(timestep, pooled)``. Split out so a fast path can precompute the last two
+        once per call (they do not depend on the latents) and compile / graph-capture only this part.
+        """
+        t = self.transformer
         for block in t.transformer_blocks:
             if torch.is_grad_enabled() and t.gradient_checkpointing:
                 encoder_hidden, hidden = t._gradient_checkpointing_func(
@@ -278,8 +295,12 @@ class ConditionedDiT(nn.Module):
                     temb=temb,
                     joint_attention_kwargs=attention_kwargs,
                 )
-        hidden = t.proj_out(t.norm_out(hidden, temb))
-        return self._unpatchify(hidden, targets, counts, as_list)
+        return t.proj_out(t.norm_out(hidden, temb))
+
+    def unpatchify(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, N >= h*w/p^2, p*p*C) target tokens -> (B, C, height, width) latents."""
+        p = self.patch_size
+        return self._unpatchify(tokens, [tokens.new_empty(0, height, width)], [(height // p) * (width // p)], False)
 
     def _unpatchify(self, tokens: torch.Tensor, targets, counts, as_list: bool) -> LatentInput:
         p = self.patch_size

@@ -240,7 +240,7 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
                 )
                 (loss_fn.combine(terms["loss"], None) * scale).backward()
                 for key in logs:
-                    logs[key] += float(terms[key]) / (len(steps_trained) * len(chunks))
+                    logs[key] += float(terms[key].detach()) / (len(steps_trained) * len(chunks))
             if rl.update_mode == "per_timestep":
                 torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.optim.grad_clip)
                 optimizer.step()
