@@ -1,0 +1,502 @@
+"""Latency benchmarks: per stage (condition encode, one DiT step, VAE decode) and end to end, per mode.
+
+``deepgen bench`` and ``benchmarks/latency.py`` call :func:`run_suite`. Timing follows the usual GPU rules:
+warm-up first, CUDA events around the region, the median of repeats; compilation time is reported separately;
+every speed-up is a ratio against eager measured in the same process. Random weights are fine (latency does not
+depend on weight values); the ``deepgen-1.0`` preset is materialised directly on the device in the benchmark
+dtype (no CPU copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["BenchConfig", "Row", "add_commands", "measure_matmul_peak", "run_suite", "time_fn"]
+
+logger = logging.getLogger(__name__)
+
+TORCH_MODES = ("eager", "kernels", "compile", "compile+graphs")
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "tiny"
+    device: str = "cpu"
+    dtype: str = "float32"
+    modes: tuple[str, ...] = ("eager", "compile")
+    resolution: int = 64
+    batch: int = 1
+    steps: int = 20
+    guidance_scale: float = 4.0
+    prompt_tokens: int = 32
+    repeats: int = 10
+    warmup: int = 3
+    resolutions: tuple[int, ...] = ()
+    batches: tuple[int, ...] = ()
+    sweep_mode: str = "eager"
+    e2e: bool = True
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass
+class Row:
+    preset: str
+    mode: str
+    stage: str
+    resolution: int
+    batch: int
+    cfg: bool
+    steps: int | None
+    ms: float
+    ms_spread: float = 0.0
+    peak_memory_gib: float | None = None
+    flops: float | None = None
+    tflops: float | None = None
+    ratio_vs_eager: float | None = None
+    compile_s: float | None = None
+    tokens: int | None = None
+    note: str = ""
+
+
+@dataclass
+class SuiteResult:
+    config: BenchConfig
+    environment: dict
+    rows: list[Row] = field(default_factory=list)
+    fits: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"config": asdict(self.config), "environment": self.environment, "rows": [asdict(r) for r in self.rows],
+                "fits": self.fits}
+
+
+# -- timing ---------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, *, warmup: int = 3, repeats: int = 10) -> tuple[float, float]:
+    """(median ms, (p90 - p10) ms) of ``fn()``: CUDA events on a GPU, perf_counter on a CPU."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    lo = times[max(0, int(0.1 * len(times)))]
+    hi = times[min(len(times) - 1, int(0.9 * len(times)))]
+    return statistics.median(times), hi - lo
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 8192) -> float | None:
+    """Achieved TFLOP/s of one large matmul on this device (random data), the ceiling the DiT is compared to."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms, _ = time_fn(lambda: a @ b, device, warmup=3, repeats=10)
+    return 2 * n**3 / (ms / 1000) / 1e12
+
+
+def _peak_memory(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _flops(fn) -> float | None:
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:  # pragma: no cover
+        return None
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+# -- environment ----------------------------------------------------------------------------------------------
+
+
+def environment(device: torch.device) -> dict:
+    import importlib.util
+    import os
+
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, sm_count=props.multi_processor_count, memory_gib=props.total_memory / 1024**3,
+                   cuda=torch.version.cuda)
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    env["tensorrt"] = _tensorrt_status()
+    env["onnxruntime"] = None
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+        env["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    return env
+
+
+def _tensorrt_status() -> dict:
+    """Whether ``import tensorrt`` works and whether the TensorRT libraries are present on this machine."""
+    import ctypes.util
+
+    status = {"import": False, "version": None, "error": None}
+    try:
+        import tensorrt
+
+        status.update({"import": True, "version": tensorrt.__version__})
+    except Exception as err:  # noqa: BLE001 - any failure means "not available"
+        status["error"] = f"{type(err).__name__}: {err}"
+    status["libraries"] = {name: ctypes.util.find_library(name) for name in ("nvinfer", "nvonnxparser", "nvinfer_plugin")}
+    return status
+
+
+# -- the suite ----------------------------------------------------------------------------------------------------
+
+
+def _dtype(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(preset: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The preset with random weights, created directly on ``device`` in ``dtype``."""
+    from deepgen_components.builders import build_preset
+
+    torch.manual_seed(seed)
+    with _default_dtype(dtype):
+        model = build_preset(preset, device=device)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _prompt(tokens: int) -> str:
+    words = ["a", "red", "circle", "on", "the", "left", "of", "a", "blue", "square", "under", "sky"]
+    return " ".join(words[i % len(words)] for i in range(max(1, tokens)))
+
+
+def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
+    from deepgen_components.fastpath import DenoiseRunner
+    from deepgen_components.pipeline import DeepGenPipeline, _select_condition
+    from deepgen_components.sampling import flow_match_sigmas
+
+    device = torch.device(cfg.device)
+    dtype = _dtype(cfg.dtype)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    for mode in cfg.modes:
+        if mode not in TORCH_MODES:
+            raise ValueError(f"modes: {mode!r} is not one of {TORCH_MODES}")
+    result = SuiteResult(cfg, environment(device))
+    peak = measure_matmul_peak(device, dtype) if dtype != torch.float32 else measure_matmul_peak(device, torch.float32)
+    result.environment["matmul_peak_tflops"] = peak
+    t0 = time.perf_counter()
+    model = build_model(cfg.preset, device, dtype, cfg.seed)
+    _sync(device)
+    result.environment["build_seconds"] = time.perf_counter() - t0
+    pipe = DeepGenPipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [_prompt(cfg.prompt_tokens)] * cfg.batch
+    do_cfg = cfg.guidance_scale != 1.0
+
+    def add(row: Row) -> None:
+        result.rows.append(row)
+        if progress:
+            extra = f" x{row.ratio_vs_eager:.2f}" if row.ratio_vs_eager else ""
+            print(f"  {row.mode:<15} {row.stage:<12} {row.resolution:>5}px b{row.batch} {row.ms:10.2f} ms{extra}", flush=True)
+
+    with torch.no_grad():
+        # Condition encode (VLM + think tokens + bridge), prompt and negative in one batch.
+        texts = prompts + [""] * cfg.batch if do_cfg else prompts
+        _reset_peak(device)
+        ms, spread = time_fn(lambda: model.encode_condition(texts), device, warmup=cfg.warmup, repeats=cfg.repeats)
+        add(Row(cfg.preset, "eager", "condition", cfg.resolution, cfg.batch, do_cfg, None, ms, spread, _peak_memory(device)))
+        condition = model.encode_condition(texts)
+        if do_cfg:
+            order = torch.cat([torch.arange(cfg.batch, 2 * cfg.batch), torch.arange(cfg.batch)])
+            condition = _select_condition(condition, order)
+
+        def dit_rows(resolution: int, batch: int, modes) -> None:
+            cond = condition if batch == cfg.batch else _repeat_rows(condition, batch, cfg.batch, do_cfg)
+            scale = model.vae_scale_factor
+            latents = torch.randn(batch, model.latent_channels, resolution // scale, resolution // scale, device=device)
+            timesteps, sigmas = flow_match_sigmas(model.scheduler, max(cfg.steps, 2), device=device)
+            tokens = (resolution // scale // model.dit.patch_size) ** 2
+            reference = DenoiseRunner(model, "eager")
+            reference_args = _step_args(reference, cond, timesteps, sigmas, cfg.guidance_scale, do_cfg)
+            flops = _flops(lambda: reference.step(latents, *reference_args))  # FLOPs of one step, counted by torch
+            eager_ms = None
+            for mode in modes:
+                runner = DenoiseRunner(model, mode)
+                args = _step_args(runner, cond, timesteps, sigmas, cfg.guidance_scale, do_cfg)
+                fn, compile_s = _step_callable(runner, latents, args, device)
+                _reset_peak(device)
+                ms, spread = time_fn(fn, device, warmup=cfg.warmup, repeats=cfg.repeats)
+                if mode == "eager":
+                    eager_ms = ms
+                add(Row(cfg.preset, mode, "dit_step", resolution, batch, do_cfg, None, ms, spread, _peak_memory(device),
+                        flops, (flops / (ms / 1000) / 1e12) if flops else None, (eager_ms / ms) if eager_ms else None,
+                        compile_s, tokens))
+
+        dit_rows(cfg.resolution, cfg.batch, cfg.modes)
+
+        # VAE decode.
+        scale = model.vae_scale_factor
+        z = torch.randn(cfg.batch, model.latent_channels, cfg.resolution // scale, cfg.resolution // scale, device=device)
+        _reset_peak(device)
+        ms, spread = time_fn(lambda: model.decode_latents(z), device, warmup=cfg.warmup, repeats=max(3, cfg.repeats // 2))
+        add(Row(cfg.preset, "eager", "vae_decode", cfg.resolution, cfg.batch, do_cfg, None, ms, spread, _peak_memory(device)))
+
+        # End to end, per mode.
+        if cfg.e2e:
+            eager_ms = None
+            for mode in cfg.modes:
+                pipe.optimize(mode)
+                call = lambda: pipe(prompts, height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.steps,
+                                    guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(0),
+                                    output_type="pil", progress=False)
+                started = time.perf_counter()
+                call()  # first call: compilation happens here
+                _sync(device)
+                first = time.perf_counter() - started
+                _reset_peak(device)
+                ms, spread = time_fn(call, device, warmup=1, repeats=max(3, cfg.repeats // 3))
+                if mode == "eager":
+                    eager_ms = ms
+                add(Row(cfg.preset, mode, "end_to_end", cfg.resolution, cfg.batch, do_cfg, cfg.steps, ms, spread,
+                        _peak_memory(device), ratio_vs_eager=(eager_ms / ms) if eager_ms else None,
+                        compile_s=max(0.0, first - ms / 1000)))
+            pipe.optimize("eager")
+
+        # Sweeps: how one DiT step grows with image tokens and batch.
+        for resolution in cfg.resolutions:
+            if resolution != cfg.resolution:
+                dit_rows(resolution, cfg.batch, (cfg.sweep_mode,))
+        for batch in cfg.batches:
+            if batch != cfg.batch:
+                dit_rows(cfg.resolution, batch, (cfg.sweep_mode,))
+    result.fits = fit_scaling([r for r in result.rows if r.stage == "dit_step" and r.mode == cfg.sweep_mode])
+    return result
+
+
+def _repeat_rows(condition, batch: int, base: int, do_cfg: bool):
+    from deepgen_components.bridge import BridgeOutput
+
+    halves = 2 if do_cfg else 1
+    index = torch.cat([h * base + torch.arange(batch) % base for h in range(halves)])
+    index = index.to(condition.context.device)
+    return BridgeOutput(condition.context[index], condition.pooled[index], condition.mask[index])
+
+
+def _step_args(runner, condition, timesteps, sigmas, guidance_scale, do_cfg):
+    prepared = runner._prepare(condition, None, timesteps)
+    dt = (sigmas[1] - sigmas[0]).float()
+    return (prepared.temb[0], dt, prepared.encoder_hidden, prepared.reference_tokens, prepared.context_mask,
+            guidance_scale, do_cfg)
+
+
+def _step_callable(runner, latents, args, device):
+    """The timed per-step callable of a mode, and its compile time (first call minus a steady call)."""
+    from deepgen_components.fastpath import _kernels_context
+
+    if runner.mode == "eager":
+        return (lambda: runner.step(latents, *args)), None
+    if runner.mode == "kernels":
+        def fn():
+            with _kernels_context(True):
+                return runner.step(latents, *args)
+        return fn, None
+    compiled = torch.compile(runner.step, fullgraph=True, dynamic=False)
+    started = time.perf_counter()
+    compiled(latents, *args)
+    _sync(device)
+    compile_s = time.perf_counter() - started
+    if runner.mode == "compile" or device.type != "cuda":
+        return (lambda: compiled(latents, *args)), compile_s
+    static_latents = latents.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            compiled(static_latents, *args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        compiled(static_latents, *args)
+    return graph.replay, compile_s
+
+
+def fit_scaling(rows: list[Row]) -> dict:
+    """Least-squares fit of DiT step time against image tokens x batch: ms = a + b*T + c*T^2 (T = tokens*batch)."""
+    points = [(r.tokens * r.batch, r.ms) for r in rows if r.tokens]
+    points = sorted(set(points))
+    if len(points) < 3:
+        return {}
+    import numpy as np
+
+    t = np.array([p[0] for p in points], dtype=np.float64)
+    y = np.array([p[1] for p in points], dtype=np.float64)
+    design = np.stack([np.ones_like(t), t, t**2], axis=1)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    pred = design @ coef
+    ss_res = float(((y - pred) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum()) or 1.0
+    return {"model": "ms = a + b*T + c*T^2, T = image tokens x batch", "a_ms": coef[0], "b_ms_per_token": coef[1],
+            "c_ms_per_token2": coef[2], "r2": 1 - ss_res / ss_tot, "points": points}
+
+
+def markdown_table(result: SuiteResult) -> str:
+    lines = [
+        "| preset | mode | stage | res | batch | CFG | ms (median) | spread | peak GiB | TFLOP/s | vs eager | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda v, p=2: "" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
+    for r in result.rows:
+        lines.append(
+            f"| {r.preset} | {r.mode} | {r.stage}{'' if r.steps is None else f' ({r.steps} steps)'} | {r.resolution} | "
+            f"{r.batch} | {'on' if r.cfg else 'off'} | {fmt(r.ms)} | {fmt(r.ms_spread)} | {fmt(r.peak_memory_gib)} | "
+            f"{fmt(r.tflops, 1)} | {fmt(r.ratio_vs_eager)} | {fmt(r.compile_s, 1)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: SuiteResult, out: str | Path) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "bench.json", out / "bench.md"]
+    paths[0].write_text(json.dumps(result.to_json(), indent=1, default=float))
+    paths[1].write_text(markdown_table(result))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots")
+        return paths
+    steps = [r for r in result.rows if r.stage == "dit_step" and r.resolution == result.config.resolution
+             and r.batch == result.config.batch]
+    if steps:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar([r.mode for r in steps], [r.ms for r in steps])
+        ax.set_ylabel("ms per DiT step (CFG batch)")
+        ax.set_title(f"{result.config.preset} {result.config.resolution}px, batch {result.config.batch}")
+        fig.tight_layout()
+        fig.savefig(out / "latency_by_mode.png", dpi=120)
+        paths.append(out / "latency_by_mode.png")
+        plt.close(fig)
+    sweep = [r for r in result.rows if r.stage == "dit_step" and r.mode == result.config.sweep_mode]
+    for key, label, name in (("resolution", "resolution (px)", "latency_vs_resolution.png"),
+                             ("batch", "batch", "latency_vs_batch.png")):
+        fixed = "batch" if key == "resolution" else "resolution"
+        points = sorted({(getattr(r, key), r.ms) for r in sweep if getattr(r, fixed) == getattr(result.config, fixed)})
+        if len(points) >= 2:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
+            ax.set_xlabel(label)
+            ax.set_ylabel("ms per DiT step")
+            ax.set_title(f"{result.config.preset}, {result.config.sweep_mode}")
+            fig.tight_layout()
+            fig.savefig(out / name, dpi=120)
+            paths.append(out / name)
+            plt.close(fig)
+    return paths
+
+
+def _parse_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip()) if text else ()
+
+
+def cmd_bench(args) -> int:
+    cfg = BenchConfig(
+        preset=args.preset, device=args.device, dtype=args.dtype, modes=tuple(m.strip() for m in args.modes.split(",")),
+        resolution=args.resolution, batch=args.batch, steps=args.steps, guidance_scale=args.guidance,
+        prompt_tokens=args.prompt_tokens, repeats=args.repeats, warmup=args.warmup,
+        resolutions=_parse_ints(args.resolutions), batches=_parse_ints(args.batches), sweep_mode=args.sweep_mode,
+        e2e=not args.no_e2e, threads=args.threads,
+    )
+    result = run_suite(cfg)
+    print(markdown_table(result))
+    if result.fits:
+        fit = result.fits
+        print(f"fit: {fit['model']}: a={fit['a_ms']:.3f} ms, b={fit['b_ms_per_token']:.3g} ms/token, "
+              f"c={fit['c_ms_per_token2']:.3g} ms/token^2, R^2={fit['r2']:.4f}")
+    if args.out:
+        for path in write_outputs(result, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("bench", help="latency per stage and end to end, per mode (eager / kernels / compile / graphs)")
+    p.add_argument("--preset", default="tiny", help="tiny | small | deepgen-1.0 (random weights)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    p.add_argument("--modes", default="eager,compile", help=f"comma list of {', '.join(TORCH_MODES)}")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20, help="denoising steps for the end-to-end rows")
+    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale; 1 = CFG off")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--resolutions", default="", help="comma list for the resolution sweep of one DiT step")
+    p.add_argument("--batches", default="", help="comma list for the batch sweep of one DiT step")
+    p.add_argument("--sweep-mode", default="eager")
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end rows")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="folder for bench.json, bench.md and plots")
+    p.set_defaults(func=cmd_bench)
+
