@@ -232,12 +232,20 @@ def _apply_vlm_weights(
                 weight.add_(delta.to(weight.dtype))
         report.lora_merged = True
         return
+    if not report.lora_modules:  # e.g. only an lm_head LoRA: nothing to inject
+        return
     from peft import LoraConfig, inject_adapter_in_model
 
-    rank = next(iter(lora.values()))["lora_A" if "lora_A" in next(iter(lora.values())) else "lora_embedding_A"].shape[0]
+    # Per-module rank (and alpha = 2r by default), as the merge above uses: peft takes the first module's as
+    # the default and the others through rank_pattern / alpha_pattern.
+    ranks = {name: lora[name].get("lora_A", lora[name].get("lora_embedding_A")).shape[0] for name in report.lora_modules}
+    alphas = {name: lora_alpha if lora_alpha is not None else 2 * r for name, r in ranks.items()}
+    first = report.lora_modules[0]
     config = LoraConfig(
-        r=rank,
-        lora_alpha=lora_alpha if lora_alpha is not None else 2 * rank,
+        r=ranks[first],
+        lora_alpha=alphas[first],
+        rank_pattern={name: r for name, r in ranks.items() if r != ranks[first]},
+        alpha_pattern={name: a for name, a in alphas.items() if a != alphas[first]},
         target_modules=report.lora_modules,
         init_lora_weights=False,
     )

@@ -48,7 +48,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _nearest_multiples(value: int, multiple: int) -> str:
-    low = max(multiple, value // multiple * multiple)
+    if value <= multiple:  # below the smallest valid size there is only one neighbour
+        return str(multiple)
+    low = value // multiple * multiple
     return f"{low} or {low + multiple}" if low != value else str(value)
 
 
@@ -256,7 +258,8 @@ class DeepGenPipeline:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            model.encoder.vlm.save_pretrained(tmp / "vlm", safe_serialization=True)
+            vlm = _plain_vlm(model.encoder.vlm)
+            vlm.save_pretrained(tmp / "vlm", safe_serialization=True)
             (tmp / "think_tokens").mkdir()
             think = model.think_tokens
             _write_json(tmp / "think_tokens" / "config.json", {"num_tokens": think.num_tokens, "hidden_size": think.hidden_size})
@@ -279,7 +282,7 @@ class DeepGenPipeline:
                     "format_version": FORMAT_VERSION,
                     "config": model.config.to_dict(),
                     "layers": model.layers.to_dict(),
-                    "vlm_class": type(model.encoder.vlm).__name__,
+                    "vlm_class": type(vlm).__name__,
                 },
             )
             if path.exists():
@@ -335,6 +338,32 @@ class DeepGenPipeline:
         if device is not None:
             model = model.to(device)
         return cls(model.eval())
+
+
+def _plain_vlm(vlm: torch.nn.Module) -> torch.nn.Module:
+    """The VLM as a plain Hugging Face model for saving: a peft wrapper is unwrapped and LoRA layers injected
+    into it (e.g. ``deepgen_from_official(merge_lora=False)``, stage-2 training) are merged into a copy.
+    Saved unmerged, their weights would be unknown keys to ``from_pretrained`` and the wrapped base weights
+    would load as missing (randomly re-initialised)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return vlm
+    if type(vlm).__name__.startswith("Peft") and hasattr(vlm, "get_base_model"):
+        vlm = vlm.get_base_model()
+    names = [name for name, module in vlm.named_modules() if isinstance(module, BaseTunerLayer)]
+    if not names:
+        return vlm
+    import copy
+
+    merged = copy.deepcopy(vlm)
+    for name in names:
+        layer = merged.get_submodule(name)
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(merged.get_submodule(parent) if parent else merged, child, layer.get_base_layer())
+    logger.warning("saving the VLM with its %d LoRA layers merged into the weights", len(names))
+    return merged
 
 
 def _write_json(path: Path, data: dict) -> None:
