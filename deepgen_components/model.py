@@ -82,6 +82,8 @@ class FlowMatchingOutput:
     timesteps: torch.Tensor  # (B,)
     noise: list[torch.Tensor] | torch.Tensor
     prediction: list[torch.Tensor] | torch.Tensor
+    noisy_latents: list[torch.Tensor] | torch.Tensor | None = None  # x_t given to the DiT
+    target: list[torch.Tensor] | torch.Tensor | None = None  # noise - x0
 
 
 ImageLike = object  # a PIL image or a (3, H, W) tensor in [-1, 1]
@@ -340,10 +342,9 @@ class DeepGenModel(nn.Module):
                 noise = [torch.randn(x.shape, generator=generator).to(x.device, x.dtype) for x in x0_list]
             noisy = [(1 - s) * x + s * n for x, n, s in zip(x0_list, noise, sigmas.tolist())]
             prediction = self.velocity([n.to(self.dtype) for n in noisy], timesteps, condition, reference_latents)
-            per_sample = torch.stack(
-                [((p.float() - (n - x).float()) ** 2).mean() for p, n, x in zip(prediction, noise, x0_list)]
-            )
+            target = [n - x for n, x in zip(noise, x0_list)]
+            per_sample = torch.stack([((p.float() - tg.float()) ** 2).mean() for p, tg in zip(prediction, target)])
         return FlowMatchingOutput(
             loss=per_sample.mean(), per_sample=per_sample, sigmas=sigmas, timesteps=timesteps, noise=noise,
-            prediction=prediction,
+            prediction=prediction, noisy_latents=noisy, target=target,
         )

@@ -60,6 +60,8 @@ class DeepGenPipeline:
     def __init__(self, model: DeepGenModel) -> None:
         self.model = model
         self._progress_config: dict = {}
+        self._runner = None
+        self.mode = "eager"
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -79,6 +81,20 @@ class DeepGenPipeline:
     def set_progress_bar_config(self, **kwargs) -> None:
         """tqdm options for the denoising loop, e.g. ``disable=True``."""
         self._progress_config = dict(kwargs)
+
+    def optimize(self, mode: str = "compile+graphs", *, dtype: torch.dtype | None = None) -> DeepGenPipeline:
+        """Pick the denoising path: ``eager`` | ``kernels`` | ``compile`` | ``compile+graphs`` (see
+        ``deepgen_components.fastpath``), optionally casting the weights (e.g. ``torch.bfloat16`` on GPUs; the
+        latents, the CFG combination and the Euler update stay fp32). Results match eager within bf16 noise."""
+        from deepgen_components.fastpath import MODES, DenoiseRunner
+
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if dtype is not None:
+            self.model.to(dtype=dtype)
+        self.mode = mode
+        self._runner = None if mode == "eager" else DenoiseRunner(self.model, mode)
+        return self
 
     # -- inputs ---------------------------------------------------------------------------------------
     def _references(self, image, batch: int) -> list[list[torch.Tensor]] | None:
@@ -155,7 +171,16 @@ class DeepGenPipeline:
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         progress: bool = True,
+        reference_latents=None,
+        callback_on_step_end=None,
     ) -> DeepGenPipelineOutput:
+        """Generate (``image=None``) or edit (``image``: one image or a list per prompt, several = multi-reference).
+
+        ``latents``: the initial noise (default: drawn from ``generator``); ``reference_latents``: per prompt, a
+        list of precomputed clean reference latents (C, h, w) used instead of VAE-encoding ``image`` for the DiT
+        (the VLM still reads ``image``); ``callback_on_step_end(step, timestep, latents, velocity_uncond,
+        velocity_cond)`` is called after every Euler step (``velocity_uncond`` is None without CFG).
+        """
         model = self.model
         device = model.device
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -196,10 +221,16 @@ class DeepGenPipeline:
             latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(device, model.dtype)
-        reference_latents = None
-        if references is not None:
+        latents = latents.to(device, torch.float32)  # fp32 latents whatever the weights' dtype
+        if reference_latents is not None:
+            if references is None or len(reference_latents) != batch:
+                raise ValueError(
+                    f"reference_latents: give one list of latents per prompt ({batch}) together with image"
+                )
+            encoded = [[r.to(device) for r in refs] for refs in reference_latents]
+        elif references is not None:
             encoded = [model.encode_images(refs, generator) for refs in references]
+        if references is not None:
             per_image = [refs for refs in encoded for _ in range(num_images_per_prompt)]
             reference_latents = per_image + per_image if do_cfg else per_image
             reference_latents = [[r.to(model.dtype) for r in refs] for refs in reference_latents]
@@ -212,22 +243,36 @@ class DeepGenPipeline:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, total=len(timesteps), **{k: v for k, v in self._progress_config.items() if k != "disable"})
-        for i in steps:
-            model_input = torch.cat([latents, latents]) if do_cfg else latents
-            t = timesteps[i].expand(model_input.shape[0]).to(model.dtype)
-            velocity = model.velocity(model_input, t, condition, reference_latents)
-            if do_cfg:
-                velocity_uncond, velocity_cond = velocity.chunk(2)
-                velocity = guidance(velocity_uncond, velocity_cond, guidance_scale)
-            latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
-            # Record the first non-finite step without a host sync per step.
-            bad = ~torch.isfinite(latents).all()
-            first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, i), first_bad_step)
-        if int(first_bad_step) >= 0:
-            raise FloatingPointError(
-                f"non-finite latents (NaN/inf) appeared at denoising step {int(first_bad_step)} of {len(timesteps)}; "
-                "try float32 or a smaller guidance_scale"
-            )
+        uniform_refs = reference_latents is None or len({tuple(tuple(r.shape) for r in refs) for refs in reference_latents}) == 1
+        if self._runner is not None and callback_on_step_end is None and uniform_refs:
+            # Fast path (pipe.optimize): precomputed embeddings, compiled / graph-captured step.
+            latents = self._runner(latents, condition, reference_latents, timesteps, sigmas, guidance_scale, do_cfg, steps)
+            if not bool(torch.isfinite(latents).all()):
+                raise FloatingPointError(
+                    f"non-finite latents (NaN/inf) after the last of {len(timesteps)} denoising steps (mode "
+                    f"{self.mode!r}; rerun with optimize('eager') to find the step)"
+                )
+        else:
+            for i in steps:
+                model_input = torch.cat([latents, latents]) if do_cfg else latents
+                t = timesteps[i].expand(model_input.shape[0]).to(model.dtype)
+                velocity = model.velocity(model_input.to(model.dtype), t, condition, reference_latents)
+                velocity_uncond = None
+                velocity_cond = velocity
+                if do_cfg:
+                    velocity_uncond, velocity_cond = velocity.chunk(2)
+                    velocity = guidance(velocity_uncond.float(), velocity_cond.float(), guidance_scale)
+                latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
+                if callback_on_step_end is not None:
+                    callback_on_step_end(i, timesteps[i], latents, velocity_uncond, velocity_cond)
+                # Record the first non-finite step without a host sync per step.
+                bad = ~torch.isfinite(latents).all()
+                first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, i), first_bad_step)
+            if int(first_bad_step) >= 0:
+                raise FloatingPointError(
+                    f"non-finite latents (NaN/inf) appeared at denoising step {int(first_bad_step)} of {len(timesteps)}; "
+                    "try float32 or a smaller guidance_scale"
+                )
         _sync(device)
         timings["denoise"] = time.perf_counter() - start
 
@@ -345,24 +390,17 @@ def _plain_vlm(vlm: torch.nn.Module) -> torch.nn.Module:
     into it (e.g. ``deepgen_from_official(merge_lora=False)``, stage-2 training) are merged into a copy.
     Saved unmerged, their weights would be unknown keys to ``from_pretrained`` and the wrapped base weights
     would load as missing (randomly re-initialised)."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return vlm
-    if type(vlm).__name__.startswith("Peft") and hasattr(vlm, "get_base_model"):
-        vlm = vlm.get_base_model()
-    names = [name for name, module in vlm.named_modules() if isinstance(module, BaseTunerLayer)]
-    if not names:
-        return vlm
     import copy
 
+    from deepgen_components.lora import lora_module_names, merge_lora
+
+    if type(vlm).__name__.startswith("Peft") and hasattr(vlm, "get_base_model"):
+        vlm = vlm.get_base_model()
+    if not lora_module_names(vlm):
+        return vlm
     merged = copy.deepcopy(vlm)
-    for name in names:
-        layer = merged.get_submodule(name)
-        layer.merge()
-        parent, _, child = name.rpartition(".")
-        setattr(merged.get_submodule(parent) if parent else merged, child, layer.get_base_layer())
-    logger.warning("saving the VLM with its %d LoRA layers merged into the weights", len(names))
+    count = merge_lora(merged)
+    logger.warning("saving the VLM with its %d LoRA layers merged into the weights", count)
     return merged
 
 

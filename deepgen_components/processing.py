@@ -31,6 +31,7 @@ __all__ = [
     "t2i_prompt",
     "tokenize_prompts",
     "vision_patches",
+    "vit_resize",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,15 @@ def pixels_to_pil(pixels: torch.Tensor) -> list:
     return [Image.fromarray(a) for a in pixels_to_uint8(pixels).cpu().numpy()]
 
 
+def vit_resize(pixels: torch.Tensor, resize_factor: float = 28 / 32) -> torch.Tensor:
+    """DeepGen's first VLM preprocessing step: bilinear resize by 28/32 (align_corners False), still in [-1, 1].
+
+    (3, H, W) -> (1, 3, H', W'); a 512x512 reference becomes 448x448 (32x32 ViT patches of 14 px)."""
+    if pixels.dim() != 3 or pixels.shape[0] != 3:
+        raise ValueError(f"pixels: expected (3, H, W), got {tuple(pixels.shape)}")
+    return F.interpolate(pixels[None].float(), scale_factor=resize_factor, mode="bilinear", align_corners=False)
+
+
 def vision_patches(
     pixels: torch.Tensor,
     *,
@@ -116,9 +126,7 @@ def vision_patches(
     temporal patch, then cut p x p patches ordered (t, row-block, col-block, row-in-merge, col-in-merge)
     with features ordered (channel, temporal, py, px), as the Qwen2.5-VL vision tower expects.
     """
-    if pixels.dim() != 3 or pixels.shape[0] != 3:
-        raise ValueError(f"pixels: expected (3, H, W), got {tuple(pixels.shape)}")
-    x = F.interpolate(pixels[None].float(), scale_factor=resize_factor, mode="bilinear", align_corners=False)
+    x = vit_resize(pixels, resize_factor)
     height, width = x.shape[-2:]
     unit = patch_size * merge_size
     if height % unit or width % unit:

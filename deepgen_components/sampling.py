@@ -23,9 +23,10 @@ def flow_match_sigmas(scheduler, num_inference_steps: int, device=None) -> tuple
 
 
 def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
-    """x + (sigma_next - sigma) * v, computed in fp32 and returned in v's dtype (as diffusers' step does)."""
+    """x + (sigma_next - sigma) * v, computed in fp32 and returned in x's dtype (the pipeline keeps fp32 latents
+    whatever the weights' dtype, so bf16 weights do not round the trajectory at every step)."""
     dt = sigma_next - sigma
-    return (x.float() + dt * velocity.float()).to(velocity.dtype)
+    return (x.float() + dt * velocity.float()).to(x.dtype)
 
 
 def guidance(velocity_uncond: torch.Tensor, velocity_cond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 from deepgen_components.training.config import LoraConfigSpec, ModelSpec, OptimConfig
 from torch import nn
 
+from deepgen_components.lora import lora_module_names, merge_lora
 from deepgen_components.model import DeepGenModel
 
 __all__ = [
@@ -85,24 +86,7 @@ def apply_lora(model: DeepGenModel, spec: LoraConfigSpec) -> list[str]:
 
 
 def lora_modules(module: nn.Module) -> list[str]:
-    from peft.tuners.lora import LoraLayer
-
-    return [name for name, m in module.named_modules() if isinstance(m, LoraLayer)]
-
-
-def merge_lora(module: nn.Module) -> int:
-    """Merge every peft LoRA layer into its base weight and put the plain layer back; returns the count."""
-    from peft.tuners.lora import LoraLayer
-
-    merged = 0
-    for name, child in list(module.named_modules()):
-        if isinstance(child, LoraLayer):
-            child.merge()
-            parent_name, _, attr = name.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
-            setattr(parent, attr, child.get_base_layer())
-            merged += 1
-    return merged
+    return lora_module_names(module)
 
 
 def configure_stage(model: DeepGenModel, stage: str, lora: LoraConfigSpec | None = None) -> list[str]:

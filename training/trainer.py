@@ -31,7 +31,6 @@ from deepgen_components.training.common import (
     build_optimizer,
     build_schedule,
     configure_stage,
-    merge_lora,
 )
 from deepgen_components.training.config import TrainConfig
 from deepgen_components.training.data import ManifestSource, ShapesSource, WebDatasetSource, collate
@@ -379,13 +378,8 @@ def _checkpoint(ckpt_dir, step, objective, model, optimizer, schedule, sampler, 
 
 
 def save_training_pipeline(model: DeepGenModel, directory: str | Path) -> Path:
-    """Save a trained model as a DeepGenPipeline folder (LoRA merged into the VLM weights)."""
-    import copy
-
+    """Save a trained model as a DeepGenPipeline folder (``save_pretrained`` merges a LoRA into a copy)."""
     from deepgen_components.pipeline import DeepGenPipeline
 
-    export = copy.deepcopy(model).eval()
-    merge_lora(export.encoder.vlm)
-    DeepGenPipeline(export).save_pretrained(directory)
+    DeepGenPipeline(model).save_pretrained(directory)
     return Path(directory)
-
