@@ -368,6 +368,8 @@ def deepgen_1_0(
     weights_path: str | Path | None = None,
     *,
     vae_path: str | Path | None = None,
+    transformer_path: str | Path | None = None,
+    scheduler_path: str | Path | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     mask_padding: bool | None = None,
@@ -376,38 +378,69 @@ def deepgen_1_0(
 ) -> DeepGenModel:
     """DeepGen 1.0 at its real shapes.
 
-    * With ``vlm_path`` (a local Qwen2.5-VL-3B-Instruct folder) and ``weights_path`` (the official checkpoint,
-      ``.safetensors`` / ``.pt`` original layout, or the diffusers-format release folder; plus ``vae_path``
-      for the original layout): the official model, in official parity mode (all tokens reach the DiT, no
-      pad masking) unless ``mask_padding`` says otherwise. See :func:`deepgen_from_official`.
-    * Without paths: random weights (official init) from the embedded upstream configs and the offline tiny
-      tokenizer. ``device="meta"`` allocates no memory at all (parameter counts, planning); a CUDA device
-      materialises the weights directly on the GPU (benchmarks; latency does not depend on weight values).
+    * With ``weights_path`` (the official checkpoint, ``.safetensors`` / ``.pt`` original layout, or the
+      diffusers-format release folder) and ``vlm_path`` (a local Qwen2.5-VL-3B-Instruct folder; plus
+      ``vae_path`` for the original layout): the official model, in official parity mode (all tokens reach the
+      DiT, no pad masking) unless ``mask_padding`` says otherwise. See :func:`deepgen_from_official`.
+    * Without ``weights_path``: a fresh SCB (official init, zero heads) between whatever pretrained parts are
+      given — ``vlm_path``, ``transformer_path`` (a diffusers SD3 transformer folder, e.g. UniPic2's, the
+      official stage-1 start), ``vae_path``, ``scheduler_path`` — and random weights for the rest, from the
+      embedded upstream configs (the offline tiny tokenizer when there is no ``vlm_path``). Padding is masked
+      unless ``mask_padding=False``. ``device="meta"`` allocates no memory at all (parameter counts, planning);
+      a CUDA device materialises random weights directly on the GPU (benchmarks: latency does not depend on
+      weight values).
     """
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-    if (vlm_path is None) != (weights_path is None):
-        raise ValueError("vlm_path and weights_path: give both (official model) or neither (random weights)")
-    if vlm_path is not None:
-        if device is not None and str(device) == "meta":
-            raise ValueError("device='meta' builds shapes only; do not pass vlm_path or weights_path with it")
+    is_meta = device is not None and str(device) == "meta"
+    if weights_path is not None:
+        if vlm_path is None:
+            raise ValueError("vlm_path: the official weights hold no base VLM; give the Qwen2.5-VL folder too")
+        if is_meta:
+            raise ValueError("device='meta' builds shapes only; do not pass weight paths with it")
         return deepgen_from_official(
             vlm_path, weights_path, vae_path=vae_path, device=device, dtype=dtype,
             mask_padding=bool(mask_padding), tokens=tokens, merge_lora=merge_lora,
         )
+    if is_meta and (vlm_path or transformer_path or vae_path):
+        raise ValueError("device='meta' builds shapes only; do not pass weight paths with it")
     with _default_device(device):
-        tokenizer = tiny_tokenizer()
-        vlm = _qwen_vl(QWEN2_5_VL_3B_CONFIG, tokenizer)
-        think = ThinkTokens(128, 2048)
+        if vlm_path is not None:
+            from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+            if not (Path(vlm_path) / "config.json").is_file():
+                raise FileNotFoundError(f"vlm_path: no config.json in {vlm_path} (expected a Qwen2.5-VL folder)")
+            vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(vlm_path, dtype=dtype, attn_implementation="sdpa")
+            tokenizer = AutoTokenizer.from_pretrained(vlm_path)
+            tokenizer.padding_side = "left"
+        else:
+            tokenizer = tiny_tokenizer()
+            vlm = _qwen_vl(QWEN2_5_VL_3B_CONFIG, tokenizer)
+        text = vlm.config.text_config
+        think = ThinkTokens(128, text.hidden_size)
         bridge = StackedChannelBridge(
             BridgeConfig.deepgen_1_0(mask_padding=True if mask_padding is None else mask_padding, tokens=tokens)
         )
-        dit = ConditionedDiT(SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER_CONFIG))
-        vae = AutoencoderKL(**SD3_VAE_CONFIG)
-        model = DeepGenModel(
-            vlm, think, LayerSelection.official(36), bridge, dit, vae, tiny_scheduler(), tokenizer, DeepGenConfig()
+        if transformer_path is not None:
+            if not (Path(transformer_path) / "config.json").is_file():
+                raise FileNotFoundError(f"transformer_path: no config.json in {transformer_path}")
+            transformer = SD3Transformer2DModel.from_pretrained(transformer_path, torch_dtype=dtype)
+        else:
+            transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER_CONFIG)
+        if vae_path is not None:
+            if not (Path(vae_path) / "config.json").is_file():
+                raise FileNotFoundError(f"vae_path: no config.json in {vae_path}")
+            vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype)
+        else:
+            vae = AutoencoderKL(**SD3_VAE_CONFIG)
+        scheduler = (
+            FlowMatchEulerDiscreteScheduler.from_pretrained(scheduler_path) if scheduler_path else tiny_scheduler()
         )
-    if device is None or str(device) != "meta":
+        model = DeepGenModel(
+            vlm, think, LayerSelection.official(text.num_hidden_layers), bridge, ConditionedDiT(transformer), vae,
+            scheduler, tokenizer, DeepGenConfig(),
+        )
+    if not is_meta:
         model = model.to(dtype)
     return model.eval()
 

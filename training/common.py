@@ -33,9 +33,9 @@ def build_model(spec: ModelSpec, *, device: torch.device | str | None = None) ->
 
     if spec.pipeline:
         model = DeepGenPipeline.from_pretrained(spec.pipeline).model
-    elif spec.vlm or spec.weights:
-        model = deepgen_1_0(spec.vlm, spec.weights, vae_path=spec.vae, mask_padding=spec.mask_padding,
-                            tokens=spec.tokens or "all")
+    elif spec.vlm or spec.weights or spec.transformer:
+        model = deepgen_1_0(spec.vlm, spec.weights, vae_path=spec.vae, transformer_path=spec.transformer,
+                            scheduler_path=spec.scheduler, mask_padding=spec.mask_padding, tokens=spec.tokens or "all")
     elif spec.preset == "tiny":
         model = deepgen_tiny(
             spec.seed,

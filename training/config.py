@@ -32,8 +32,10 @@ class ModelSpec:
     preset: str | None = "tiny"
     pipeline: str | None = None
     vlm: str | None = None
-    weights: str | None = None
+    weights: str | None = None  # an official DeepGen checkpoint (file or release folder)
     vae: str | None = None
+    transformer: str | None = None  # a diffusers SD3 transformer folder (official stage-1 start: UniPic2's)
+    scheduler: str | None = None
     seed: int = 0
     mask_padding: bool | None = None
     tokens: str | None = None

@@ -158,10 +158,10 @@ def dry_run(cfg: TrainConfig, world_size: int = 1) -> dict:
     moments (8 B); with FSDP the trainable part is divided by ``world_size``. Activations are not included.
     """
     spec = cfg.model
-    if spec.preset == "deepgen-1.0" and not (spec.vlm or spec.weights or spec.pipeline):
+    if spec.preset == "deepgen-1.0" or spec.vlm or spec.weights or spec.transformer:
         from deepgen_components.builders import deepgen_1_0
 
-        model = deepgen_1_0(device="meta")
+        model = deepgen_1_0(device="meta")  # DeepGen 1.0 shapes, no memory, no files read
     else:
         model = build_model(spec)
     configure_stage(model, cfg.stage, cfg.lora)
