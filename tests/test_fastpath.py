@@ -1,0 +1,157 @@
+"""The inference fast path (``pipe.optimize``) and the latency benchmark suite, on the CPU.
+
+Each mode must give images matching eager within a stated tolerance; on a CPU ``kernels`` dispatches to the torch
+references (identical to eager) and ``compile+graphs`` falls back to ``compile`` (CUDA graphs need a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deepgen_components import DeepGenPipeline, deepgen_tiny
+from deepgen_components.bench import BenchConfig, fit_scaling, run_suite, time_fn, write_outputs
+from deepgen_components.fastpath import MODES, DenoiseRunner
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield DeepGenPipeline(deepgen_tiny(seed=3))
+    torch.set_num_threads(threads)
+
+
+def _generate(pipe, **kwargs):
+    args = dict(num_inference_steps=6, guidance_scale=4.0, output_type="np", progress=False,
+                generator=torch.Generator().manual_seed(0))
+    args.update(kwargs)
+    return pipe(["a red circle on the left", "a blue square"], **args).images
+
+
+def test_optimize_rejects_unknown_modes(pipe):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        pipe.optimize("turbo")
+
+
+def test_eager_fast_path_equals_the_plain_loop(pipe):
+    pipe.optimize("eager")
+    plain = _generate(pipe)
+    pipe._runner = DenoiseRunner(pipe.model, "eager")  # the precomputing runner in eager mode
+    try:
+        fast = _generate(pipe)
+    finally:
+        pipe.optimize("eager")
+    assert np.array_equal(plain, fast)
+
+
+def test_kernels_mode_matches_eager_on_cpu(pipe):
+    pipe.optimize("eager")
+    eager = _generate(pipe)
+    pipe.optimize("kernels")
+    try:
+        kernels = _generate(pipe)
+    finally:
+        pipe.optimize("eager")
+    assert psnr(eager, kernels) >= 60.0
+
+
+def test_fast_path_handles_editing_references(pipe):
+    pipe.optimize("eager")
+    source = _generate(pipe)[0]
+    from PIL import Image
+
+    image = Image.fromarray(source)
+    eager = pipe("make the circle green", image=image, num_inference_steps=4, output_type="np", progress=False,
+                 generator=torch.Generator().manual_seed(1)).images
+    pipe._runner = DenoiseRunner(pipe.model, "eager")
+    try:
+        fast = pipe("make the circle green", image=image, num_inference_steps=4, output_type="np", progress=False,
+                    generator=torch.Generator().manual_seed(1)).images
+    finally:
+        pipe.optimize("eager")
+    assert np.array_equal(eager, fast)
+
+
+def test_bf16_weights_keep_fp32_latents_and_stay_close_to_fp32():
+    torch.manual_seed(0)
+    pipe32 = DeepGenPipeline(deepgen_tiny(seed=5))
+    reference = _generate(pipe32)
+    pipe16 = DeepGenPipeline(deepgen_tiny(seed=5)).optimize("eager", dtype=torch.bfloat16)
+    captured = []
+    pipe16(["a red circle"], num_inference_steps=2, guidance_scale=4.0, output_type="latent", progress=False,
+           callback_on_step_end=lambda i, t, x, vu, vc: captured.append(x.dtype))
+    assert captured == [torch.float32, torch.float32]
+    low = _generate(pipe16)
+    # bf16 weights: images differ by bf16 noise only (stated tolerance: PSNR >= 30 dB on the tiny preset).
+    assert psnr(reference, low) >= 30.0
+
+
+@pytest.mark.slow
+def test_compile_modes_match_eager_within_tolerance(pipe):
+    pipe.optimize("eager")
+    eager = _generate(pipe, num_inference_steps=4)
+    for mode in ("compile", "compile+graphs"):
+        pipe.optimize(mode)
+        try:
+            out = _generate(pipe, num_inference_steps=4)
+        finally:
+            pipe.optimize("eager")
+        # Inductor reorders float math: stated tolerance PSNR >= 45 dB (fp32 on the tiny preset).
+        assert psnr(eager, out) >= 45.0, mode
+
+
+def test_fast_path_reports_non_finite_latents(pipe):
+    pipe._runner = DenoiseRunner(pipe.model, "eager")
+    try:
+        bad = torch.full((1, 16, 8, 8), float("nan"))
+        with pytest.raises(FloatingPointError, match="after the last"):
+            pipe(["x"], num_inference_steps=2, latents=bad, output_type="latent", progress=False)
+    finally:
+        pipe.optimize("eager")
+
+
+def test_modes_are_the_documented_four():
+    assert MODES == ("eager", "kernels", "compile", "compile+graphs")
+
+
+def test_time_fn_reports_median_and_spread():
+    calls = []
+    median, spread = time_fn(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=5)
+    assert len(calls) == 7 and median >= 0 and spread >= 0
+
+
+def test_scaling_fit_recovers_a_known_quadratic():
+    from deepgen_components.bench import Row
+
+    rows = [Row("x", "eager", "dit_step", 0, 1, True, None, 1.0 + 0.01 * t + 1e-5 * t * t, tokens=t) for t in (16, 64, 256, 1024)]
+    fit = fit_scaling(rows)
+    assert fit["a_ms"] == pytest.approx(1.0, abs=1e-6)
+    assert fit["b_ms_per_token"] == pytest.approx(0.01, rel=1e-6)
+    assert fit["c_ms_per_token2"] == pytest.approx(1e-5, rel=1e-6)
+    assert fit["r2"] == pytest.approx(1.0)
+
+
+def test_bench_suite_runs_on_cpu_and_writes_json_markdown_and_plots(tmp_path):
+    cfg = BenchConfig(preset="tiny", device="cpu", dtype="float32", modes=("eager", "kernels"), resolution=64,
+                      batch=1, steps=2, repeats=2, warmup=1, resolutions=(64, 128), batches=(1, 2), threads=1)
+    result = run_suite(cfg, progress=False)
+    stages = {(r.mode, r.stage) for r in result.rows}
+    assert {("eager", "condition"), ("eager", "dit_step"), ("kernels", "dit_step"), ("eager", "vae_decode"),
+            ("eager", "end_to_end"), ("kernels", "end_to_end")} <= stages
+    step = next(r for r in result.rows if r.mode == "eager" and r.stage == "dit_step")
+    assert step.flops and step.flops > 0 and step.ratio_vs_eager == pytest.approx(1.0)
+    assert result.environment["tensorrt"]["import"] in (True, False)
+    paths = write_outputs(result, tmp_path)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert len(data["rows"]) == len(result.rows)
+    assert "| preset | mode |" in (tmp_path / "bench.md").read_text()
+    assert any(p.suffix == ".png" for p in paths)
