@@ -9,7 +9,9 @@
 * Only the target tokens are unpatchified: the output is the velocity for the target latents.
 
 The transformer's own modules are reused as they are; only its attention processors are replaced by
-:class:`MaskedJointAttnProcessor`, which computes exactly diffusers' joint attention when no mask is given.
+:class:`MaskedJointAttnProcessor`, which computes exactly diffusers' joint attention when no mask is given, and
+its adaLN modules get kernel-aware subclasses (same parameters; the fused Triton ``layer_norm_modulate`` runs
+when the kernels are switched on, the parent's forward otherwise).
 With no references and no masks the forward equals the plain ``SD3Transformer2DModel`` forward exactly.
 
 Masking note: the official DeepGen DiT builds a pairwise mask (valid_i and valid_j, diagonal forced true).
@@ -56,9 +58,9 @@ class MaskedJointAttnProcessor:
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         if attn.norm_q is not None:
-            query = attn.norm_q(query)
+            query = ops.rms_norm(attn.norm_q, query)
         if attn.norm_k is not None:
-            key = attn.norm_k(key)
+            key = ops.rms_norm(attn.norm_k, key)
 
         key_padding_mask = None
         if encoder_hidden_states is not None:
@@ -66,9 +68,9 @@ class MaskedJointAttnProcessor:
             ctx_k = attn.add_k_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
             ctx_v = attn.add_v_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
             if attn.norm_added_q is not None:
-                ctx_q = attn.norm_added_q(ctx_q)
+                ctx_q = ops.rms_norm(attn.norm_added_q, ctx_q)
             if attn.norm_added_k is not None:
-                ctx_k = attn.norm_added_k(ctx_k)
+                ctx_k = ops.rms_norm(attn.norm_added_k, ctx_k)
             query = torch.cat([query, ctx_q], dim=2)
             key = torch.cat([key, ctx_k], dim=2)
             value = torch.cat([value, ctx_v], dim=2)
@@ -87,6 +89,53 @@ class MaskedJointAttnProcessor:
                 context_out = attn.to_add_out(context_out)
         out = attn.to_out[1](attn.to_out[0](out))
         return out if encoder_hidden_states is None else (out, context_out)
+
+
+def _plain_layer_norm(norm) -> bool:
+    return isinstance(norm, nn.LayerNorm) and not norm.elementwise_affine
+
+
+def _kernel_ada_norms():
+    """Subclasses of diffusers' adaLN modules whose modulation goes through the fused ``layer_norm_modulate``
+    kernel when the kernels are switched on (identical results otherwise: they call the parent's forward)."""
+    from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, SD35AdaLayerNormZeroX
+
+    from deepgen_components.triton_kernels import kernels_enabled, layer_norm_modulate
+
+    class KernelAdaLayerNormZero(AdaLayerNormZero):
+        def forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+            if not kernels_enabled() or self.emb is not None or not _plain_layer_norm(self.norm):
+                return super().forward(x, timestep, class_labels, hidden_dtype, emb)
+            emb = self.linear(self.silu(emb))
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+            return layer_norm_modulate(x, shift_msa, scale_msa, self.norm.eps), gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+    class KernelSD35AdaLayerNormZeroX(SD35AdaLayerNormZeroX):
+        def forward(self, hidden_states, emb=None):
+            if not kernels_enabled() or not _plain_layer_norm(self.norm):
+                return super().forward(hidden_states, emb)
+            emb = self.linear(self.silu(emb))
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2 = emb.chunk(
+                9, dim=1
+            )
+            eps = self.norm.eps
+            first = layer_norm_modulate(hidden_states, shift_msa, scale_msa, eps)
+            second = layer_norm_modulate(hidden_states, shift_msa2, scale_msa2, eps)
+            return first, gate_msa, shift_mlp, scale_mlp, gate_mlp, second, gate_msa2
+
+    class KernelAdaLayerNormContinuous(AdaLayerNormContinuous):
+        def forward(self, x, conditioning_embedding):
+            if not kernels_enabled() or not _plain_layer_norm(self.norm):
+                return super().forward(x, conditioning_embedding)
+            emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
+            scale, shift = torch.chunk(emb, 2, dim=1)
+            return layer_norm_modulate(x, shift, scale, self.norm.eps)
+
+    return {
+        AdaLayerNormZero: KernelAdaLayerNormZero,
+        SD35AdaLayerNormZeroX: KernelSD35AdaLayerNormZeroX,
+        AdaLayerNormContinuous: KernelAdaLayerNormContinuous,
+    }
 
 
 def _as_reference_lists(reference_latents, batch: int) -> list[list[torch.Tensor]]:
@@ -141,6 +190,11 @@ class ConditionedDiT(nn.Module):
             )
         self.transformer = transformer
         self.set_attention_processor(MaskedJointAttnProcessor())
+        # adaLN modules: same parameters and results, plus the fused kernel path when kernels are switched on.
+        swaps = _kernel_ada_norms()
+        for module in transformer.modules():
+            if type(module) in swaps:
+                module.__class__ = swaps[type(module)]
 
     def set_attention_processor(self, processor) -> None:
         for block in self.transformer.transformer_blocks:

@@ -121,6 +121,25 @@ def _slice_condition(condition: BridgeOutput, index: slice | torch.Tensor) -> Br
     return BridgeOutput(condition.context[index], condition.pooled[index], condition.mask[index])
 
 
+def _guided_velocity(model, latents, t, condition, negative_condition, guidance_scale, reference_latents):
+    v = model.velocity(latents, t, condition, reference_latents)
+    if guidance_scale != 1.0:
+        if negative_condition is None:
+            raise ValueError("negative_condition is required when guidance_scale != 1")
+        v_u = model.velocity(latents, t, negative_condition, reference_latents)
+        v = v_u + guidance_scale * (v - v_u)
+    return v
+
+
+def _sde_step(sampler, x, v, sigmas, i, eta, noise_level, logprob, noise=None, prev_sample=None):
+    if sampler == "cps":
+        return cps_step(x, v, sigmas[i], sigmas[i + 1], eta, noise, prev_sample=prev_sample, logprob=logprob)
+    if sampler == "flow_grpo":
+        return flow_grpo_step(x, v, sigmas[i], sigmas[i + 1], noise_level, noise, prev_sample=prev_sample,
+                              sigma_max=float(sigmas[1]))
+    raise ValueError(f"sampler must be 'cps' or 'flow_grpo', got {sampler!r}")
+
+
 def policy_step_log_prob(
     model,
     latents: torch.Tensor,
@@ -133,18 +152,20 @@ def policy_step_log_prob(
     eta: float = 1.0,
     sampler: str = "cps",
     logprob: str = "mean_squared",
+    noise_level: float = 0.7,
+    negative_condition: BridgeOutput | None = None,
+    guidance_scale: float = 1.0,
     reference_latents=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p_theta(next | latents), velocity) for one stored transition, with gradients through the DiT."""
-    sigma, sigma_next = trajectory_sigmas[step], trajectory_sigmas[step + 1]
+    """(log p_theta(next | latents), velocity) for one stored transition, with gradients through the DiT.
+
+    Uses the same velocity as :func:`rollout` (CFG-guided when ``guidance_scale != 1``), so a policy that has
+    not changed since the rollout reproduces the stored log-probs exactly."""
     t = trajectory_timesteps[step].expand(latents.shape[0]).to(model.dtype)
-    velocity = model.velocity(latents.to(model.dtype), t, condition, reference_latents)
-    if sampler == "cps":
-        _, log_prob, _ = cps_step(latents, velocity, sigma, sigma_next, eta, prev_sample=next_latents, logprob=logprob)
-    elif sampler == "flow_grpo":
-        _, log_prob, _ = flow_grpo_step(latents, velocity, sigma, sigma_next, prev_sample=next_latents)
-    else:
-        raise ValueError(f"sampler must be 'cps' or 'flow_grpo', got {sampler!r}")
+    velocity = _guided_velocity(model, latents.to(model.dtype), t, condition, negative_condition, guidance_scale,
+                                reference_latents)
+    _, log_prob, _ = _sde_step(sampler, latents, velocity, trajectory_sigmas, step, eta, noise_level, logprob,
+                               prev_sample=next_latents)
     return log_prob, velocity
 
 
@@ -160,6 +181,7 @@ def rollout(
     eta: float = 1.0,
     sampler: str = "cps",
     logprob: str = "mean_squared",
+    noise_level: float = 0.7,
     same_noise_in_group: bool = True,
     generator: torch.Generator | None = None,
     micro_batch: int | None = None,
@@ -199,18 +221,10 @@ def rollout(
             rows = slice(start, start + micro_batch)
             refs = reference_latents[rows] if reference_latents is not None else None
             t = timesteps[i].expand(x[rows].shape[0]).to(model.dtype)
-            v = model.velocity(x[rows].to(model.dtype), t, _slice_condition(condition, rows), refs)
-            if guidance_scale != 1.0:
-                if negative_condition is None:
-                    raise ValueError("negative_condition is required when guidance_scale != 1")
-                v_u = model.velocity(x[rows].to(model.dtype), t, _slice_condition(negative_condition, rows), refs)
-                v = v_u + guidance_scale * (v - v_u)
-            if sampler == "cps":
-                x_new, lp, _ = cps_step(x[rows], v, sigmas[i], sigmas[i + 1], eta, noise[rows], logprob=logprob)
-            elif sampler == "flow_grpo":
-                x_new, lp, _ = flow_grpo_step(x[rows], v, sigmas[i], sigmas[i + 1], noise=noise[rows])
-            else:
-                raise ValueError(f"sampler must be 'cps' or 'flow_grpo', got {sampler!r}")
+            negative = _slice_condition(negative_condition, rows) if negative_condition is not None else None
+            v = _guided_velocity(model, x[rows].to(model.dtype), t, _slice_condition(condition, rows), negative,
+                                 guidance_scale, refs)
+            x_new, lp, _ = _sde_step(sampler, x[rows], v, sigmas, i, eta, noise_level, logprob, noise=noise[rows])
             x_next[rows] = x_new
             log_probs[rows, i] = lp.to(store)
         x = x_next

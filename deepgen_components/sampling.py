@@ -49,7 +49,7 @@ def _step_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, 
     ``mean_squared`` (DeepGen's official CPS form): -mean((x' - mu)^2); it drops the 1/(2 s^2) factor and the
     constants, which cancel in the ratio of two log-probs of the same step. ``gaussian``: the mean over
     elements of the Gaussian log-density (Flow-GRPO's convention)."""
-    sq = (sample.float() - mean.float()) ** 2
+    sq = (sample.detach().float() - mean.float()) ** 2  # x' is data: no gradient through it (official)
     if kind == "mean_squared":
         return -sq.flatten(1).mean(1)
     if kind == "gaussian":
@@ -103,18 +103,26 @@ def flow_grpo_step(
     *,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    sigma_cap: float = 0.99,
+    sigma_max: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The Flow-GRPO SDE step (alternative sampler). Returns (x', log_prob, mean), Gaussian log-density.
 
-    sigma_t = a sqrt(sigma / (1 - sigma)) (sigma capped at ``sigma_cap`` so the first step at sigma = 1 stays
-    finite), dt = sigma' - sigma, mu = x (1 + sigma_t^2 dt / (2 sigma)) + v (1 + sigma_t^2 (1 - sigma) / (2 sigma)) dt,
-    std = sigma_t sqrt(-dt).
+    sigma_t = a sqrt(sigma / (1 - sigma)), where a sigma of exactly 1 (the first step) is replaced by
+    ``sigma_max`` in the denominator so that the step stays finite (Flow-GRPO: ``sigma_max`` = the schedule's
+    second sigma, ``sigmas[1]``); dt = sigma' - sigma,
+    mu = x (1 + sigma_t^2 dt / (2 sigma)) + v (1 + sigma_t^2 (1 - sigma) / (2 sigma)) dt, std = sigma_t sqrt(-dt).
     """
     x32, v32 = x.float(), v.float()
     s_cur, s_next = _as_batch(sigma, x32), _as_batch(sigma_next, x32)
     dt = s_next - s_cur
-    sigma_t = noise_level * torch.sqrt(s_cur / (1 - s_cur.clamp(max=sigma_cap)))
+    at_one = s_cur == 1
+    if bool(at_one.any()):
+        if sigma_max is None:
+            raise ValueError("flow_grpo_step: sigma == 1 needs sigma_max (Flow-GRPO uses the schedule's sigmas[1])")
+        denominator = 1 - torch.where(at_one, torch.as_tensor(float(sigma_max), device=s_cur.device), s_cur)
+    else:
+        denominator = 1 - s_cur
+    sigma_t = noise_level * torch.sqrt(s_cur / denominator)
     mean = x32 * (1 + sigma_t**2 / (2 * s_cur) * dt) + v32 * (1 + sigma_t**2 * (1 - s_cur) / (2 * s_cur)) * dt
     std = sigma_t * torch.sqrt(-dt)
     if prev_sample is None:

@@ -155,3 +155,34 @@ def test_bench_suite_runs_on_cpu_and_writes_json_markdown_and_plots(tmp_path):
     assert len(data["rows"]) == len(result.rows)
     assert "| preset | mode |" in (tmp_path / "bench.md").read_text()
     assert any(p.suffix == ".png" for p in paths)
+
+
+def test_kernels_switch_defaults_on_for_cuda_only(pipe):
+    pipe.optimize("auto")
+    assert pipe.kernels_active() is (pipe.model.device.type == "cuda")
+    pipe.optimize("kernels")
+    assert pipe.kernels_active() is True
+    pipe.optimize("eager")
+    assert pipe.kernels_active() is False
+
+
+def test_kernel_switch_changes_nothing_where_kernels_do_not_apply(pipe):
+    """On a CPU every op falls back to its torch reference: the switch must not change a single bit."""
+    from deepgen_components.triton_kernels import use_kernels
+
+    model = pipe.model
+    with torch.no_grad():
+        plain = model.encode_condition(["a red circle", "x"])
+        with use_kernels(True):
+            switched = model.encode_condition(["a red circle", "x"])
+    assert torch.equal(plain.context, switched.context) and torch.equal(plain.pooled, switched.pooled)
+
+
+@pytest.mark.gpu
+def test_cuda_modes_match_eager_in_bf16():
+    """On a GPU: kernels, compile and compile+graphs give images within bf16 noise of eager (PSNR >= 30 dB)."""
+    pipe = DeepGenPipeline(deepgen_tiny(seed=3)).to("cuda").optimize("eager", dtype=torch.bfloat16)
+    eager = _generate(pipe)
+    for mode in ("kernels", "compile", "compile+graphs"):
+        pipe.optimize(mode)
+        assert psnr(eager, _generate(pipe)) >= 30.0, mode
