@@ -194,6 +194,8 @@ def rollout(
 
     ``micro_batch`` chunks the DiT calls; use the same chunking in the update so that the first ratio is
     exactly 1. CFG is off by default (official); with ``guidance_scale != 1`` a ``negative_condition`` is used.
+    ``sampler``: ``"cps"`` (noise set by ``eta``, log-prob by ``logprob``) or ``"flow_grpo"`` (noise set by
+    ``noise_level``, Gaussian log-prob, the first step's sigma = 1 replaced by ``sigmas[1]`` as in Flow-GRPO).
     """
     device = model.device
     count = condition.context.shape[0]

@@ -113,6 +113,7 @@ class RLConfig:
     eta: float = 1.0
     logprob: str = "mean_squared"  # mean_squared (official) | gaussian
     sampler: str = "cps"  # cps | flow_grpo
+    noise_level: float = 0.7  # flow_grpo sampler only: sigma_t = noise_level * sqrt(sigma / (1 - sigma))
     same_noise_in_group: bool = True
     guidance_scale: float = 1.0  # official: CFG off during RL
     timestep_fraction: float = 0.6
@@ -127,9 +128,10 @@ class RLConfig:
     sft_batch_size: int = 4
     update_mode: str = "per_rollout"  # per_rollout (one optimizer step) | per_timestep
     micro_batch: int = 8
-    rewards: dict[str, Any] = field(default_factory=dict)  # name -> options (kind, path, ...)
+    rewards: dict[str, Any] = field(default_factory=dict)  # key -> build_reward spec {name, **options}
     categories: dict[str, dict[str, float]] = field(default_factory=dict)  # category -> reward weights
-    prompts: list[dict[str, Any]] = field(default_factory=list)  # {"text", "category"} or a source
+    prompts: list[dict[str, Any]] = field(default_factory=list)  # {"text", "category", "weight"}
+    prompt_files: list[dict[str, Any]] = field(default_factory=list)  # {"path" (.txt/.jsonl), "category", "weight"}
     prompt_source: dict[str, Any] = field(default_factory=dict)
 
 

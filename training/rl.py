@@ -11,6 +11,7 @@ timestep as the official code effectively does).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import random
@@ -25,7 +26,14 @@ from deepgen_components.training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from deepgen_components.training.common import build_model, build_optimizer, build_schedule, configure_stage
+from deepgen_components.training.common import (
+    apply_lora,
+    build_model,
+    build_optimizer,
+    build_schedule,
+    configure_stage,
+    lora_modules,
+)
 from deepgen_components.training.config import RLConfig, TrainConfig
 from deepgen_components.training.distributed import (
     all_gather_cat,
@@ -36,7 +44,13 @@ from deepgen_components.training.distributed import (
 )
 from deepgen_components.training.metrics import MetricsLogger
 from deepgen_components.training.sampler import TaskBatchSampler
-from deepgen_components.training.trainer import _load_trainable, _next_batch, build_sources, prepare_batch
+from deepgen_components.training.trainer import (
+    _autocast,
+    _load_trainable,
+    _next_batch,
+    build_sources,
+    prepare_batch,
+)
 
 from deepgen_components.bridge import BridgeOutput
 from deepgen_components.grpo import (
@@ -52,7 +66,7 @@ from deepgen_components.model import DeepGenModel
 from deepgen_components.processing import pixels_to_pil
 from deepgen_components.rewards import build_reward, reward_weights
 
-__all__ = ["PromptPool", "RLResult", "train_rl"]
+__all__ = ["PromptPool", "RLResult", "rollout_seed", "train_rl"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +80,50 @@ class RLResult:
     pipeline: Path | None
 
 
+def _read_prompt_file(path: Path) -> list[dict]:
+    """Prompts of one file: ``.txt`` (one per line) or ``.jsonl`` (objects with ``prompt`` / ``text`` and an
+    optional ``category``); blank lines are skipped."""
+    if not path.is_file():
+        raise FileNotFoundError(f"rl.prompt_files: {path} does not exist")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            record = json.loads(line)
+            text = record.get("prompt", record.get("text"))
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{n}: a .jsonl prompt needs a 'prompt' or 'text' string")
+            item = {"text": text}
+            if "category" in record:
+                item["category"] = record["category"]
+            items.append(item)
+        else:
+            items.append({"text": line.strip()})
+    if not items:
+        raise ValueError(f"rl.prompt_files: {path} holds no prompt")
+    return items
+
+
 class PromptPool:
-    """Prompts with categories; each step draws ``prompts_per_step`` per rank, seeded by (seed, step, rank)."""
+    """Prompts with categories and sampling weights; each step draws ``prompts_per_step`` per rank with
+    replacement, seeded by (seed, step, rank).
+
+    Sources: ``rl.prompts`` (inline ``{text, category, weight}``), ``rl.prompt_files`` (``{path, category,
+    weight}``: every prompt of the file gets the file's weight, so a file is drawn with probability
+    proportional to N_file * weight, the official ``sample_proportional``), ``rl.prompt_source`` (the shapes
+    world)."""
 
     def __init__(self, rl: RLConfig, image_size: int) -> None:
         items = [dict(p) for p in rl.prompts]
+        for i, spec in enumerate(rl.prompt_files):
+            spec = dict(spec)
+            if "path" not in spec:
+                raise ValueError(f"rl.prompt_files[{i}]: needs 'path'")
+            for item in _read_prompt_file(Path(spec["path"])):
+                item.setdefault("category", spec.get("category", "general"))
+                item["weight"] = float(spec.get("weight", 1.0))
+                items.append(item)
         source = dict(rl.prompt_source or {})
         if source:
             kind = source.pop("kind", None)
@@ -82,21 +135,46 @@ class PromptPool:
             count = int(source.get("count", 512))
             items += [{"text": world.t2i_sample(i)[1], "category": source.get("category", "general")} for i in range(count)]
         if not items:
-            raise ValueError("rl: give prompts (rl.prompts) or a prompt source (rl.prompt_source)")
+            raise ValueError("rl: give prompts (rl.prompts, rl.prompt_files) or a prompt source (rl.prompt_source)")
         for i, item in enumerate(items):
             if "text" not in item:
                 raise ValueError(f"rl.prompts[{i}]: needs 'text'")
             item.setdefault("category", "general")
+            item["weight"] = float(item.get("weight", 1.0))
+            if not item["weight"] >= 0:
+                raise ValueError(f"rl.prompts[{i}]: weight must be >= 0, got {item['weight']}")
         self.items = items
+        weights = [item["weight"] for item in items]
+        if sum(weights) <= 0:
+            raise ValueError("rl: every prompt has weight 0")
+        self.weights = None if len(set(weights)) == 1 else weights
 
     def draw(self, count: int, seed: int, step: int, rank: int) -> list[dict]:
         rng = random.Random(seed * 1_000_003 + step * 7_919 + rank)
-        return [rng.choice(self.items) for _ in range(count)]
+        if self.weights is None:
+            return [rng.choice(self.items) for _ in range(count)]
+        return rng.choices(self.items, weights=self.weights, k=count)
 
 
-def _condition_velocity(dit, model: DeepGenModel, latents, timestep, condition: BridgeOutput):
-    mask = condition.mask if model.bridge.config.mask_padding else None
-    return dit(latents, timestep, condition.context, condition.pooled, context_mask=mask)
+def rollout_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of a rollout's generator (initial noise and every per-step epsilon): distinct for every
+    (seed, step, rank), so ranks never repeat each other's noise (the official run seeds every rank alike)."""
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63)
+
+
+def _reference_velocity(reference_dit, model: DeepGenModel, latents, timestep, condition: BridgeOutput,
+                        negative: BridgeOutput | None, guidance_scale: float):
+    """The frozen reference DiT's velocity, guided exactly as the policy's is (CFG off by default)."""
+
+    def velocity(x, t, cond):
+        mask = cond.mask if model.bridge.config.mask_padding else None
+        return reference_dit(x, t, cond.context, cond.pooled, context_mask=mask)
+
+    v = velocity(latents, timestep, condition)
+    if guidance_scale != 1.0:
+        v_u = velocity(latents, timestep, negative)
+        v = v_u + guidance_scale * (v - v_u)
+    return v
 
 
 def _repeat(condition: BridgeOutput, times: int) -> BridgeOutput:
@@ -107,11 +185,38 @@ def _repeat(condition: BridgeOutput, times: int) -> BridgeOutput:
     )
 
 
+def _sync_gradients(params: list[torch.nn.Parameter], info) -> None:
+    """Average the gradients over ranks (what DDP does; the RL loop runs the DiT unwrapped because a rollout,
+    30 re-evaluations and the SFT batch are not one forward). Every rank runs the same code path, so the set
+    of parameters with a gradient is the same on every rank."""
+    if not info.enabled:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= info.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | None = None) -> RLResult:
     """Run MR-GRPO as configured; resumes from the newest checkpoint in ``out``."""
     if cfg.stage != "rl" or cfg.rl is None:
         raise ValueError("train_rl needs stage: rl and an rl: section")
     rl = cfg.rl
+    if rl.update_mode not in ("per_rollout", "per_timestep"):
+        raise ValueError(f"rl.update_mode must be 'per_rollout' or 'per_timestep', got {rl.update_mode!r}")
+    if rl.advantages not in ("gdpo", "grpo"):
+        raise ValueError(f"rl.advantages must be 'gdpo' or 'grpo', got {rl.advantages!r}")
+    if cfg.trainer.distributed not in ("auto", "none", "ddp"):
+        raise ValueError(f"rl: trainer.distributed must be auto, none or ddp (gradients are averaged over ranks), "
+                         f"got {cfg.trainer.distributed!r}")
     out = Path(out or cfg.out)
     total_steps = max_steps if max_steps is not None else cfg.trainer.max_steps
     info = init_distributed(cfg.trainer.device)
@@ -120,16 +225,27 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
 
     # 1. Policy (the DiT trains), frozen reference copy, rewards.
     model = build_model(cfg.model, device=device)
+    if cfg.lora is not None and not lora_modules(model.encoder.vlm):
+        apply_lora(model, cfg.lora)  # the stage-2 LoRA of an init_from checkpoint loads into it; frozen here
     if cfg.model.init_from:
         init_path = Path(cfg.model.init_from)
-        init = load_checkpoint(init_path if (init_path / "state.json").exists() else latest_checkpoint(init_path))
+        init_ckpt = init_path if (init_path / "state.json").exists() else latest_checkpoint(init_path)
+        if init_ckpt is None:
+            raise FileNotFoundError(f"model.init_from: no checkpoint in {init_path}")
+        init = load_checkpoint(init_ckpt)
         _, unexpected = model.load_state_dict(init["trainable"], strict=False)
         if unexpected:
-            raise ValueError(f"model.init_from: {len(unexpected)} tensors do not fit the model, e.g. {unexpected[:5]}")
+            hint = " (a stage-2 checkpoint with a LoRA needs the same lora: section)" if any(
+                "lora_" in k for k in unexpected) else ""
+            raise ValueError(f"model.init_from: {len(unexpected)} tensors do not fit the model{hint}, "
+                             f"e.g. {unexpected[:5]}")
     configure_stage(model, "rl")
     model.eval()  # no dropout anywhere: rollouts and updates must see the same function
     reference_dit = copy.deepcopy(model.dit).requires_grad_(False).eval()
+    if cfg.trainer.activation_checkpointing:
+        model.dit.transformer.enable_gradient_checkpointing()  # recomputation is exact: ratios stay 1 on-policy
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in params]
     rewards = {name: build_reward(spec) for name, spec in rl.rewards.items()}
     if not rewards:
         raise ValueError("rl.rewards: configure at least one reward")
@@ -138,6 +254,7 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
     loss_fn = MRGRPOLoss(rl.clip_range, rl.kl_beta, rl.sft_lambda, rl.eta)
     prompts = PromptPool(rl, cfg.data.image_size)
     height = width = cfg.data.image_size
+    autocast = lambda: _autocast(cfg, device)  # noqa: E731  (bf16 on CUDA with precision auto, fp32 on CPU)
 
     # SFT auxiliary data: the data sources of the config (optional when sft_lambda == 0).
     sft_sources = build_sources(cfg) if cfg.data.sources and rl.sft_lambda > 0 else None
@@ -175,108 +292,116 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
     sft_plans = iter(sft_sampler) if sft_sampler is not None else None
 
     gather = (lambda t: all_gather_cat(t, info)) if rl.global_normalisation else None
+
+    def optimizer_step(norms: list[float]) -> None:
+        """Average the gradients over ranks, clip, one AdamW step; records the pre-clip gradient norm."""
+        _sync_gradients(trainable, info)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     last_loss, last_ckpt = None, None
     for step in range(start_step, total_steps):
         started = time.perf_counter()
         # 2. Prompts and the frozen condition (computed once per step).
         drawn = prompts.draw(rl.prompts_per_step, cfg.trainer.seed, step, info.rank)
         texts = [d["text"] for d in drawn]
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             condition = _repeat(model.encode_condition(texts), rl.group_size)
             negative = None
             if rl.guidance_scale != 1.0:
                 negative = _repeat(model.encode_condition([""] * len(texts)), rl.group_size)
-        # 3. Rollouts.
-        generator = torch.Generator().manual_seed(
-            (cfg.trainer.seed * 1_000_003 + step * 7_919 + info.rank * 104_729) % (2**63)
-        )
-        trajectory = rollout(
-            model, condition, height=height, width=width, num_steps=rl.num_steps, group_size=rl.group_size,
-            eta=rl.eta, sampler=rl.sampler, logprob=rl.logprob, same_noise_in_group=rl.same_noise_in_group,
-            generator=generator, micro_batch=rl.micro_batch, negative_condition=negative,
-            guidance_scale=rl.guidance_scale,
-        )
-        # 4. Rewards.
-        with torch.no_grad():
-            images = pixels_to_pil(model.decode_latents(trajectory.final.to(model.dtype)).float())
+        # 3. Rollouts (no gradient), seeded by (seed, step, rank).
+        generator = torch.Generator().manual_seed(rollout_seed(cfg.trainer.seed, step, info.rank))
+        with autocast():
+            trajectory = rollout(
+                model, condition, height=height, width=width, num_steps=rl.num_steps, group_size=rl.group_size,
+                eta=rl.eta, sampler=rl.sampler, logprob=rl.logprob, noise_level=rl.noise_level,
+                same_noise_in_group=rl.same_noise_in_group, generator=generator, micro_batch=rl.micro_batch,
+                negative_condition=negative, guidance_scale=rl.guidance_scale,
+            )
+        # 4. Rewards: every reward on every image.
+        count = condition.context.shape[0]
+        chunks = [slice(s, s + rl.micro_batch) for s in range(0, count, rl.micro_batch)]
+        with torch.no_grad(), autocast():
+            images = [im for rows in chunks
+                      for im in pixels_to_pil(model.decode_latents(trajectory.final[rows].to(model.dtype)).float())]
         image_prompts = [t for t in texts for _ in range(rl.group_size)]
         image_categories = [d["category"] for d in drawn for _ in range(rl.group_size)]
         scores = torch.stack([rewards[name].score(images, image_prompts).float().cpu() for name in reward_names], dim=1)
         weights = reward_weights(categories, image_categories, reward_names)
-        # 5. Advantages.
+        # 5. Advantages (GDPO: batch normalisation over every rank's images).
         if rl.advantages == "gdpo":
             advantages = gdpo_advantages(scores, weights, rl.group_size, rl.adv_eps, rl.adv_clip, gather)
-        elif rl.advantages == "grpo":
-            advantages = grpo_advantages(scores, weights, rl.group_size, rl.adv_eps, rl.adv_clip)
         else:
-            raise ValueError(f"rl.advantages must be 'gdpo' or 'grpo', got {rl.advantages!r}")
+            advantages = grpo_advantages(scores, weights, rl.group_size, rl.adv_eps, rl.adv_clip)
         advantages = advantages.to(device)
 
-        # 6. Policy update on a random subset of timesteps.
+        # 6. Policy update on a random subset of timesteps, shared by every image (and rank).
         model.dit.train()
         rng = random.Random(cfg.trainer.seed * 31 + step)
         steps_trained = select_timesteps(rl.num_steps, rl.timestep_fraction, include_last=rl.include_last_step, rng=rng)
-        count = condition.context.shape[0]
-        chunks = [slice(s, s + rl.micro_batch) for s in range(0, count, rl.micro_batch)]
         scale = 1.0 / (len(steps_trained) * len(chunks))
         optimizer.zero_grad(set_to_none=True)
         logs = {"policy_loss": 0.0, "kl": 0.0, "ratio_mean": 0.0, "clip_fraction": 0.0}
-        updates = 0
+        grad_norms: list[float] = []  # one entry per optimizer step of this rollout
+        lr = optimizer.param_groups[0]["lr"]
         for i in steps_trained:
             for rows in chunks:
                 x = trajectory.latents[rows, i].to(device)
                 x_next = trajectory.latents[rows, i + 1].to(device)
                 cond = _slice_condition(condition, rows)
-                log_prob, velocity = policy_step_log_prob(
-                    model, x, x_next, i, trajectory.sigmas, trajectory.timesteps, cond,
-                    eta=rl.eta, sampler=rl.sampler, logprob=rl.logprob,
-                )
-                with torch.no_grad():
-                    t = trajectory.timesteps[i].expand(x.shape[0]).to(model.dtype)
-                    ref_velocity = _condition_velocity(reference_dit, model, x.to(model.dtype), t, cond)
+                neg = _slice_condition(negative, rows) if negative is not None else None
+                with autocast():
+                    log_prob, velocity = policy_step_log_prob(
+                        model, x, x_next, i, trajectory.sigmas, trajectory.timesteps, cond,
+                        eta=rl.eta, sampler=rl.sampler, logprob=rl.logprob, noise_level=rl.noise_level,
+                        negative_condition=neg, guidance_scale=rl.guidance_scale,
+                    )
+                    with torch.no_grad():
+                        t = trajectory.timesteps[i].expand(x.shape[0]).to(model.dtype)
+                        ref_velocity = _reference_velocity(reference_dit, model, x.to(model.dtype), t, cond, neg,
+                                                           rl.guidance_scale)
                 terms = loss_fn(
                     log_prob, trajectory.log_probs[rows, i].to(device), advantages[rows],
                     velocity=velocity, reference_velocity=ref_velocity, sigma_next=trajectory.sigmas[i + 1],
                 )
                 (loss_fn.combine(terms["loss"], None) * scale).backward()
                 for key in logs:
-                    logs[key] += float(terms[key].detach()) / (len(steps_trained) * len(chunks))
+                    logs[key] += float(terms[key].detach()) * scale
             if rl.update_mode == "per_timestep":
-                torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                updates += 1
-            elif rl.update_mode != "per_rollout":
-                raise ValueError(f"rl.update_mode must be 'per_rollout' or 'per_timestep', got {rl.update_mode!r}")
-        # 7. SFT auxiliary loss.
+                optimizer_step(grad_norms)
+        # 7. SFT auxiliary loss: lambda * flow-matching loss on an image-caption batch.
         sft_loss = None
         if sft_plans is not None:
             batch, plan = _next_batch(sft_plans, sft_sources)
             prepared = prepare_batch(model, batch, plan, cfg.trainer.seed)
-            sft = model.flow_matching_loss(prepared, condition_dropout=0.0).loss
+            with autocast():
+                sft = model.flow_matching_loss(prepared, condition_dropout=0.0).loss
             (rl.sft_lambda * sft).backward()
-            sft_loss = float(sft)
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.optim.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        updates += 1
+            sft_loss = float(sft.detach())
+        # per_rollout: the one step of this rollout; per_timestep: the official extra step for the SFT gradient.
+        if rl.update_mode == "per_rollout" or sft_loss is not None:
+            optimizer_step(grad_norms)
         schedule.step()
         model.dit.eval()
 
         # 8. Logs and checkpoints.
         reward_means = all_reduce_mean(scores.mean(0).to(device), info).cpu()
+        weighted = all_reduce_mean((scores * weights).sum(1).mean().to(device), info)
         record = {
             "step": step + 1,
             "loss": (1 - rl.sft_lambda) * (logs["policy_loss"] + rl.kl_beta * logs["kl"])
             + (rl.sft_lambda * sft_loss if sft_loss is not None else 0.0),
             "lr": lr,
-            "grad_norm": float(grad_norm),
-            "reward": float((scores * weights).sum(1).mean()),
+            "grad_norm": sum(grad_norms) / max(1, len(grad_norms)),
+            "reward": float(weighted),
             **{f"reward/{name}": float(reward_means[k]) for k, name in enumerate(reward_names)},
             **logs,
             "sft_loss": sft_loss,
             "advantage_abs_mean": float(advantages.abs().mean()),
-            "optimizer_updates": updates,
+            "optimizer_updates": len(grad_norms),
+            "timesteps": steps_trained,
             "seconds": time.perf_counter() - started,
         }
         last_loss = record["loss"]
