@@ -229,7 +229,7 @@ def _prompt(tokens: int) -> str:
 
 def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
     from deepgen_components.fastpath import DenoiseRunner
-    from deepgen_components.pipeline import DeepGenPipeline, _select_condition
+    from deepgen_components.pipeline import DeepGenPipeline
     from deepgen_components.sampling import flow_match_sigmas
 
     device = torch.device(cfg.device)
@@ -266,7 +266,7 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
         condition = model.encode_condition(texts)
         if do_cfg:
             order = torch.cat([torch.arange(cfg.batch, 2 * cfg.batch), torch.arange(cfg.batch)])
-            condition = _select_condition(condition, order)
+            condition = condition.select(order)
 
         def dit_rows(resolution: int, batch: int, modes) -> None:
             cond = condition if batch == cfg.batch else _repeat_rows(condition, batch, cfg.batch, do_cfg)
@@ -332,12 +332,9 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
 
 
 def _repeat_rows(condition, batch: int, base: int, do_cfg: bool):
-    from deepgen_components.bridge import BridgeOutput
-
+    """The condition for another batch size: rows cycled within each CFG half."""
     halves = 2 if do_cfg else 1
-    index = torch.cat([h * base + torch.arange(batch) % base for h in range(halves)])
-    index = index.to(condition.context.device)
-    return BridgeOutput(condition.context[index], condition.pooled[index], condition.mask[index])
+    return condition.select(torch.cat([h * base + torch.arange(batch) % base for h in range(halves)]))
 
 
 def _step_args(runner, condition, timesteps, sigmas, guidance_scale, do_cfg):

@@ -94,6 +94,22 @@ class BridgeOutput:
     mask: torch.Tensor
     intermediates: dict[str, torch.Tensor] | None = None
 
+    def select(self, index: slice | torch.Tensor) -> BridgeOutput:
+        """Rows ``index`` (a slice or an index tensor) of the condition."""
+        if isinstance(index, torch.Tensor):
+            index = index.to(self.context.device)
+        return BridgeOutput(self.context[index], self.pooled[index], self.mask[index])
+
+    def repeat_interleave(self, times: int) -> BridgeOutput:
+        """Each row repeated ``times`` times in place (e.g. a group of images per prompt)."""
+        if times == 1:
+            return self
+        return BridgeOutput(
+            self.context.repeat_interleave(times, 0),
+            self.pooled.repeat_interleave(times, 0),
+            self.mask.repeat_interleave(times, 0),
+        )
+
 
 class StackedChannelBridge(nn.Module):
     def __init__(self, config: BridgeConfig) -> None:

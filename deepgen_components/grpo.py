@@ -117,10 +117,6 @@ class Trajectory:
         return self.latents[:, -1]
 
 
-def _slice_condition(condition: BridgeOutput, index: slice | torch.Tensor) -> BridgeOutput:
-    return BridgeOutput(condition.context[index], condition.pooled[index], condition.mask[index])
-
-
 def _guided_velocity(model, latents, t, condition, negative_condition, guidance_scale, reference_latents):
     v = model.velocity(latents, t, condition, reference_latents)
     if guidance_scale != 1.0:
@@ -223,8 +219,8 @@ def rollout(
             rows = slice(start, start + micro_batch)
             refs = reference_latents[rows] if reference_latents is not None else None
             t = timesteps[i].expand(x[rows].shape[0]).to(model.dtype)
-            negative = _slice_condition(negative_condition, rows) if negative_condition is not None else None
-            v = _guided_velocity(model, x[rows].to(model.dtype), t, _slice_condition(condition, rows), negative,
+            negative = negative_condition.select(rows) if negative_condition is not None else None
+            v = _guided_velocity(model, x[rows].to(model.dtype), t, condition.select(rows), negative,
                                  guidance_scale, refs)
             x_new, lp, _ = _sde_step(sampler, x[rows], v, sigmas, i, eta, noise_level, logprob, noise=noise[rows])
             x_next[rows] = x_new

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepgen_components.bridge import BridgeConfig, BridgeOutput, StackedChannelBridge
+from deepgen_components.bridge import BridgeConfig, StackedChannelBridge
 from deepgen_components.layers import LayerSelection
 from deepgen_components.model import DeepGenConfig, DeepGenModel
 from deepgen_components.processing import limit_long_side_size, pil_to_pixels, pixels_to_pil, pixels_to_uint8
@@ -224,10 +224,10 @@ class DeepGenPipeline:
         texts = prompts + negatives if do_cfg else prompts
         refs_for_vlm = None if references is None else (references + references if do_cfg else references)
         condition = model.encode_condition(texts, refs_for_vlm)
-        condition = _repeat_condition(condition, num_images_per_prompt)
+        condition = condition.repeat_interleave(num_images_per_prompt)
         if do_cfg:  # DiT batch order: [negative; positive]
             half = batch * num_images_per_prompt
-            condition = _select_condition(condition, torch.cat([torch.arange(half, 2 * half), torch.arange(half)]))
+            condition = condition.select(torch.cat([torch.arange(half, 2 * half), torch.arange(half)]))
         _sync(device)
         timings["condition"] = time.perf_counter() - start
 
@@ -425,18 +425,3 @@ def _plain_vlm(vlm: torch.nn.Module) -> torch.nn.Module:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _repeat_condition(condition: BridgeOutput, times: int) -> BridgeOutput:
-    if times == 1:
-        return condition
-    return BridgeOutput(
-        context=condition.context.repeat_interleave(times, 0),
-        pooled=condition.pooled.repeat_interleave(times, 0),
-        mask=condition.mask.repeat_interleave(times, 0),
-    )
-
-
-def _select_condition(condition: BridgeOutput, index: torch.Tensor) -> BridgeOutput:
-    index = index.to(condition.context.device)
-    return BridgeOutput(context=condition.context[index], pooled=condition.pooled[index], mask=condition.mask[index])

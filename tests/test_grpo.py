@@ -19,7 +19,6 @@ from deepgen_components.bridge import BridgeOutput
 from deepgen_components.builders import deepgen_tiny
 from deepgen_components.grpo import (
     MRGRPOLoss,
-    _slice_condition,
     gdpo_advantages,
     grpo_advantages,
     policy_step_log_prob,
@@ -229,7 +228,7 @@ def test_rollout_records_fp32_trajectories(tiny):
     # Each transition is a CPS step from the stored latent (the final one is x0_hat exactly).
     with torch.no_grad():
         t = traj.timesteps[-1].expand(4)
-        v = tiny.velocity(traj.latents[:4, -2], t, _slice_condition(cond, slice(0, 4)))
+        v = tiny.velocity(traj.latents[:4, -2], t, cond.select(slice(0, 4)))
     torch.testing.assert_close(traj.latents[:4, -1], traj.latents[:4, -2] - traj.sigmas[-2] * v, rtol=0, atol=1e-6)
 
 
@@ -255,7 +254,7 @@ def test_rollout_log_probs_equal_recomputation(tiny):
         for i in range(5):
             for rows in (slice(0, 2), slice(2, 4)):
                 lp, _ = policy_step_log_prob(tiny, traj.latents[rows, i], traj.latents[rows, i + 1], i, traj.sigmas,
-                                             traj.timesteps, _slice_condition(cond, rows))
+                                             traj.timesteps, cond.select(rows))
                 assert torch.equal(lp, traj.log_probs[rows, i])
 
 
@@ -284,7 +283,7 @@ def test_first_update_ratio_is_exactly_one_and_kl_zero(tiny):
     model.dit.train()
     for i in select_timesteps(8, 1.0, rng=random.Random(0)):  # every non-final step
         for rows in (slice(0, 4), slice(4, 8)):
-            c = _slice_condition(cond, rows)
+            c = cond.select(rows)
             log_prob, velocity = policy_step_log_prob(model, traj.latents[rows, i], traj.latents[rows, i + 1], i,
                                                       traj.sigmas, traj.timesteps, c)
             assert log_prob.requires_grad and log_prob.dtype == torch.float32
@@ -445,7 +444,7 @@ def test_loss_gradient_moves_the_log_prob_with_the_advantage(tiny, advantage):
     cond = _condition(model, ["a red circle"], 2)
     traj = rollout(model, cond, height=64, width=64, num_steps=6, group_size=2, generator=_generator(14))
     step, rows = 2, slice(0, 1)
-    c = _slice_condition(cond, rows)
+    c = cond.select(rows)
 
     def log_prob():
         return policy_step_log_prob(model, traj.latents[rows, step], traj.latents[rows, step + 1], step,
@@ -533,5 +532,5 @@ def test_first_update_ratio_is_exactly_one_under_cuda_bf16_autocast():
         for rows in (slice(0, 4), slice(4, 8)):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 log_prob, _ = policy_step_log_prob(model, traj.latents[rows, i], traj.latents[rows, i + 1], i,
-                                                   traj.sigmas, traj.timesteps, _slice_condition(cond, rows))
+                                                   traj.sigmas, traj.timesteps, cond.select(rows))
             assert torch.equal(torch.exp(log_prob - traj.log_probs[rows, i]).detach(), torch.ones(4, device="cuda"))

@@ -55,7 +55,6 @@ from deepgen_components.training.trainer import (
 from deepgen_components.bridge import BridgeOutput
 from deepgen_components.grpo import (
     MRGRPOLoss,
-    _slice_condition,
     gdpo_advantages,
     grpo_advantages,
     policy_step_log_prob,
@@ -175,14 +174,6 @@ def _reference_velocity(reference_dit, model: DeepGenModel, latents, timestep, c
         v_u = velocity(latents, timestep, negative)
         v = v_u + guidance_scale * (v - v_u)
     return v
-
-
-def _repeat(condition: BridgeOutput, times: int) -> BridgeOutput:
-    return BridgeOutput(
-        condition.context.repeat_interleave(times, 0),
-        condition.pooled.repeat_interleave(times, 0),
-        condition.mask.repeat_interleave(times, 0),
-    )
 
 
 def _sync_gradients(params: list[torch.nn.Parameter], info) -> None:
@@ -307,10 +298,10 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
         drawn = prompts.draw(rl.prompts_per_step, cfg.trainer.seed, step, info.rank)
         texts = [d["text"] for d in drawn]
         with torch.no_grad(), autocast():
-            condition = _repeat(model.encode_condition(texts), rl.group_size)
+            condition = model.encode_condition(texts).repeat_interleave(rl.group_size)
             negative = None
             if rl.guidance_scale != 1.0:
-                negative = _repeat(model.encode_condition([""] * len(texts)), rl.group_size)
+                negative = model.encode_condition([""] * len(texts)).repeat_interleave(rl.group_size)
         # 3. Rollouts (no gradient), seeded by (seed, step, rank).
         generator = torch.Generator().manual_seed(rollout_seed(cfg.trainer.seed, step, info.rank))
         with autocast():
@@ -350,8 +341,8 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
             for rows in chunks:
                 x = trajectory.latents[rows, i].to(device)
                 x_next = trajectory.latents[rows, i + 1].to(device)
-                cond = _slice_condition(condition, rows)
-                neg = _slice_condition(negative, rows) if negative is not None else None
+                cond = condition.select(rows)
+                neg = negative.select(rows) if negative is not None else None
                 with autocast():
                     log_prob, velocity = policy_step_log_prob(
                         model, x, x_next, i, trajectory.sigmas, trajectory.timesteps, cond,
