@@ -63,10 +63,12 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in meta["state"].items()}
+    # Keys are parameter indices (optimizer.state_dict()) or, for a gathered FSDP state, parameter names.
+    key_of = lambda index: int(index) if index.isdigit() else index
+    state: dict[int | str, dict[str, Any]] = {key_of(k): dict(v) for k, v in meta["state"].items()}
     for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        index, name = key.rsplit(".", 1)
+        state.setdefault(key_of(index), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -88,6 +90,8 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically into ``directory`` and prune old ones; returns its folder."""
     from safetensors.torch import save_file
 
+    if keep_last < 1:  # 0 would delete the checkpoint just written and leave ``latest`` dangling
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:08d}"

@@ -178,8 +178,10 @@ class WebDatasetSource:
                 for member in tar.getmembers():
                     if not member.isfile():
                         continue
-                    name = Path(member.name).name
-                    key, _, rest = name.partition(".")
+                    # WebDataset key: the path up to the first dot of the file name (folders included).
+                    folder, _, name = member.name.rpartition("/")
+                    stem, _, rest = name.partition(".")
+                    key = f"{folder}/{stem}" if folder else stem
                     groups.setdefault(key, {})[rest.lower()] = member
             for key, members in sorted(groups.items()):
                 kind = "edit" if any(r.startswith(("src", "tgt")) for r in members) else "t2i"

@@ -87,8 +87,10 @@ def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
-def apply_fsdp(module: nn.Module, shard_units: list[nn.Module], info: DistInfo, *, param_dtype=None) -> nn.Module:
-    """FSDP2: shard each unit (e.g. each DiT block, each connector layer), then the root."""
+def apply_fsdp(module: nn.Module, shard_units: list[nn.Module], info: DistInfo, *, param_dtype=None,
+               ignored: list[nn.Module] | None = None) -> nn.Module:
+    """FSDP2: shard each unit (e.g. each DiT block, each connector layer), then the root. ``ignored`` modules
+    stay whole on every rank: those that run outside the wrapped forward (the VAE encodes in prepare_batch)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -96,5 +98,6 @@ def apply_fsdp(module: nn.Module, shard_units: list[nn.Module], info: DistInfo, 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     for unit in shard_units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
-    fully_shard(module, mesh=mesh, mp_policy=policy)
+    ignored_params = {p for m in ignored or [] for p in m.parameters()}
+    fully_shard(module, mesh=mesh, mp_policy=policy, ignored_params=ignored_params or None)
     return module

@@ -26,7 +26,7 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         if tensorboard:
             try:
@@ -59,6 +59,14 @@ class MetricsLogger:
             self.writer.close()
         if self.bar is not None:
             self.bar.close()
+
+
+def _step(line: str) -> float:
+    """The step of a metrics line; a blank or torn line (a run killed mid-write) counts as after any step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def read_metrics(directory: str | Path) -> list[dict]:

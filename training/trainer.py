@@ -201,8 +201,11 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
     model = build_model(cfg.model, device=device)
     configure_stage(model, cfg.stage, cfg.lora)
     if cfg.model.init_from:
-        init = load_checkpoint(Path(cfg.model.init_from) if (Path(cfg.model.init_from) / "state.json").exists()
-                               else latest_checkpoint(cfg.model.init_from))
+        source = Path(cfg.model.init_from)
+        source = source if (source / "state.json").exists() else latest_checkpoint(source)
+        if source is None:
+            raise FileNotFoundError(f"model.init_from: no complete checkpoint in {cfg.model.init_from}")
+        init = load_checkpoint(source)
         missing, unexpected = model.load_state_dict(init["trainable"], strict=False)
         loaded = len(init["trainable"]) - len(unexpected)
         logger.info("initialised %d tensors from %s (%d unexpected)", loaded, cfg.model.init_from, len(unexpected))
@@ -218,11 +221,12 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
     mode = cfg.trainer.distributed
     if mode == "auto":
         mode = "ddp" if info.enabled else "none"
+    sharded = mode == "fsdp" and info.enabled
     if mode == "ddp" and info.enabled:
         objective = wrap_ddp(objective, info)
-    elif mode == "fsdp" and info.enabled:
+    elif sharded:
         units = list(model.dit.transformer.transformer_blocks) + list(model.bridge.connector.layers)
-        objective = apply_fsdp(objective, units, info)
+        objective = apply_fsdp(objective, units, info, ignored=[model.vae])
         params = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
     elif mode not in ("none", "ddp", "fsdp"):
         raise ValueError(f"trainer.distributed must be auto, none, ddp or fsdp, got {mode!r}")
@@ -249,7 +253,7 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
     if resume is not None:
         state = load_checkpoint(resume)
         _load_trainable(objective, model, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer(objective, optimizer, state["optimizer"], sharded)
         schedule.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         if state["rng"] is not None:
@@ -303,13 +307,16 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
             raise FloatingPointError(f"loss became non-finite at step {step + 1}")
         done = step + 1 == total_steps
         if (step + 1) % cfg.trainer.checkpoint_every == 0 or done:
-            last_ckpt = _checkpoint(ckpt_dir, step + 1, objective, model, optimizer, schedule, sampler, cfg, info)
+            last_ckpt = _checkpoint(ckpt_dir, step + 1, objective, model, optimizer, schedule, sampler, cfg, info,
+                                    sharded)
     metrics.close()
 
     pipeline_dir = None
-    if cfg.trainer.save_pipeline and info.is_main and total_steps > start_step:
-        pipeline_dir = out / "pipeline"
-        save_training_pipeline(model, pipeline_dir)
+    if cfg.trainer.save_pipeline and total_steps > start_step:
+        whole = _unsharded_model(objective, cfg, info) if sharded else model
+        if info.is_main:
+            pipeline_dir = out / "pipeline"
+            save_training_pipeline(whole, pipeline_dir)
     barrier(info)
     cleanup(info)
     return TrainResult(out=out, steps=total_steps, final_loss=last_loss, checkpoint=last_ckpt, pipeline=pipeline_dir)
@@ -359,15 +366,37 @@ def _load_trainable(objective: nn.Module, model: DeepGenModel, weights: dict[str
             target.copy_(value)
 
 
-def _checkpoint(ckpt_dir, step, objective, model, optimizer, schedule, sampler, cfg, info) -> Path | None:
+def _optimizer_state(objective: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
+    """The optimizer state to save; under FSDP the full state keyed by parameter name (a collective)."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the full state, on rank 0 only
+    return get_optimizer_state_dict(objective, optimizer, options=options)
+
+
+def _load_optimizer(objective: nn.Module, optimizer: torch.optim.Optimizer, state: dict, sharded: bool) -> None:
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    # strict=False: a parameter that never had a gradient (e.g. the LoRA of a VLM layer the bridge does not read)
+    # has no AdamW state, as with optimizer.load_state_dict.
+    set_optimizer_state_dict(objective, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _checkpoint(ckpt_dir, step, objective, model, optimizer, schedule, sampler, cfg, info, sharded) -> Path | None:
     state = _full_state(objective, model)
+    optimizer_state = _optimizer_state(objective, optimizer, sharded)
     if not info.is_main:
         barrier(info)
         return None
     path = save_checkpoint(
         ckpt_dir, step,
         trainable=state,
-        optimizer_state=optimizer.state_dict() if not (cfg.trainer.distributed == "fsdp" and info.enabled) else None,
+        optimizer_state=optimizer_state,
         scheduler_state=schedule.state_dict(),
         sampler_state=sampler.state_dict(),
         extra={"stage": cfg.stage, "model": cfg.to_dict()["model"], "lora": cfg.to_dict()["lora"]},
@@ -375,6 +404,19 @@ def _checkpoint(ckpt_dir, step, objective, model, optimizer, schedule, sampler, 
     )
     barrier(info)
     return path
+
+
+def _unsharded_model(objective: nn.Module, cfg: TrainConfig, info) -> DeepGenModel | None:
+    """FSDP: gather the full weights (a collective) into a fresh, unsharded model on the main process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not info.is_main:
+        return None
+    model = build_model(cfg.model)
+    configure_stage(model, cfg.stage, cfg.lora)
+    model.load_state_dict({name.removeprefix("model."): value for name, value in state.items()})
+    return model
 
 
 def save_training_pipeline(model: DeepGenModel, directory: str | Path) -> Path:

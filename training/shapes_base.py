@@ -1,0 +1,579 @@
+"""Base models of the shapes world: what DeepGen starts from, made from scratch on a CPU in minutes.
+
+DeepGen 1.0 starts from pretrained parts: the SD3 VAE, an (edit-capable) SD3.5-Medium DiT from UniPic2 and a
+Qwen2.5-VL-3B. None of them exists for a 64 px world of coloured shapes, so this module makes their toy
+counterparts, each with its own small loop (not part of DeepGen's recipes, which are ``trainer.train`` for
+stages 1-2 and ``rl.train_rl`` for stage 3):
+
+1. **tokenizer**: a Qwen2 byte-level BPE tokenizer whose merges are learned on the world's text, so a world
+   word is one token as in the real Qwen vocabulary (a 22-token T2I prompt instead of 63 byte tokens);
+2. **VAE**: a diffusers ``AutoencoderKL`` (16 latent channels, 8x down: 64 px -> 8x8 latents) trained on shapes
+   images; its latent ``shift_factor`` / ``scaling_factor`` come from the trained latents' statistics (as
+   SD3's do);
+3. **DiT**: a small diffusers ``SD3Transformer2DModel`` (MMDiT-X: dual attention, qk RMSNorm) pretrained with
+   flow matching on text-to-image and on edits (clean reference latents appended, Kontext style) under a
+   conditioning of its own, :class:`PromptEncoder` (token embeddings + one transformer layer -> context and
+   pooled vector at the DiT's widths). The encoder is thrown away afterwards, as DeepGen replaces SD3's text
+   encoders by the VLM + SCB;
+4. **VLM**: the tiny Qwen2.5-VL (``deepgen_components.tiny.tiny_vlm``) with the world tokenizer, optionally
+   given a short next-token LM on the world's chat-templated prompts (``lm_steps``; 0 keeps it random).
+
+:func:`build_base` runs all four and saves a ``DeepGenPipeline`` folder with a fresh SCB (official init:
+zero heads): the start of stage 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepgen_components.bridge import BridgeConfig, StackedChannelBridge
+from deepgen_components.connector import ConnectorConfig
+from deepgen_components.dit import ConditionedDiT
+from deepgen_components.layers import LayerSelection
+from deepgen_components.model import DeepGenConfig, DeepGenModel
+from deepgen_components.processing import pil_to_pixels, t2i_prompt
+from deepgen_components.sampling import euler_step, flow_match_sigmas, guidance
+from deepgen_components.shapes import ShapesWorld
+from deepgen_components.think_tokens import ThinkTokens
+from deepgen_components.tiny import QWEN_SPECIAL_TOKENS, tiny_vlm
+
+__all__ = [
+    "PromptEncoder",
+    "ShapesBaseConfig",
+    "ShapesData",
+    "build_base",
+    "make_shapes_data",
+    "pretrain_dit",
+    "pretrain_vlm_lm",
+    "shapes_scheduler",
+    "shapes_tokenizer",
+    "shapes_transformer",
+    "shapes_vae",
+    "train_vae",
+    "world_texts",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ShapesBaseConfig:
+    """Sizes and budgets of the base models (defaults: the shipped ``deepgen-shapes`` preset)."""
+
+    image_size: int = 64
+    seed: int = 0
+    data_seed: int = 100  # world seed of the base-model data (stages 1-2 stream seeds 0 and 1)
+    t2i_images: int = 4000
+    edit_triplets: int = 2000
+    # VAE
+    vae_channels: tuple[int, ...] = (8, 16, 32, 64)
+    vae_norm_groups: int = 1
+    vae_steps: int = 500
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-3  # per latent element, relative to the pixel losses
+    vae_foreground_weight: float = 10.0  # extra pixel-loss weight on shape pixels (a shape is ~4 % of the image)
+    # DiT (SD3 MMDiT-X) and its pretraining
+    dit_width: int = 128
+    dit_heads: int = 4
+    dit_layers: int = 6
+    dit_dual_layers: tuple[int, ...] = (0, 1)
+    context_dim: int = 64  # joint_attention_dim: what the SCB's context head produces
+    pooled_dim: int = 64  # pooled_projection_dim
+    scheduler_shift: float = 1.0
+    dit_steps: int = 1500
+    dit_batch: int = 32
+    dit_lr: float = 1e-3
+    dit_edit_every: int = 3  # one edit micro-batch in every 3 (1 edit : 2 T2I, as DeepGen's SFT)
+    dit_condition_dropout: float = 0.1
+    # VLM
+    vlm_hidden: int = 64
+    vlm_layers: int = 4
+    lm_steps: int = 200  # next-token LM on the world's prompts; 0 = keep the random VLM
+    lm_batch: int = 32
+    lm_lr: float = 3e-3
+    # SCB (fresh, zero heads; trained by stages 1-2)
+    think_tokens: int = 16
+    stacked_layers: int = 3
+    connector_width: int = 128
+    connector_layers: int = 2
+    connector_heads: int = 4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+def world_texts(world: ShapesWorld, count: int = 3000) -> list[str]:
+    """The world's text: training captions and edit instructions, and the chat-template words around them."""
+    texts = []
+    for i in range(count):
+        texts.append(world.t2i_sample(i)[1])
+        texts.append(world.edit_triplet(i)[1])
+    return texts + ["Generate an image: ", "user\n", "assistant\n"]
+
+
+def shapes_tokenizer(world: ShapesWorld | None = None, vocab_size: int = 400):
+    """A Qwen2 byte-level BPE tokenizer (Qwen chat/vision special tokens, left padding, pad <|endoftext|>) whose
+    merges are learned on the world's text: every world word is one token, any other text still encodes
+    (byte fallback), like the tiny tokenizer but with the real tokenizer's word-level granularity."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    world = world or ShapesWorld(64)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(world_texts(world), trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, errors="replace")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class ShapesData:
+    """Rendered base-model data: T2I images + captions, edit (source, instruction, target) triplets."""
+
+    t2i_pixels: torch.Tensor  # (N, 3, H, W) in [-1, 1]
+    captions: list[str]
+    edit_sources: torch.Tensor  # (M, 3, H, W)
+    instructions: list[str]
+    edit_targets: torch.Tensor  # (M, 3, H, W)
+
+    def all_pixels(self) -> torch.Tensor:
+        return torch.cat([self.t2i_pixels, self.edit_sources, self.edit_targets])
+
+
+def make_shapes_data(cfg: ShapesBaseConfig) -> ShapesData:
+    t2i_world = ShapesWorld(cfg.image_size, seed=cfg.data_seed)
+    edit_world = ShapesWorld(cfg.image_size, seed=cfg.data_seed + 1)
+    t2i = [t2i_world.t2i_sample(i) for i in range(cfg.t2i_images)]
+    edits = [edit_world.edit_sample(i) for i in range(cfg.edit_triplets)]
+    return ShapesData(
+        t2i_pixels=torch.stack([pil_to_pixels(image) for image, _ in t2i]),
+        captions=[text for _, text in t2i],
+        edit_sources=torch.stack([pil_to_pixels(source) for source, _, _ in edits]),
+        instructions=[text for _, text, _ in edits],
+        edit_targets=torch.stack([pil_to_pixels(target) for _, _, target in edits]),
+    )
+
+
+# ------------------------------------------------------------------------------------------------- VAE
+def shapes_vae(cfg: ShapesBaseConfig):
+    """A 16-channel, 8x-down AutoencoderKL small enough to train on a CPU in minutes.
+
+    ``norm_num_groups=1``: with one or two channels per group, GroupNorm removes each channel's per-image level,
+    which is exactly the flat background colour of this world (the decoder then barely depends on the latents).
+    No mid-block attention (8x8 latents need none). The residual branches start at zero (their second conv is
+    zero-initialised), so the untrained network is a shallow conv stack that learns quickly.
+    """
+    from diffusers import AutoencoderKL
+    from diffusers.models.resnet import ResnetBlock2D
+
+    channels = tuple(cfg.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=cfg.vae_norm_groups,
+        sample_size=cfg.image_size,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+        shift_factor=0.0,
+        scaling_factor=1.0,
+    )
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, ResnetBlock2D):
+                nn.init.zeros_(module.conv2.weight)
+                nn.init.zeros_(module.conv2.bias)
+        vae.encoder.conv_out.bias[16:].fill_(-6.0)  # posterior log-variance starts small (std ~0.05)
+    return vae
+
+
+def _foreground(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) 1 where a pixel differs from the image's corner (background) colour."""
+    corner = pixels[:, :, :1, :1]
+    return ((pixels - corner).abs().sum(1, keepdim=True) > 0.1).float()
+
+
+def train_vae(vae, pixels: torch.Tensor, cfg: ShapesBaseConfig, log=None) -> dict:
+    """L1 + MSE (shape pixels weighted up) + a small KL, AdamW, one-cycle LR. Returns the last losses."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
+    foreground = _foreground(pixels)
+    vae.train()
+    stats = {}
+    for step in range(cfg.vae_steps):
+        index = torch.randint(0, pixels.shape[0], (cfg.vae_batch,), generator=generator)
+        x = pixels[index]
+        weight = 1.0 + cfg.vae_foreground_weight * foreground[index]
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        error = reconstruction - x
+        l1 = (error.abs() * weight).mean()
+        mse = (error.square() * weight).mean()
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = l1 + mse + cfg.vae_kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        stats = {"step": step + 1, "l1": float(l1), "mse": float(mse), "kl_per_element": float(kl)}
+        if log is not None and (step % 50 == 0 or step + 1 == cfg.vae_steps):
+            log("vae", stats)
+    vae.eval()
+    return stats
+
+
+@torch.no_grad()
+def encode_posterior(vae, pixels: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw (unshifted, unscaled) posterior mean and std of every image."""
+    means, stds = [], []
+    for start in range(0, pixels.shape[0], batch):
+        posterior = vae.encode(pixels[start : start + batch]).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def set_latent_statistics(vae, means: torch.Tensor) -> tuple[float, float]:
+    """SD3-style latent normalisation: shift = mean, scale = 1 / std of the trained latents."""
+    shift = float(means.mean())
+    scale = float(1.0 / means.std())
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return shift, scale
+
+
+# ------------------------------------------------------------------------------------------------- DiT
+def shapes_transformer(cfg: ShapesBaseConfig):
+    """SD3 MMDiT-X at toy size: patch 2 (8x8 latents = 16 tokens), dual attention in the first blocks, qk
+    RMSNorm, a 16x16-patch position table (images up to 256 px)."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=cfg.image_size // 8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=cfg.dit_layers,
+        num_attention_heads=cfg.dit_heads,
+        attention_head_dim=cfg.dit_width // cfg.dit_heads,
+        joint_attention_dim=cfg.context_dim,
+        caption_projection_dim=cfg.dit_width,
+        pooled_projection_dim=cfg.pooled_dim,
+        pos_embed_max_size=16,
+        dual_attention_layers=tuple(cfg.dit_dual_layers),
+        qk_norm="rms_norm",
+    )
+
+
+def shapes_scheduler(cfg: ShapesBaseConfig):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.scheduler_shift)
+
+
+class PromptEncoder(nn.Module):
+    """The DiT's own conditioning during pretraining (SD3's text encoders' role): token embeddings of the
+    world tokenizer + learned positions + one bidirectional transformer layer -> context (B, 1 + L,
+    context_dim) and pooled (B, pooled_dim). A learned start token is always first, so "" has a condition."""
+
+    def __init__(self, vocab_size: int, context_dim: int, pooled_dim: int, max_length: int = 32) -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.embed = nn.Embedding(vocab_size, context_dim)
+        self.start = nn.Parameter(torch.randn(context_dim) * 0.02)
+        self.position = nn.Parameter(torch.randn(max_length + 1, context_dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            context_dim, nhead=4, dim_feedforward=2 * context_dim, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.pooled = nn.Linear(context_dim, pooled_dim)
+
+    def tokenize(self, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_length] for t in texts]
+        length = max(1, max(len(i) for i in ids))
+        input_ids = torch.zeros(len(ids), length, dtype=torch.long)
+        mask = torch.zeros(len(ids), length, dtype=torch.bool)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = True
+        return input_ids, mask
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, length = input_ids.shape
+        x = torch.cat([self.start.expand(batch, 1, -1), self.embed(input_ids)], dim=1) + self.position[: length + 1]
+        mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
+        context = self.encoder(x, src_key_padding_mask=~mask)
+        weights = mask.unsqueeze(-1).to(context.dtype)
+        pooled = self.pooled((context * weights).sum(1) / weights.sum(1))
+        return context, pooled, mask
+
+
+def _training_sigmas(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training grid (timesteps, sigmas) of a FlowMatch scheduler (DeepGen: uniform index into it)."""
+    table = type(scheduler).from_config(scheduler.config)
+    return table.timesteps.float(), table.sigmas[: len(table.timesteps)].float()
+
+
+def _flow_matching_step(dit, encoder, tokens, mask, x0, references, generator, timesteps, sigmas):
+    index = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator)
+    sigma = sigmas[index].view(-1, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=generator)
+    noisy = (1 - sigma) * x0 + sigma * noise
+    context, pooled, context_mask = encoder(tokens, mask)
+    prediction = dit(noisy, timesteps[index], context, pooled, references, context_mask=context_mask)
+    return (prediction - (noise - x0)).square().mean()
+
+
+def pretrain_dit(
+    dit: ConditionedDiT,
+    encoder: PromptEncoder,
+    tokenizer,
+    latents: dict[str, torch.Tensor],
+    captions: list[str],
+    instructions: list[str],
+    scheduler,
+    cfg: ShapesBaseConfig,
+    log=None,
+) -> dict:
+    """Flow matching on T2I and edits (one edit micro-batch every ``dit_edit_every``), DeepGen's objective:
+    x_sigma = (1 - sigma) x0 + sigma eps, target eps - x0, sigma from a uniform index into the shifted training
+    grid. Latents are posterior samples (mean + std * eps) of the cached encodings. T2I captions are dropped
+    to "" with probability ``dit_condition_dropout`` (the CFG null condition)."""
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    params = list(dit.parameters()) + list(encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.dit_lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warmup = max(1, cfg.dit_steps // 50)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.dit_steps))),
+    )
+    timesteps, sigmas = _training_sigmas(scheduler)
+    t2i_tokens = encoder.tokenize(tokenizer, captions)
+    edit_tokens = encoder.tokenize(tokenizer, instructions)
+
+    def sample(mean, std, index):
+        return mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
+
+    dit.train()
+    encoder.train()
+    stats, losses = {}, []
+    for step in range(cfg.dit_steps):
+        index_space = len(instructions) if step % cfg.dit_edit_every == 0 else len(captions)
+        index = torch.randint(0, index_space, (cfg.dit_batch,), generator=generator)
+        if step % cfg.dit_edit_every == 0:
+            tokens, mask = edit_tokens[0][index], edit_tokens[1][index]
+            x0 = sample(latents["target_mean"], latents["target_std"], index)
+            references = sample(latents["source_mean"], latents["source_std"], index)
+        else:
+            tokens, mask = t2i_tokens[0][index], t2i_tokens[1][index]
+            drop = torch.rand(cfg.dit_batch, generator=generator) < cfg.dit_condition_dropout
+            tokens = torch.where(drop[:, None], torch.zeros_like(tokens), tokens)
+            mask = mask & ~drop[:, None]  # "" = the start token alone
+            x0 = sample(latents["t2i_mean"], latents["t2i_std"], index)
+            references = None
+        loss = _flow_matching_step(dit, encoder, tokens, mask, x0, references, generator, timesteps, sigmas)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss))
+        stats = {"step": step + 1, "loss_avg50": float(np.mean(losses[-50:])), "lr": schedule.get_last_lr()[0]}
+        if log is not None and (step % 100 == 0 or step + 1 == cfg.dit_steps):
+            log("dit", stats)
+    dit.eval()
+    encoder.eval()
+    return stats
+
+
+@torch.no_grad()
+def sample_with_encoder(
+    dit: ConditionedDiT,
+    encoder: PromptEncoder,
+    tokenizer,
+    scheduler,
+    prompts: list[str],
+    *,
+    references: torch.Tensor | None = None,
+    steps: int = 20,
+    guidance_scale: float = 4.0,
+    seed: int = 0,
+    shape: tuple[int, int, int] = (16, 8, 8),
+) -> torch.Tensor:
+    """FlowMatch Euler + CFG with the pretraining encoder (to measure the base DiT before any bridge exists).
+    Returns normalised latents."""
+    tokens, mask = encoder.tokenize(tokenizer, prompts)
+    null_tokens, null_mask = encoder.tokenize(tokenizer, [""] * len(prompts))
+    null_tokens = F.pad(null_tokens, (0, tokens.shape[1] - null_tokens.shape[1]))
+    null_mask = F.pad(null_mask, (0, mask.shape[1] - null_mask.shape[1]))
+    context, pooled, context_mask = encoder(torch.cat([null_tokens, tokens]), torch.cat([null_mask, mask]))
+    refs = None if references is None else torch.cat([references, references])
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn((len(prompts), *shape), generator=generator)
+    timesteps, sigmas = flow_match_sigmas(scheduler, steps)
+    for i in range(len(timesteps)):
+        t = timesteps[i].expand(2 * len(prompts))
+        velocity = dit(torch.cat([latents, latents]), t, context, pooled, refs, context_mask=context_mask)
+        uncond, cond = velocity.chunk(2)
+        latents = euler_step(latents, guidance(uncond, cond, guidance_scale), sigmas[i], sigmas[i + 1])
+    return latents
+
+
+# ------------------------------------------------------------------------------------------------- VLM
+def pretrain_vlm_lm(vlm, tokenizer, texts: list[str], cfg: ShapesBaseConfig, log=None) -> dict:
+    """Next-token LM on the world's chat-templated prompts (T2I: "Generate an image: {caption}"; edits: the
+    instruction after an empty vision block's newline), so the VLM's hidden states carry context (which
+    colour belongs to which shape) before the bridge reads them. Text only: the tiny vision tower stays random
+    (DeepGen also never trains the ViT)."""
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    optimizer = torch.optim.AdamW(vlm.parameters(), lr=cfg.lm_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lm_lr, total_steps=max(1, cfg.lm_steps), pct_start=0.1)
+    pad = tokenizer.pad_token_id
+    vlm.train()
+    stats = {}
+    for step in range(cfg.lm_steps):
+        rows = [encoded[i] for i in torch.randint(0, len(encoded), (cfg.lm_batch,), generator=generator).tolist()]
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):  # right padding for the LM loss; the labels ignore the pads
+            input_ids[i, : len(r)] = torch.tensor(r)
+            attention[i, : len(r)] = 1
+        labels = input_ids.masked_fill(attention == 0, -100)
+        loss = vlm(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        stats = {"step": step + 1, "loss": float(loss)}
+        if log is not None and (step % 50 == 0 or step + 1 == cfg.lm_steps):
+            log("vlm_lm", stats)
+    vlm.eval()
+    return stats
+
+
+def lm_texts(captions: list[str], instructions: list[str]) -> list[str]:
+    from deepgen_components.processing import USER_TURN
+
+    return [t2i_prompt(c) for c in captions] + [USER_TURN.format(content=f"\n{i}") for i in instructions]
+
+
+# --------------------------------------------------------------------------------------------- assembly
+def assemble(cfg: ShapesBaseConfig, vlm, tokenizer, transformer, vae, scheduler) -> DeepGenModel:
+    """The stage-1 start: base VLM + fresh think tokens and SCB (official init, zero heads) + base DiT + VAE."""
+    hidden = vlm.config.text_config.hidden_size
+    layers = LayerSelection.uniform(vlm.config.text_config.num_hidden_layers, cfg.stacked_layers)
+    bridge = StackedChannelBridge(
+        BridgeConfig(
+            num_stacked_layers=len(layers),
+            vlm_hidden_size=hidden,
+            connector=ConnectorConfig(
+                hidden_size=cfg.connector_width,
+                num_layers=cfg.connector_layers,
+                num_heads=cfg.connector_heads,
+                intermediate_size=2 * cfg.connector_width,
+            ),
+            context_dim=cfg.context_dim,
+            pooled_dim=cfg.pooled_dim,
+            tokens="all",
+            mask_padding=True,
+        )
+    )
+    config = DeepGenConfig(image_size=cfg.image_size, max_length=128, reference_latents="mean")
+    return DeepGenModel(
+        vlm, ThinkTokens(cfg.think_tokens, hidden), layers, bridge, ConditionedDiT(transformer), vae, scheduler,
+        tokenizer, config,
+    ).eval()
+
+
+def build_base(cfg: ShapesBaseConfig, out: str | Path, log=None) -> dict:
+    """Make every base model, save the stage-1 start as a ``DeepGenPipeline`` in ``out/pipeline`` and return a
+    report (seconds per part, final losses, latent statistics). ``log(part, stats)`` receives progress."""
+    from deepgen_components.pipeline import DeepGenPipeline
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"config": cfg.to_dict(), "seconds": {}}
+    torch.manual_seed(cfg.seed)
+
+    start = time.perf_counter()
+    tokenizer = shapes_tokenizer(ShapesWorld(cfg.image_size, seed=cfg.data_seed))
+    data = make_shapes_data(cfg)
+    report["seconds"]["data"] = time.perf_counter() - start
+    report["tokenizer_vocab"] = len(tokenizer)
+
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    vae = shapes_vae(cfg)
+    report["vae"] = train_vae(vae, data.all_pixels(), cfg, log)
+    t2i_mean, t2i_std = encode_posterior(vae, data.t2i_pixels)
+    source_mean, source_std = encode_posterior(vae, data.edit_sources)
+    target_mean, target_std = encode_posterior(vae, data.edit_targets)
+    shift, scale = set_latent_statistics(vae, torch.cat([t2i_mean, target_mean]))
+    norm = lambda m, s: ((m - shift) * scale, s * scale)  # noqa: E731
+    latents = {}
+    for name, (m, s) in {"t2i": (t2i_mean, t2i_std), "source": (source_mean, source_std),
+                         "target": (target_mean, target_std)}.items():
+        latents[f"{name}_mean"], latents[f"{name}_std"] = norm(m, s)
+    report["vae"].update(shift_factor=shift, scaling_factor=scale, parameters=sum(p.numel() for p in vae.parameters()))
+    report["seconds"]["vae"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed + 1)
+    scheduler = shapes_scheduler(cfg)
+    transformer = shapes_transformer(cfg)
+    dit = ConditionedDiT(transformer)
+    encoder = PromptEncoder(len(tokenizer), cfg.context_dim, cfg.pooled_dim)
+    report["dit"] = pretrain_dit(dit, encoder, tokenizer, latents, data.captions, data.instructions, scheduler, cfg, log)
+    report["dit"]["parameters"] = sum(p.numel() for p in transformer.parameters())
+    report["seconds"]["dit"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    vlm = tiny_vlm(tokenizer, num_layers=cfg.vlm_layers, hidden_size=cfg.vlm_hidden, seed=cfg.seed + 3)
+    if cfg.lm_steps > 0:
+        report["vlm_lm"] = pretrain_vlm_lm(vlm, tokenizer, lm_texts(data.captions, data.instructions), cfg, log)
+    report["seconds"]["vlm"] = time.perf_counter() - start
+
+    torch.manual_seed(cfg.seed + 4)
+    model = assemble(cfg, vlm.requires_grad_(False), tokenizer, transformer.requires_grad_(False),
+                     vae.requires_grad_(False), scheduler)
+    DeepGenPipeline(model).save_pretrained(out / "pipeline")
+    torch.save({"encoder": encoder.state_dict(), "vocab_size": len(tokenizer)}, out / "prompt_encoder.pt")
+    report["parameters"] = {
+        "vlm": sum(p.numel() for p in vlm.parameters()),
+        "scb": sum(p.numel() for p in model.bridge.parameters()) + model.think_tokens.weight.numel(),
+        "dit": report["dit"]["parameters"],
+        "vae": report["vae"]["parameters"],
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report

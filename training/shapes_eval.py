@@ -1,0 +1,158 @@
+"""Fixed held-out evaluation of a DeepGen pipeline on the shapes world, and the image grids of docs/shapes.md.
+
+The prompt set is fixed (no randomness outside the seeds given here): held-out T2I prompts (compositions never
+produced by the training samplers), seen-composition T2I prompts (new jitter), and held-out edit tasks (a
+training-composition source whose target is held out). Every image is generated from the same initial noise at
+every stage (one generator seed per call), so stage-to-stage differences are paired, not sampling noise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from deepgen_components.shapes import EditTask, ShapesEval, ShapesWorld
+
+__all__ = ["EvalSet", "ShapesScores", "evaluate_pipeline", "image_grid", "eval_set"]
+
+ATTRIBUTES = ("color", "shape", "position", "background")
+
+
+@dataclass
+class EvalSet:
+    heldout_prompts: list[str]
+    seen_prompts: list[str]
+    edits: list[EditTask]
+    image_size: int = 64
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.heldout_prompts + self.seen_prompts
+
+
+def eval_set(heldout: int = 54, seen: int = 54, edits: int = 54, image_size: int = 64, seed: int = 0) -> EvalSet:
+    """``heldout`` prompts cycle through the 27 held-out compositions (54 = each twice); ``seen`` are training
+    compositions with new jitter; ``edits`` are held-out edit tasks."""
+    world = ShapesWorld(image_size, seed=0)
+    return EvalSet(
+        heldout_prompts=world.heldout_prompts(heldout, seed=seed) if heldout else [],
+        seen_prompts=world.heldout_prompts(seen, seed=seed, unseen=False) if seen else [],
+        edits=world.heldout_edits(edits, seed=seed) if edits else [],
+        image_size=image_size,
+    )
+
+
+@dataclass
+class ShapesScores:
+    """Accuracies in [0, 1] with their counts; ``t2i`` over all T2I prompts, ``heldout`` / ``seen`` split."""
+
+    t2i: dict[str, float]
+    heldout: dict[str, float]
+    seen: dict[str, float]
+    edit_success: float | None
+    edit_by_kind: dict[str, float] = field(default_factory=dict)
+    reward: float = 0.0  # mean ShapesEval.reward over the T2I prompts (the stage-3 reward)
+    n_t2i: int = 0
+    n_heldout: int = 0
+    n_edits: int = 0
+    seconds: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(float(r[key]) for r in rows) / len(rows) if rows else float("nan")
+
+
+@torch.no_grad()
+def generate_t2i(pipe, prompts: list[str], *, steps: int, guidance: float, seed: int, batch: int = 64) -> list:
+    """Images for ``prompts`` in chunks; the initial noise of prompt i depends only on (seed, i)."""
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        generator = torch.Generator().manual_seed(seed + start)
+        images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                       progress=False, height=pipe.model.config.image_size, width=pipe.model.config.image_size).images
+    return images
+
+
+@torch.no_grad()
+def generate_edits(pipe, tasks: list[EditTask], *, steps: int, guidance: float, seed: int,
+                   image_size: int = 64, batch: int = 64) -> tuple[list, list]:
+    world = ShapesWorld(image_size)
+    sources = [world.render(t.source) for t in tasks]
+    images = []
+    for start in range(0, len(tasks), batch):
+        chunk = tasks[start : start + batch]
+        generator = torch.Generator().manual_seed(seed + 10_000 + start)
+        images += pipe([t.instruction for t in chunk], image=sources[start : start + len(chunk)],
+                       num_inference_steps=steps, guidance_scale=guidance, generator=generator, progress=False).images
+    return sources, images
+
+
+def evaluate_pipeline(pipe, evals: EvalSet, *, steps: int = 20, guidance: float = 4.0,
+                      edit_guidance: float | None = None, seed: int = 0, keep_images: bool = False):
+    """Score T2I (per attribute, held-out and seen) and editing; returns ``ShapesScores`` (and the images when
+    ``keep_images``: {"t2i": [...], "edit_sources": [...], "edits": [...]})."""
+    edit_guidance = guidance if edit_guidance is None else edit_guidance
+    evaluator = ShapesEval()
+    started = time.perf_counter()
+    t2i_images = generate_t2i(pipe, evals.prompts, steps=steps, guidance=guidance, seed=seed)
+    rows = [evaluator.score_t2i(image, prompt) for image, prompt in zip(t2i_images, evals.prompts)]
+    rewards = [evaluator.reward(image, prompt) for image, prompt in zip(t2i_images, evals.prompts)]
+    held = rows[: len(evals.heldout_prompts)]
+    seen = rows[len(evals.heldout_prompts):]
+    keys = ATTRIBUTES + ("count", "all")
+    edit_success, by_kind, sources, edited = None, {}, [], []
+    if evals.edits:
+        sources, edited = generate_edits(pipe, evals.edits, steps=steps, guidance=edit_guidance, seed=seed,
+                                         image_size=evals.image_size)
+        results = [evaluator.score_edit(src, task.instruction, out, task.source_caption)
+                   for src, task, out in zip(sources, evals.edits, edited)]
+        edit_success = _mean(results, "success")
+        from deepgen_components.shapes import parse_instruction
+
+        kinds: dict[str, list] = {}
+        for task, result in zip(evals.edits, results):
+            kinds.setdefault(parse_instruction(task.instruction).kind, []).append(result)
+        by_kind = {kind: _mean(res, "success") for kind, res in sorted(kinds.items())}
+    scores = ShapesScores(
+        t2i={k: _mean(rows, k) for k in keys},
+        heldout={k: _mean(held, k) for k in keys},
+        seen={k: _mean(seen, k) for k in keys},
+        edit_success=edit_success,
+        edit_by_kind=by_kind,
+        reward=sum(rewards) / len(rewards),
+        n_t2i=len(rows),
+        n_heldout=len(held),
+        n_edits=len(evals.edits),
+        seconds=time.perf_counter() - started,
+        settings={"steps": steps, "guidance": guidance, "edit_guidance": edit_guidance, "seed": seed},
+    )
+    if keep_images:
+        return scores, {"t2i": t2i_images, "edit_sources": sources, "edits": edited}
+    return scores
+
+
+def image_grid(rows: list[list], tile: int = 64, pad: int = 2, background=(255, 255, 255)):
+    """Rows of PIL images -> one PIL image (tiles resized to ``tile`` px, ``pad`` px gaps)."""
+    from PIL import Image
+
+    columns = max(len(r) for r in rows)
+    grid = Image.new("RGB", (columns * (tile + pad) + pad, len(rows) * (tile + pad) + pad), background)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            if image is None:
+                continue
+            grid.paste(image.convert("RGB").resize((tile, tile), Image.NEAREST), (pad + c * (tile + pad), pad + r * (tile + pad)))
+    return grid
+
+
+def save_scores(scores: ShapesScores, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(scores.to_dict(), indent=2))
