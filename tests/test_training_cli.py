@@ -52,9 +52,6 @@ def test_key_value_overrides_reach_the_run(tmp_path):
     assert saved["data"]["batch_size"] == 2 and saved["optim"]["lr"] == 0.5
 
 
-@pytest.mark.xfail(strict=True, raises=SystemExit, reason="argparse: a nargs='*' positional is consumed once, so key=value items "
-                   "after an option that follows other key=value items are 'unrecognized arguments' "
-                   "(deepgen_components/cli.py main() would need parse_known_args + appending the extras)")
 def test_overrides_may_come_before_and_after_options(tmp_path):
     code = main(["train", "--config", str(CONFIGS / "align_tiny.yaml"), "--dry-run", "data.batch_size=2",
                  "--world-size", "2", "trainer.seed=3"])
