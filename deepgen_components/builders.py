@@ -404,12 +404,16 @@ def deepgen_1_0(
         )
     if is_meta and (vlm_path or transformer_path or vae_path):
         raise ValueError("device='meta' builds shapes only; do not pass weight paths with it")
+    # Check every given folder before building anything (the random parts are billions of parameters).
+    for name, folder, what in (("vlm_path", vlm_path, "a Qwen2.5-VL folder"),
+                               ("transformer_path", transformer_path, "a diffusers SD3 transformer folder"),
+                               ("vae_path", vae_path, "a diffusers AutoencoderKL folder")):
+        if folder is not None and not (Path(folder) / "config.json").is_file():
+            raise FileNotFoundError(f"{name}: no config.json in {folder} (expected {what})")
     with _default_device(device):
         if vlm_path is not None:
             from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-            if not (Path(vlm_path) / "config.json").is_file():
-                raise FileNotFoundError(f"vlm_path: no config.json in {vlm_path} (expected a Qwen2.5-VL folder)")
             vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(vlm_path, dtype=dtype, attn_implementation="sdpa")
             tokenizer = AutoTokenizer.from_pretrained(vlm_path)
             tokenizer.padding_side = "left"
@@ -422,14 +426,10 @@ def deepgen_1_0(
             BridgeConfig.deepgen_1_0(mask_padding=True if mask_padding is None else mask_padding, tokens=tokens)
         )
         if transformer_path is not None:
-            if not (Path(transformer_path) / "config.json").is_file():
-                raise FileNotFoundError(f"transformer_path: no config.json in {transformer_path}")
             transformer = SD3Transformer2DModel.from_pretrained(transformer_path, torch_dtype=dtype)
         else:
             transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER_CONFIG)
         if vae_path is not None:
-            if not (Path(vae_path) / "config.json").is_file():
-                raise FileNotFoundError(f"vae_path: no config.json in {vae_path}")
             vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype)
         else:
             vae = AutoencoderKL(**SD3_VAE_CONFIG)

@@ -348,9 +348,15 @@ def test_deepgen_1_0_on_the_meta_device_has_the_official_parameter_counts_and_no
 
 
 def test_builders_reject_half_given_paths_and_unknown_presets(tmp_path):
-    with pytest.raises(ValueError, match="give both"):
-        deepgen_1_0(vlm_path=tmp_path)
+    with pytest.raises(ValueError, match="vlm_path: the official weights hold no base VLM"):
+        deepgen_1_0(weights_path=tmp_path)
+    with pytest.raises(FileNotFoundError, match="vlm_path: no config.json"):
+        deepgen_1_0(vlm_path=tmp_path)  # a fresh SCB on a pretrained VLM needs a real VLM folder
+    with pytest.raises(FileNotFoundError, match="transformer_path: no config.json"):
+        deepgen_1_0(transformer_path=tmp_path)
     with pytest.raises(ValueError, match="device='meta' builds shapes only"):
         deepgen_1_0(tmp_path, tmp_path, device="meta")
+    with pytest.raises(ValueError, match="device='meta' builds shapes only"):
+        deepgen_1_0(transformer_path=tmp_path, device="meta")
     with pytest.raises(ValueError, match="unknown preset 'nope'; presets: deepgen-1.0, small, tiny"):
         build_preset("nope")
