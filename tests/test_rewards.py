@@ -100,13 +100,14 @@ def test_registry_build_and_register(monkeypatch):
     judge = build_reward({"name": "judge", "base_url": "http://127.0.0.1:1", "group_size": 4})
     assert isinstance(judge, PairwiseJudgeReward) and judge.group_size == 4
 
-    register_reward("shapes", _ConstReward)
-    r = build_reward({"name": "shapes", "value": 0.25})
+    assert {"color", "shapes"} <= set(available_rewards())  # the rule-based rewards ship registered
+    register_reward("constant", _ConstReward)
+    r = build_reward({"name": "constant", "value": 0.25})
     assert r.score([_solid(1), _solid(2)], ["a", "b"]).tolist() == [0.25, 0.25]
     with pytest.raises(ValueError, match="already registered"):
-        register_reward("shapes", lambda: _ConstReward())
-    register_reward("shapes", lambda: _ConstReward(0.5), overwrite=True)
-    assert build_reward("shapes").score([_solid(1)], ["x"]).item() == 0.5
+        register_reward("constant", lambda: _ConstReward())
+    register_reward("constant", lambda: _ConstReward(0.5), overwrite=True)
+    assert build_reward("constant").score([_solid(1)], ["x"]).item() == 0.5
 
     with pytest.raises(ValueError, match=r"unknown reward 'nope'.*'clip'"):
         build_reward("nope")
