@@ -471,3 +471,30 @@ def test_judge_unreachable_is_neutral(caplog):
         s = r.score(torch.zeros(4, 3, 8, 8), ["a", "a", "b", "b"])
     torch.testing.assert_close(s, torch.full((4,), 0.5))
     assert r.last_stats.failed == 2 and "ConnectionRefusedError" in caplog.text
+
+
+def test_mean_colour_reward_is_one_at_the_target_and_falls_with_distance():
+    from deepgen_components.rewards import MeanColorReward
+
+    reward = MeanColorReward(target=(200, 40, 40))
+    exact = Image.new("RGB", (16, 16), (200, 40, 40))
+    near = Image.new("RGB", (16, 16), (180, 60, 40))
+    far = Image.new("RGB", (16, 16), (0, 0, 255))
+    scores = reward.score([exact, near, far], ["", "", ""]).tolist()
+    assert scores[0] == pytest.approx(1.0)
+    assert scores[0] > scores[1] > scores[2] >= 0.0
+    with pytest.raises(ValueError, match="RGB triple"):
+        MeanColorReward(target=(1, 2))
+
+
+def test_shapes_reward_scores_ground_truth_world_images_one_and_mismatches_lower():
+    from deepgen_components.rewards import ShapesReward
+    from deepgen_components.shapes import ShapesWorld
+
+    world = ShapesWorld(image_size=64, seed=11)
+    images, captions = zip(*(world.t2i_sample(i) for i in range(6)))
+    reward = ShapesReward()
+    assert reward.score(list(images), list(captions)).tolist() == pytest.approx([1.0] * 6)
+    shuffled = list(captions[1:]) + [captions[0]]
+    mismatched = reward.score(list(images), shuffled)
+    assert float(mismatched.mean()) < 1.0
