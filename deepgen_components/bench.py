@@ -404,7 +404,7 @@ def markdown_table(result: SuiteResult) -> str:
         lines.append(
             f"| {r.preset} | {r.mode} | {r.stage}{'' if r.steps is None else f' ({r.steps} steps)'} | {r.resolution} | "
             f"{r.batch} | {'on' if r.cfg else 'off'} | {fmt(r.ms)} | {fmt(r.ms_spread)} | {fmt(r.peak_memory_gib)} | "
-            f"{fmt(r.tflops, 1)} | {fmt(r.ratio_vs_eager)} | {fmt(r.compile_s, 1)} |"
+            f"{'' if r.tflops is None else f'{r.tflops:.3g}'} | {fmt(r.ratio_vs_eager)} | {fmt(r.compile_s, 1)} |"
         )
     return "\n".join(lines) + "\n"
 
