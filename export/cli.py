@@ -1,0 +1,97 @@
+"""``deepgen export``: every stage to ONNX with the parity gate, registered by ``deepgen_components.cli``.
+
+    deepgen export --preset tiny --out exported/
+    deepgen export --pipeline saved/ --out exported/ --stages condition_encoder,dit,vae_decoder \\
+        --min-size 512 --max-size 1024 --max-batch 2 --dtype bfloat16 --opset 23 --trtexec
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from deepgen_components.cli import _add_model_args, _load_pipeline
+
+__all__ = ["add_commands", "cmd_export"]
+
+
+def add_commands(sub) -> None:
+    from deepgen_components.export.exporter import DEFAULT_OPSET, FALLBACK_OPSET
+    from deepgen_components.export.specs import STAGES
+
+    p = sub.add_parser(
+        "export",
+        help="ONNX per stage with dynamic shapes, parity-checked against PyTorch (manifest.json beside the files)",
+        description="Export the model stage by stage to ONNX (torch.onnx dynamo exporter, dynamic batch / resolution "
+        "/ context length, external data), check every fp32 file against PyTorch on ONNX Runtime at three other "
+        "shapes, and write manifest.json + tokenizer/ for OnnxDeepGenPipeline and TensorRT.",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
+    p.add_argument("--min-size", type=int, default=None, help="smallest image side in px, multiple of 32 (default: min(256, image_size))")
+    p.add_argument("--max-size", type=int, default=1024, help="largest image side in px, multiple of 32 (default: 1024)")
+    p.add_argument("--max-batch", type=int, default=4, help="images per call; the CFG batch is twice that (default: 4)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="tokens of one chat text incl. image tokens (default: max_length + one reference's image tokens)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--fallback-opset", type=int, default=FALLBACK_OPSET,
+                   help=f"opset retried for a stage that fails at --opset; 0 disables (default: {FALLBACK_OPSET})")
+    p.add_argument("--no-parity", action="store_true", help="skip the ONNX Runtime vs PyTorch gate (not recommended)")
+    p.add_argument("--trtexec", action="store_true", help="print the trtexec command that builds each stage's engine")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_export)
+
+
+def _ranges(args, image_size: int):
+    from deepgen_components.export.specs import ExportRanges
+
+    min_size = args.min_size if args.min_size is not None else min(256, image_size, args.max_size)
+    return ExportRanges(
+        min_size=min_size, max_size=args.max_size, max_batch=args.max_batch, max_prompt_tokens=args.max_prompt_tokens
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from deepgen_components.export.exporter import SUPPORTED_DTYPES, ExportError, export_model
+    from deepgen_components.export.parity import ParityError
+    from deepgen_components.export.tensorrt import profiles_for, trtexec_command
+
+    if args.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"--dtype: export supports {' and '.join(SUPPORTED_DTYPES)}, got {args.dtype}")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    pipe = _load_pipeline(args)
+    model = pipe.model
+    ranges = _ranges(args, model.config.image_size)
+    source = {k: getattr(args, k) for k in ("preset", "pipeline", "vlm", "weights", "vae") if getattr(args, k)}
+    if not source:
+        source = {"preset": args.default_preset}
+    source["seed"] = args.seed
+    try:
+        manifest = export_model(
+            model,
+            args.out,
+            stages=stages,
+            ranges=ranges,
+            opset=args.opset,
+            fallback_opset=args.fallback_opset or None,
+            parity=not args.no_parity,
+            progress=not args.quiet,
+            source=source,
+            seed=args.seed,
+        )
+    except (ExportError, ParityError) as err:
+        print(f"error: export failed: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}/manifest.json ({manifest['dtype']}, {len(manifest['stages'])} stages)")
+    print(f"{'stage':<18} {'file':<24} {'opset':>5}  {'parity (max relative error)':<30}")
+    for stage, entry in manifest["stages"].items():
+        parity = entry["parity"]
+        result = f"{parity['max_relative']:.2e} <= {parity['tolerance']:g}" if "max_relative" in parity else parity["skipped"]
+        fallback = " (fallback)" if entry["fallback"] else ""
+        print(f"{stage:<18} {entry['file']:<24} {entry['opset']:>5}{fallback}  {result}")
+    if args.trtexec:
+        for stage, entry in manifest["stages"].items():
+            print(f"# {stage}")
+            print(trtexec_command(f"{args.out}/{entry['file']}", profiles_for(entry), timing_cache=f"{args.out}/timing.cache"))
+    return 0

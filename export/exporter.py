@@ -1,0 +1,328 @@
+"""Export a DeepGenModel stage by stage to ONNX, gate each file on parity, write ``manifest.json``.
+
+Per stage: ``torch.onnx.export(dynamo=True, dynamic_shapes=..., opset_version=23, external_data=True)`` -> the
+``.onnx`` file plus one ``.onnx.data`` file beside it -> ``onnx.checker`` -> (bf16) fp32 softmax islands -> an
+ONNX Runtime CPU run of the traced example -> the parity gate at three other shapes (fp32). A stage whose export,
+check or ONNX Runtime run fails at the requested opset is retried once at the fallback opset (20: attention and
+norms decomposed into basic ops); the manifest records which exporter and opset produced every file and why a
+fallback happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from deepgen_components.export import parity as parity_gate
+from deepgen_components.export.runtime import FORMAT_VERSION, MANIFEST_NAME, SUPPORTED_OPSETS
+from deepgen_components.export.specs import STAGES, ExportRanges, build_specs, model_config
+
+__all__ = ["DEFAULT_OPSET", "FALLBACK_OPSET", "ExportError", "export_model", "library_versions"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 23
+FALLBACK_OPSET = 20
+EXPORTER = "torch.onnx.export(dynamo=True)"
+SUPPORTED_DTYPES = ("float32", "bfloat16")
+
+
+class ExportError(RuntimeError):
+    """A stage could not be exported at any opset tried."""
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "onnx", "onnxruntime", "onnxscript", "transformers", "diffusers", "tokenizers", "numpy",
+                 "deepgen-components"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _model_dtype(model) -> str:
+    dtypes = {p.dtype for p in model.parameters()}
+    if len(dtypes) != 1:
+        raise ValueError(f"dtype: the model mixes parameter dtypes {sorted(map(str, dtypes))}; cast it to one dtype first")
+    dtype = str(dtypes.pop()).removeprefix("torch.")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype: export supports {' and '.join(SUPPORTED_DTYPES)} models, got {dtype}")
+    return dtype
+
+
+def _external_data_files(path: Path) -> list[str]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    files = set()
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                files.add(entry.value)
+    return sorted(files)
+
+
+def _remove_stage_files(path: Path) -> None:
+    for file in (path, path.with_name(path.name + ".data")):
+        file.unlink(missing_ok=True)
+
+
+def _fp32_softmax(path: Path) -> int:
+    """Give every ``Attention`` node ``softmax_precision = FLOAT`` (bf16 graphs): the exporter leaves the softmax in
+    the input precision. Norms already carry ``stash_type = 1`` (fp32 statistics). Returns the nodes changed."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    changed = 0
+    for node in proto.graph.node:
+        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
+            attributes = [a for a in node.attribute if a.name != "softmax_precision"]
+            del node.attribute[:]
+            node.attribute.extend(attributes + [onnx.helper.make_attribute("softmax_precision", onnx.TensorProto.FLOAT)])
+            changed += 1
+    if changed:
+        onnx.save_model(proto, str(path))  # initializers keep pointing at the same .data file
+    return changed
+
+
+def precision_summary(path: Path) -> dict:
+    """What runs in which precision: node counts by output dtype, norms with fp32 statistics, attention softmax
+    precision, op types (for the docs' precision notes and the bf16 review)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    by_dtype: Counter = Counter()
+    for node in inferred.graph.node:
+        elem = types.get(node.output[0]) if node.output else None
+        by_dtype[onnx.TensorProto.DataType.Name(elem) if elem else "unknown"] += 1
+    norms_fp32 = attention_fp32 = attention = 0
+    for node in proto.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type in ("LayerNormalization", "RMSNormalization", "GroupNormalization"):
+            norms_fp32 += int(attrs.get("stash_type", 1) == onnx.TensorProto.FLOAT)
+        if node.op_type == "Attention":
+            attention += 1
+            attention_fp32 += int(attrs.get("softmax_precision", 0) == onnx.TensorProto.FLOAT)
+    ops = Counter(node.op_type for node in proto.graph.node)
+    return {
+        "nodes_by_output_dtype": dict(sorted(by_dtype.items())),
+        "norms_with_fp32_statistics": norms_fp32,
+        "attention_nodes": attention,
+        "attention_with_fp32_softmax": attention_fp32,
+        "op_types": dict(ops.most_common()),
+    }
+
+
+def _to_torch_inputs(spec, arrays: dict[str, np.ndarray]) -> dict:
+    from deepgen_components.export.parity import _to_torch
+
+    return {name: _to_torch(arrays[name], spec.dtype) for name in spec.input_names}
+
+
+def _export_once(spec, module, example: dict[str, np.ndarray], path: Path, opset: int) -> None:
+    import onnx
+    import torch
+    from deepgen_components.export.modules import export_friendly
+
+    kwargs = _to_torch_inputs(spec, example)
+    with torch.no_grad(), export_friendly(module), warnings.catch_warnings():
+        # Derived dims (2*h, L+N) make the exporter note that it names an axis once; the LeafSpec notice comes
+        # from torch's own pytree code. Neither is actionable.
+        warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+        program = torch.onnx.export(
+            module,
+            args=(),
+            kwargs=kwargs,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=spec.torch_dynamic_shapes(),
+            opset_version=opset,
+            dynamo=True,
+            external_data=True,
+            verbose=False,
+        )
+    program.save(str(path), external_data=True)
+    onnx.checker.check_model(str(path), full_check=False)
+
+
+def _ort_run(path: Path, example: dict[str, np.ndarray]) -> str | None:
+    """Run the file once on ONNX Runtime's CPU EP; None on success, else the error text."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session.run(None, example)
+    except Exception as err:  # ORT's own exception types
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+    return None
+
+
+def export_model(
+    model,
+    out_dir: str | os.PathLike,
+    *,
+    stages=STAGES,
+    ranges: ExportRanges | None = None,
+    opset: int = DEFAULT_OPSET,
+    fallback_opset: int | None = FALLBACK_OPSET,
+    parity: bool = True,
+    parity_points: int = 3,
+    progress: bool = True,
+    source: dict | None = None,
+    seed: int = 0,
+) -> dict:
+    """Export ``stages`` of ``model`` (fp32 or bf16, as its parameters are) into ``out_dir``; return the manifest.
+
+    Raises :class:`ExportError` when a stage fails at every opset tried and
+    :class:`~deepgen_components.export.parity.ParityError` when an fp32 stage does not match PyTorch.
+    """
+    if opset not in SUPPORTED_OPSETS:
+        raise ValueError(f"opset must be in {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {opset}")
+    if fallback_opset is not None and fallback_opset not in SUPPORTED_OPSETS:
+        raise ValueError(f"fallback_opset must be in {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {fallback_opset}")
+    stages = list(dict.fromkeys(stages))
+    if not stages:
+        raise ValueError("stages: give at least one stage")
+    ranges = ranges or ExportRanges()
+    dtype = _model_dtype(model)
+    model = model.eval()
+    config = model_config(model)
+    specs = build_specs(model, ranges, stages, dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer_dir = out / "tokenizer"
+    model.tokenizer.save_pretrained(str(tokenizer_dir))
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise ValueError("tokenizer: the model's tokenizer did not write tokenizer.json (a fast tokenizer is needed)")
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": source or {},
+        "dtype": dtype,
+        "opset_requested": opset,
+        "fallback_opset": fallback_opset,
+        "exporter": EXPORTER,
+        "versions": library_versions(),
+        "ranges": ranges.to_dict() | {"max_prompt_tokens_resolved": None},
+        "config": config,
+        "tokenizer": "tokenizer/tokenizer.json",
+        "parity_metric": parity_gate.RELATIVE_ERROR,
+        "stages": {},
+        "not_exported": {s: "not requested (--stages)" for s in STAGES if s not in stages},
+    }
+    if "condition_encoder" in specs:
+        manifest["ranges"]["max_prompt_tokens_resolved"] = specs["condition_encoder"].dims["prompt_length"].max
+    tolerance = parity_gate.TOLERANCES.get(dtype)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(stages), desc="export", unit="stage")
+    try:
+        for stage in stages:
+            spec = specs[stage]
+            if bar is not None:
+                bar.set_description(f"export {stage}")
+            start = time.perf_counter()
+            module = spec.module_factory().eval()
+            example_values = spec.example_values()
+            example = spec.make_inputs(example_values, np.random.default_rng(seed))
+            path = out / f"{stage}.onnx"
+            attempts = [opset] + ([fallback_opset] if fallback_opset not in (None, opset) else [])
+            errors: dict[int, str] = {}
+            used = None
+            cpu_error = None
+            for attempt in attempts:
+                _remove_stage_files(path)
+                try:
+                    _export_once(spec, module, example, path, attempt)
+                    softmax_fp32 = _fp32_softmax(path) if dtype != "float32" else 0
+                    cpu_error = _ort_run(path, example)
+                    if cpu_error is not None and dtype == "float32":
+                        raise RuntimeError(f"ONNX Runtime CPU run failed: {cpu_error}")
+                except Exception as err:  # exporter, checker and ORT errors all lead to the fallback
+                    errors[attempt] = f"{type(err).__name__}: {str(err).strip()[:2000]}"
+                    logger.warning("stage %s failed at opset %d: %s", stage, attempt, errors[attempt].splitlines()[0])
+                    logger.debug("%s", traceback.format_exc())
+                    continue
+                used = attempt
+                break
+            if used is None:
+                _remove_stage_files(path)
+                details = "; ".join(f"opset {k}: {v.splitlines()[0]}" for k, v in errors.items())
+                raise ExportError(f"stage {stage!r} could not be exported ({details})")
+            export_seconds = time.perf_counter() - start
+            entry = spec.to_dict() | {
+                "file": path.name,
+                "external_data": _external_data_files(path),
+                "exporter": EXPORTER,
+                "opset": used,
+                "fallback": None if used == opset else {"requested_opset": opset, "error": errors[opset]},
+                "runnable_on_cpu_ep": cpu_error is None,
+                "example_dims": example_values,
+                "export_seconds": round(export_seconds, 2),
+                "precision": precision_summary(path) | {"attention_softmax_set_to_fp32": softmax_fp32},
+            }
+            if cpu_error is not None:
+                entry["cpu_ep_error"] = cpu_error
+                entry["parity"] = {"skipped": f"not runnable on the CPU EP: {cpu_error}"}
+            elif not parity:
+                entry["parity"] = {"skipped": "disabled (--no-parity)"}
+            elif tolerance is None:
+                entry["parity"] = {"skipped": f"no tolerance defined for {dtype}"}
+            else:
+                if bar is not None:
+                    bar.set_description(f"parity {stage}")
+                parity_start = time.perf_counter()
+                records = parity_gate.check_parity(
+                    spec, path, module, spec.parity_values(parity_points), tolerance=tolerance, seed=seed + 1
+                )
+                entry["parity"] = {
+                    "tolerance": tolerance,
+                    "metric": parity_gate.RELATIVE_ERROR,
+                    "passed": True,
+                    "max_relative": max(o["relative"] for r in records for o in r["outputs"].values()),
+                    "shapes": records,
+                    "seconds": round(time.perf_counter() - parity_start, 2),
+                }
+            manifest["stages"][stage] = entry
+            _write_manifest(out, manifest)  # after every stage: a failure later leaves a valid partial export
+            if bar is not None:
+                bar.update(1)
+            del module
+    finally:
+        if bar is not None:
+            bar.close()
+    return manifest
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    tmp = out / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, out / MANIFEST_NAME)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
