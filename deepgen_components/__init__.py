@@ -11,20 +11,66 @@ Public API (see README and docs/components.md):
 * builders ``deepgen_tiny()``, ``deepgen_small()``, ``deepgen_1_0()``, ``deepgen_from_official()``.
 """
 
-from deepgen_components.bridge import BridgeConfig, BridgeOutput, StackedChannelBridge
-from deepgen_components.builders import (
-    build_preset,
-    deepgen_1_0,
-    deepgen_from_official,
-    deepgen_small,
-    deepgen_tiny,
-)
-from deepgen_components.connector import ConnectorConfig, ConnectorEncoder
-from deepgen_components.dit import ConditionedDiT, MaskedJointAttnProcessor
-from deepgen_components.layers import LayerSelection
-from deepgen_components.model import DeepGenConfig, DeepGenModel, FlowMatchingOutput
-from deepgen_components.pipeline import DeepGenPipeline, DeepGenPipelineOutput
-from deepgen_components.think_tokens import ThinkTokens, ThinkTokenVLM, VLMHiddenStates
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Public names resolve lazily (PEP 562): importing the package, or a torch-free part of it such as the ONNX
+# Runtime pipeline (deepgen_components.export.onnx_pipeline), does not import torch, transformers or diffusers.
+_EXPORTS = {
+    "BridgeConfig": "bridge",
+    "BridgeOutput": "bridge",
+    "StackedChannelBridge": "bridge",
+    "build_preset": "builders",
+    "deepgen_1_0": "builders",
+    "deepgen_from_official": "builders",
+    "deepgen_small": "builders",
+    "deepgen_tiny": "builders",
+    "ConnectorConfig": "connector",
+    "ConnectorEncoder": "connector",
+    "ConditionedDiT": "dit",
+    "MaskedJointAttnProcessor": "dit",
+    "LayerSelection": "layers",
+    "DeepGenConfig": "model",
+    "DeepGenModel": "model",
+    "FlowMatchingOutput": "model",
+    "DeepGenPipeline": "pipeline",
+    "DeepGenPipelineOutput": "pipeline",
+    "ThinkTokens": "think_tokens",
+    "ThinkTokenVLM": "think_tokens",
+    "VLMHiddenStates": "think_tokens",
+}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from deepgen_components.bridge import BridgeConfig, BridgeOutput, StackedChannelBridge
+    from deepgen_components.builders import (
+        build_preset,
+        deepgen_1_0,
+        deepgen_from_official,
+        deepgen_small,
+        deepgen_tiny,
+    )
+    from deepgen_components.connector import ConnectorConfig, ConnectorEncoder
+    from deepgen_components.dit import ConditionedDiT, MaskedJointAttnProcessor
+    from deepgen_components.layers import LayerSelection
+    from deepgen_components.model import DeepGenConfig, DeepGenModel, FlowMatchingOutput
+    from deepgen_components.pipeline import DeepGenPipeline, DeepGenPipelineOutput
+    from deepgen_components.think_tokens import ThinkTokens, ThinkTokenVLM, VLMHiddenStates
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deepgen_components' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"deepgen_components.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __version__ = "0.1.0"
 

@@ -304,8 +304,6 @@ def test_onnx_runtime_pipeline_runs_with_torch_unimportable(exported):
     assert result.stdout.strip().endswith("ok")
 
 
-@pytest.mark.xfail(reason="deepgen_components/__init__.py imports the torch core eagerly; needs lazy imports there",
-                   strict=False)
 def test_onnx_runtime_pipeline_imports_through_the_package_without_torch(exported):
     result = _run_python(_BLOCK_TORCH + _RUN, str(exported[0]))
     assert result.returncode == 0, result.stderr[-1500:]
