@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from deepgen_components.bridge import BridgeConfig, StackedChannelBridge
+from deepgen_components.conventions import nearest_multiples
 from deepgen_components.layers import LayerSelection
 from deepgen_components.model import DeepGenConfig, DeepGenModel
 from deepgen_components.processing import limit_long_side_size, pil_to_pixels, pixels_to_pil, pixels_to_uint8
@@ -45,13 +46,6 @@ class DeepGenPipelineOutput:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _nearest_multiples(value: int, multiple: int) -> str:
-    if value <= multiple:  # below the smallest valid size there is only one neighbour
-        return str(multiple)
-    low = value // multiple * multiple
-    return f"{low} or {low + multiple}" if low != value else str(value)
 
 
 class DeepGenPipeline:
@@ -157,7 +151,7 @@ class DeepGenPipeline:
             if not isinstance(value, int) or value < 32 or value % 32:
                 raise ValueError(
                     f"{name} must be a positive multiple of 32, got {value}; nearest valid: "
-                    f"{_nearest_multiples(int(value), 32)}"
+                    f"{nearest_multiples(int(value), 32)}"
                 )
         return height, width
 

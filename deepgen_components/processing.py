@@ -10,14 +10,23 @@
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from deepgen_components.conventions import (
+    IMAGE_PAD,
+    edit_prompt,
+    fix_pixels_size,
+    left_pad,
+    limit_long_side_size,
+    pil_to_array,
+    pixels_to_uint8_array,
+    t2i_prompt,
+    truncate_official,
+)
 
 __all__ = [
     "CLIP_MEAN",
@@ -34,67 +43,17 @@ __all__ = [
     "vit_resize",
 ]
 
-logger = logging.getLogger(__name__)
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-USER_TURN = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
-T2I_WRAPPER = "Generate an image: {prompt}"
-VISION_BLOCK = "<|vision_start|>{pads}<|vision_end|>"
-IMAGE_PAD = "<|image_pad|>"
-
-
-def t2i_prompt(prompt: str) -> str:
-    """The official text-to-image chat text."""
-    return USER_TURN.format(content=T2I_WRAPPER.format(prompt=prompt))
-
-
-def edit_prompt(instruction: str, image_token_counts: Sequence[int]) -> str:
-    """The official editing chat text: one vision block per reference, then the instruction (no wrapper)."""
-    blocks = "".join(VISION_BLOCK.format(pads=IMAGE_PAD * n) for n in image_token_counts)
-    return USER_TURN.format(content=f"{blocks}\n{instruction}")
-
-
-def _round_up(value: float, multiple: int) -> int:
-    return int(math.ceil(value / multiple) * multiple)
-
-
-def fix_pixels_size(height: int, width: int, target: int = 512, multiple: int = 32) -> tuple[int, int]:
-    """Official ``fix_pixels``: scale so sqrt(H*W) = target, keep the aspect, round each side *up* to a
-    multiple of 32."""
-    if height < 1 or width < 1:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    scale = target / math.sqrt(height * width)
-    return _round_up(height * scale, multiple), _round_up(width * scale, multiple)
-
-
-def limit_long_side_size(height: int, width: int, target: int = 512, multiple: int = 32) -> tuple[int, int]:
-    """The official inference rule for references: shrink so the long side is at most ``target`` (never
-    enlarge), then round each side up to a multiple of 32."""
-    if height < 1 or width < 1:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    scale = min(1.0, target / max(height, width))
-    return _round_up(height * scale, multiple), _round_up(width * scale, multiple)
-
-
 def pil_to_pixels(image, size: tuple[int, int] | None = None) -> torch.Tensor:
     """PIL image (any mode) -> RGB float tensor (3, H, W) in [-1, 1], optionally resized (bicubic) to (H, W)."""
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"image: expected a PIL.Image, got {type(image).__name__}")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    if size is not None and (image.height, image.width) != tuple(size):
-        image = image.resize((size[1], size[0]), Image.BICUBIC)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(pil_to_array(image, size))
 
 
 def pixels_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     """[-1, 1] pixels (B, 3, H, W) -> uint8 (B, H, W, 3) the official way: clamp(127.5 * x + 128)."""
-    return (pixels.float() * 127.5 + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return torch.from_numpy(pixels_to_uint8_array(pixels.detach().float().cpu().numpy()))
 
 
 def pixels_to_pil(pixels: torch.Tensor) -> list:
@@ -168,9 +127,6 @@ class PromptBatch:
         )
 
 
-_warned_truncation = False
-
-
 def tokenize_prompts(
     tokenizer,
     prompts: Sequence[str],
@@ -185,7 +141,6 @@ def tokenize_prompts(
     text-to-image). Prompts longer than ``max_length`` text tokens (plus their image tokens) keep their last
     tokens, as the official code does, with a warning.
     """
-    global _warned_truncation
     if isinstance(prompts, str):
         raise ValueError("prompts: expected a list of strings, got a single str")
     references = list(references) if references is not None else [[] for _ in prompts]
@@ -210,30 +165,9 @@ def tokenize_prompts(
             image_tokens.append(0)
 
     encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-    if max_length is not None:
-        for i, ids in enumerate(encoded):
-            limit = max_length + image_tokens[i]
-            if len(ids) > limit:
-                kept = ids[-limit:]
-                if sum(1 for tok in kept if tok == tokenizer.convert_tokens_to_ids(IMAGE_PAD)) != image_tokens[i]:
-                    raise ValueError(
-                        f"prompts[{i}]: the instruction is too long ({len(ids)} tokens > {limit}); truncating it "
-                        "the official way (keep the last tokens) would cut into the reference images"
-                    )
-                if not _warned_truncation:
-                    logger.warning(
-                        "prompt of %d tokens is longer than max_length=%d: keeping its last %d tokens (official "
-                        "behaviour)", len(ids) - image_tokens[i], max_length, limit,
-                    )
-                    _warned_truncation = True
-                encoded[i] = kept
+    encoded = truncate_official(encoded, image_tokens, tokenizer.convert_tokens_to_ids(IMAGE_PAD), max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    length = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    for i, ids in enumerate(encoded):
-        input_ids[i, length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, length - len(ids) :] = 1
+    input_ids, attention_mask = (torch.from_numpy(a) for a in left_pad(encoded, pad_id))
     return PromptBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deepgen_components.conventions import OFFICIAL_PAD_POSITION, mrope_positions
 from deepgen_components.layers import LayerSelection
 
 __all__ = ["ThinkTokens", "ThinkTokenVLM", "VLMHiddenStates", "mrope_position_ids", "text_position_ids"]
 
-# Official DeepGen fills left-pad positions with 1 (transformers 4.x ``get_rope_index``). Pad positions never
-# influence real tokens: a pad query row sees no key and pad keys are masked for every real query.
-OFFICIAL_PAD_POSITION = 1
 
 _QWEN_VL_TYPES = ("qwen2_5_vl", "qwen2_vl")
 
@@ -86,58 +84,24 @@ def mrope_position_ids(
     spatial_merge_size: int,
     pad_position: int = OFFICIAL_PAD_POSITION,
 ) -> torch.Tensor:
-    """Qwen2/2.5-VL multi-axis (temporal, row, col) rope positions, shape (3, B, L).
+    """Qwen2/2.5-VL multi-axis (temporal, row, col) rope positions, shape (3, B, L), on ``input_ids``' device.
 
-    Text tokens get the same 1-D position on all three axes, counted over real tokens only. Each image
-    (grid (t, h, w) in patches, ``t*h*w / merge**2`` consecutive image tokens) gets (start, start + row,
-    start + col) and the text after it resumes at ``start + max(h, w) / merge``. Images are consumed from
-    ``image_grid_thw`` in order across the batch, as the Hugging Face implementation does.
+    Text tokens get the same 1-D position on all three axes, counted over real tokens only. Each image (grid
+    (t, h, w) in patches, ``t*h*w / merge**2`` consecutive image tokens) gets (start, start + row, start + col)
+    and the text after it resumes at ``start + max(h, w) / merge``. Images are consumed from
+    ``image_grid_thw`` in order across the batch, as the Hugging Face implementation does. (One implementation,
+    shared with the torch-free runtime: ``conventions.mrope_positions``.)
     """
-    batch, length = input_ids.shape
-    positions = torch.full((3, batch, length), pad_position, dtype=torch.long)
-    grids = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in image_grid_thw.tolist()]
-    next_grid = 0
-    ids_cpu = input_ids.detach().cpu()
-    mask_cpu = attention_mask.detach().bool().cpu()
-    for b in range(batch):
-        ids = ids_cpu[b][mask_cpu[b]].tolist()
-        pieces: list[torch.Tensor] = []
-        current, i = 0, 0
-        while i < len(ids):
-            if ids[i] == image_token_id:
-                if next_grid >= len(grids):
-                    raise ValueError(
-                        f"input_ids hold more image blocks than image_grid_thw describes ({len(grids)} grids)"
-                    )
-                t, h, w = grids[next_grid]
-                next_grid += 1
-                gh, gw = h // spatial_merge_size, w // spatial_merge_size
-                count = t * gh * gw
-                if ids[i : i + count] != [image_token_id] * count:
-                    raise ValueError(
-                        f"image {next_grid - 1} with grid (t={t}, h={h}, w={w}) needs {count} consecutive image "
-                        f"tokens in sample {b}; the prompt has fewer"
-                    )
-                tt, hh, ww = torch.meshgrid(
-                    torch.zeros(t, dtype=torch.long), torch.arange(gh), torch.arange(gw), indexing="ij"
-                )
-                pieces.append(torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + current)
-                current += max(gh, gw)
-                i += count
-            else:
-                j = i
-                while j < len(ids) and ids[j] != image_token_id:
-                    j += 1
-                pieces.append(torch.arange(current, current + j - i).expand(3, -1))
-                current += j - i
-                i = j
-        if pieces:
-            positions[:, b, mask_cpu[b]] = torch.cat(pieces, dim=1)
-    if next_grid != len(grids):
-        raise ValueError(
-            f"image_grid_thw describes {len(grids)} images but input_ids hold {next_grid} image blocks"
-        )
-    return positions.to(input_ids.device)
+    grids = [] if image_grid_thw is None else image_grid_thw.tolist()
+    positions = mrope_positions(
+        input_ids.detach().cpu().numpy(),
+        attention_mask.detach().cpu().numpy(),
+        grids,
+        image_token_id=image_token_id,
+        spatial_merge_size=spatial_merge_size,
+        pad_position=pad_position,
+    )
+    return torch.from_numpy(positions).to(input_ids.device)
 
 
 def _unwrap_peft(model: nn.Module) -> nn.Module:

@@ -5,7 +5,8 @@ Each function ports one piece of the PyTorch pipeline and names it; ``tests/test
 port against the original:
 
 * chat templates, tokenization with left padding and the official truncation (``processing.tokenize_prompts``);
-* M-RoPE positions over prompt + think tokens (``think_tokens.mrope_position_ids``);
+* M-RoPE positions over prompt + think tokens, templates, truncation, left padding, resize rules and pixel
+  conversions come from ``deepgen_components.conventions``, the torch-free module the PyTorch pipeline uses too;
 * the reference preprocessing for the VLM: bilinear resize by 28/32 with torch's coordinate rule, CLIP mean/std,
   patch order (``processing.vision_patches``), plus the vision tower's window layout (transformers'
   ``get_vision_window_index``), which the exported vision encoder takes as inputs;
@@ -27,6 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from deepgen_components.conventions import (
+    left_pad,
+    limit_long_side_size,
+    nearest_multiples,
+    truncate_official,
+)
+from deepgen_components.conventions import mrope_positions as mrope_position_ids
+from deepgen_components.conventions import pil_to_array as pil_to_pixels
+from deepgen_components.conventions import pixels_to_uint8_array as pixels_to_uint8
 
 __all__ = [
     "MANIFEST_NAME",
@@ -167,37 +178,6 @@ class ExportedModel:
 # -- preprocessing -------------------------------------------------------------------------------------------
 
 
-def _round_up(value: float, multiple: int) -> int:
-    return int(math.ceil(value / multiple) * multiple)
-
-
-def limit_long_side_size(height: int, width: int, target: int = 512, multiple: int = 32) -> tuple[int, int]:
-    """``processing.limit_long_side_size``: shrink so the long side is <= target (never enlarge), sides up to x32."""
-    if height < 1 or width < 1:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    scale = min(1.0, target / max(height, width))
-    return _round_up(height * scale, multiple), _round_up(width * scale, multiple)
-
-
-def pil_to_pixels(image, size: tuple[int, int] | None = None) -> np.ndarray:
-    """``processing.pil_to_pixels``: PIL image -> RGB float32 (3, H, W) in [-1, 1], optionally bicubic-resized."""
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"image: expected a PIL.Image, got {type(image).__name__}")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    if size is not None and (image.height, image.width) != tuple(size):
-        image = image.resize((size[1], size[0]), Image.BICUBIC)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
-
-
-def pixels_to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """[-1, 1] pixels (B, 3, H, W) -> uint8 (B, H, W, 3) the official way: clamp(127.5 * x + 128), truncated."""
-    return np.clip(pixels.astype(np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
 def _bilinear_taps(in_size: int, scale_factor: float) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Output size, source indices and weights of torch's CPU bilinear resize with ``scale_factor`` and
     ``align_corners=False``: size floor(in * s); source x = max((dst + 0.5) / s - 0.5, 0) in float32 with the
@@ -324,59 +304,6 @@ def vision_inputs(
     return feeds, np.argsort(window_index)
 
 
-def mrope_position_ids(
-    input_ids: np.ndarray,
-    attention_mask: np.ndarray,
-    grids: Sequence[tuple[int, int, int]],
-    *,
-    image_token_id: int,
-    spatial_merge_size: int,
-    pad_position: int = 1,
-) -> np.ndarray:
-    """``think_tokens.mrope_position_ids`` in numpy: Qwen2/2.5-VL (temporal, row, col) positions, (3, B, L).
-
-    Text gets the same position on all axes counted over real tokens; an image block of grid (t, h, w) gets
-    (start, start + row, start + col) and the text after it resumes at start + max(h, w) / merge. Left pads
-    get ``pad_position``. Images are taken from ``grids`` in order across the batch."""
-    batch, length = input_ids.shape
-    positions = np.full((3, batch, length), pad_position, dtype=np.int64)
-    next_grid = 0
-    for b in range(batch):
-        real = attention_mask[b].astype(bool)
-        ids = input_ids[b][real].tolist()
-        pieces: list[np.ndarray] = []
-        current, i = 0, 0
-        while i < len(ids):
-            if ids[i] == image_token_id:
-                if next_grid >= len(grids):
-                    raise ValueError(f"input_ids hold more image blocks than there are grids ({len(grids)})")
-                t, h, w = grids[next_grid]
-                next_grid += 1
-                gh, gw = h // spatial_merge_size, w // spatial_merge_size
-                count = t * gh * gw
-                if ids[i : i + count] != [image_token_id] * count:
-                    raise ValueError(
-                        f"image {next_grid - 1} with grid (t={t}, h={h}, w={w}) needs {count} consecutive image "
-                        f"tokens in sample {b}; the prompt has fewer"
-                    )
-                tt, hh, ww = np.meshgrid(np.zeros(t, np.int64), np.arange(gh), np.arange(gw), indexing="ij")
-                pieces.append(np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + current)
-                current += max(gh, gw)
-                i += count
-            else:
-                j = i
-                while j < len(ids) and ids[j] != image_token_id:
-                    j += 1
-                pieces.append(np.broadcast_to(np.arange(current, current + j - i), (3, j - i)))
-                current += j - i
-                i = j
-        if pieces:
-            positions[:, b, real] = np.concatenate(pieces, axis=1)
-    if next_grid != len(grids):
-        raise ValueError(f"{len(grids)} image grids given but input_ids hold {next_grid} image blocks")
-    return positions
-
-
 @dataclass
 class PromptBatch:
     """The condition encoder's inputs (numpy) and, for editing, each reference's place in the batch."""
@@ -391,8 +318,6 @@ class PromptBatch:
 
 class PromptProcessor:
     """Templates, tokenizer and vision preprocessing from an export's manifest (``processing.tokenize_prompts``)."""
-
-    _warned_truncation = False
 
     def __init__(self, config: dict, tokenizer_file: str | os.PathLike) -> None:
         from tokenizers import Tokenizer
@@ -449,31 +374,8 @@ class PromptProcessor:
                 texts.append(self.t2i_text(prompt))
                 image_tokens.append(0)
         encoded = [self.tokenizer.encode(t, add_special_tokens=True).ids for t in texts]
-        max_length = cfg.get("max_length")
-        image_token_id = cfg["image_token_id"]
-        if max_length is not None:
-            for i, ids in enumerate(encoded):
-                limit = max_length + image_tokens[i]
-                if len(ids) > limit:
-                    kept = ids[-limit:]
-                    if sum(1 for tok in kept if tok == image_token_id) != image_tokens[i]:
-                        raise ValueError(
-                            f"prompts[{i}]: the instruction is too long ({len(ids)} tokens > {limit}); truncating it "
-                            "the official way (keep the last tokens) would cut into the reference images"
-                        )
-                    if not PromptProcessor._warned_truncation:
-                        logger.warning(
-                            "prompt of %d tokens is longer than max_length=%d: keeping its last %d tokens (official "
-                            "behaviour)", len(ids) - image_tokens[i], max_length, limit,
-                        )
-                        PromptProcessor._warned_truncation = True
-                    encoded[i] = kept
-        length = max(len(ids) for ids in encoded)
-        input_ids = np.full((len(encoded), length), cfg["pad_token_id"], dtype=np.int64)
-        attention_mask = np.zeros((len(encoded), length), dtype=np.int64)
-        for i, ids in enumerate(encoded):
-            input_ids[i, length - len(ids) :] = ids
-            attention_mask[i, length - len(ids) :] = 1
+        encoded = truncate_official(encoded, image_tokens, cfg["image_token_id"], cfg.get("max_length"))
+        input_ids, attention_mask = left_pad(encoded, cfg["pad_token_id"])
         positions = self.positions(input_ids, attention_mask, grids)
         return PromptBatch(input_ids, attention_mask, positions, grids, patches, texts)
 
@@ -533,11 +435,6 @@ class StagedPipelineOutput:
 
     images: object
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _nearest_multiples(value: int, multiple: int) -> str:
-    low = max(multiple, value // multiple * multiple)
-    return f"{low} or {low + multiple}" if low != value else str(value)
 
 
 class StagedPipeline:
@@ -650,7 +547,7 @@ class StagedPipeline:
             if not isinstance(value, int) or value < 32 or value % 32:
                 raise ValueError(
                     f"{name} must be a positive multiple of 32, got {value}; nearest valid: "
-                    f"{_nearest_multiples(int(value), 32)}"
+                    f"{nearest_multiples(int(value), 32)}"
                 )
             if not ranges["min_size"] <= value <= ranges["max_size"]:
                 raise ValueError(

@@ -237,8 +237,8 @@ class ExportSpec:
 def model_config(model) -> dict:
     """The sizes and constants of a ``DeepGenModel`` that the export specs and the runtimes need (manifest
     ``config``): chat template, special tokens, think tokens, bridge mode, vision preprocessing, VAE, scheduler."""
-    from deepgen_components import processing
-    from deepgen_components.think_tokens import OFFICIAL_PAD_POSITION
+    from deepgen_components import conventions, processing
+    from deepgen_components.conventions import OFFICIAL_PAD_POSITION
 
     encoder = model.encoder
     if encoder.kind != "qwen_vl":
@@ -268,10 +268,10 @@ def model_config(model) -> dict:
         "pad_token_id": int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
         "pad_position": encoder.pad_position if encoder.pad_position is not None else OFFICIAL_PAD_POSITION,
         "chat_template": {
-            "user_turn": processing.USER_TURN,
-            "t2i_wrapper": processing.T2I_WRAPPER,
-            "vision_block": processing.VISION_BLOCK,
-            "image_pad": processing.IMAGE_PAD,
+            "user_turn": conventions.USER_TURN,
+            "t2i_wrapper": conventions.T2I_WRAPPER,
+            "vision_block": conventions.VISION_BLOCK,
+            "image_pad": conventions.IMAGE_PAD,
         },
         "spatial_merge_size": vision.spatial_merge_size,
         "patch_size": vision.patch_size,

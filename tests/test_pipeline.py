@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deepgen_components import DeepGenConfig, DeepGenPipeline, deepgen_tiny, processing
+from deepgen_components import DeepGenConfig, DeepGenPipeline, conventions, deepgen_tiny, processing
 from deepgen_components.processing import pixels_to_uint8
 from deepgen_components.sampling import euler_step, flow_match_sigmas, guidance
 
@@ -221,13 +221,13 @@ def test_unknown_preset_lists_the_presets():
 def test_long_prompts_are_truncated_the_official_way_with_a_warning(pipe, monkeypatch, caplog):
     model = pipe.model
     monkeypatch.setattr(model, "config", DeepGenConfig(max_length=48, image_size=64))
-    monkeypatch.setattr(processing, "_warned_truncation", False)
+    monkeypatch.setattr(conventions, "_warned_truncation", False)
     prompt = "a cat sitting on a red chair " * 8
     full = model.tokenizer(processing.t2i_prompt(prompt))["input_ids"]
     assert len(full) > 48
     batch = model.prepare_prompts([prompt])
     assert batch.input_ids[0].tolist() == full[-48:]  # the last tokens (the chat suffix survives)
-    monkeypatch.setattr(processing, "_warned_truncation", False)  # the warning is logged once per process
+    monkeypatch.setattr(conventions, "_warned_truncation", False)  # the warning is logged once per process
     caplog.clear()
     with caplog.at_level("WARNING"):
         out = run(pipe, prompt)

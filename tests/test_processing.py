@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deepgen_components import processing
+from deepgen_components import conventions
 from deepgen_components.processing import (
     CLIP_MEAN,
     CLIP_STD,
@@ -224,7 +224,7 @@ def test_tokenize_prompts_with_references_builds_vision_blocks_in_order(tokenize
 
 
 def test_long_prompts_keep_their_last_tokens_with_a_warning(tokenizer, caplog, monkeypatch):
-    monkeypatch.setattr(processing, "_warned_truncation", False)
+    monkeypatch.setattr(conventions, "_warned_truncation", False)
     prompt = "a very long prompt " * 10
     full = tokenizer(t2i_prompt(prompt))["input_ids"]
     with caplog.at_level(logging.WARNING, logger="deepgen_components.processing"):
@@ -236,7 +236,7 @@ def test_long_prompts_keep_their_last_tokens_with_a_warning(tokenizer, caplog, m
 
 
 def test_truncation_never_cuts_into_reference_images(tokenizer, monkeypatch):
-    monkeypatch.setattr(processing, "_warned_truncation", True)
+    monkeypatch.setattr(conventions, "_warned_truncation", True)
     ref = torch.zeros(3, 64, 64)
     # Instruction tokens beyond max_length are dropped from the front, which here would remove image tokens.
     with pytest.raises(ValueError, match="reference images"):

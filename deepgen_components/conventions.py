@@ -1,0 +1,217 @@
+"""DeepGen's input conventions in plain Python + numpy (no torch), shared by the PyTorch pipeline and the
+torch-free ONNX Runtime / TensorRT runtime so that both follow one implementation:
+
+* the official chat templates (no system turn; ``Generate an image: {prompt}`` for text-to-image; one vision
+  block per reference, then ``\\n{instruction}`` for editing);
+* left padding and the official truncation of long prompts (keep the last tokens);
+* the Qwen2/2.5-VL multi-axis rope positions (M-RoPE) over real tokens, left pads at a fixed position;
+* the resize rules (``fix_pixels`` for training, long side <= target for inference references), image <-> [-1, 1]
+  arrays, and the official uint8 conversion.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_PAD",
+    "OFFICIAL_PAD_POSITION",
+    "T2I_WRAPPER",
+    "USER_TURN",
+    "VISION_BLOCK",
+    "edit_prompt",
+    "fix_pixels_size",
+    "left_pad",
+    "limit_long_side_size",
+    "mrope_positions",
+    "nearest_multiples",
+    "pil_to_array",
+    "pixels_to_uint8_array",
+    "t2i_prompt",
+    "truncate_official",
+]
+
+logger = logging.getLogger(__name__)
+
+USER_TURN = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+T2I_WRAPPER = "Generate an image: {prompt}"
+VISION_BLOCK = "<|vision_start|>{pads}<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+
+# Official DeepGen fills left-pad positions with 1 (transformers 4.x ``get_rope_index``). Pad positions never
+# influence real tokens: a pad query row sees no key and pad keys are masked for every real query.
+OFFICIAL_PAD_POSITION = 1
+
+
+# -- templates --------------------------------------------------------------------------------------------------
+
+
+def t2i_prompt(prompt: str) -> str:
+    """The official text-to-image chat text."""
+    return USER_TURN.format(content=T2I_WRAPPER.format(prompt=prompt))
+
+
+def edit_prompt(instruction: str, image_token_counts: Sequence[int]) -> str:
+    """The official editing chat text: one vision block per reference, then the instruction (no wrapper)."""
+    blocks = "".join(VISION_BLOCK.format(pads=IMAGE_PAD * n) for n in image_token_counts)
+    return USER_TURN.format(content=f"{blocks}\n{instruction}")
+
+
+# -- token sequences ---------------------------------------------------------------------------------------------
+
+_warned_truncation = False
+
+
+def truncate_official(
+    encoded: list[list[int]], image_tokens: Sequence[int], image_token_id: int, max_length: int | None
+) -> list[list[int]]:
+    """Prompts longer than ``max_length`` text tokens (plus their image tokens) keep their last tokens, as the
+    official code does, with a warning; a cut into the reference images is an error."""
+    global _warned_truncation
+    if max_length is None:
+        return encoded
+    out = []
+    for i, ids in enumerate(encoded):
+        limit = max_length + image_tokens[i]
+        if len(ids) > limit:
+            kept = ids[-limit:]
+            if sum(1 for tok in kept if tok == image_token_id) != image_tokens[i]:
+                raise ValueError(
+                    f"prompts[{i}]: the instruction is too long ({len(ids)} tokens > {limit}); truncating it "
+                    "the official way (keep the last tokens) would cut into the reference images"
+                )
+            if not _warned_truncation:
+                logger.warning(
+                    "prompt of %d tokens is longer than max_length=%d: keeping its last %d tokens (official "
+                    "behaviour)", len(ids) - image_tokens[i], max_length, limit,
+                )
+                _warned_truncation = True
+            ids = kept
+        out.append(ids)
+    return out
+
+
+def left_pad(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) int64 (B, L), left-padded to the longest sequence."""
+    length = max(len(ids) for ids in encoded)
+    input_ids = np.full((len(encoded), length), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(encoded), length), dtype=np.int64)
+    for i, ids in enumerate(encoded):
+        if ids:
+            input_ids[i, length - len(ids) :] = ids
+            attention_mask[i, length - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
+def mrope_positions(
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    grids: Sequence[Sequence[int]],
+    *,
+    image_token_id: int,
+    spatial_merge_size: int,
+    pad_position: int = OFFICIAL_PAD_POSITION,
+) -> np.ndarray:
+    """Qwen2/2.5-VL multi-axis (temporal, row, col) rope positions, int64 (3, B, L).
+
+    Text tokens get the same 1-D position on all three axes, counted over real tokens only. Each image (grid
+    (t, h, w) in patches, ``t*h*w / merge**2`` consecutive image tokens) gets (start, start + row, start + col)
+    and the text after it resumes at ``start + max(h, w) / merge``. Images are consumed from ``grids`` in order
+    across the batch, as the Hugging Face implementation does. Left pads get ``pad_position``.
+    """
+    batch, length = input_ids.shape
+    positions = np.full((3, batch, length), pad_position, dtype=np.int64)
+    grids = [tuple(int(v) for v in g) for g in grids]
+    next_grid = 0
+    for b in range(batch):
+        real = np.asarray(attention_mask[b]).astype(bool)
+        ids = np.asarray(input_ids[b])[real].tolist()
+        pieces: list[np.ndarray] = []
+        current, i = 0, 0
+        while i < len(ids):
+            if ids[i] == image_token_id:
+                if next_grid >= len(grids):
+                    raise ValueError(
+                        f"input_ids hold more image blocks than image_grid_thw describes ({len(grids)} grids)"
+                    )
+                t, h, w = grids[next_grid]
+                next_grid += 1
+                gh, gw = h // spatial_merge_size, w // spatial_merge_size
+                count = t * gh * gw
+                if ids[i : i + count] != [image_token_id] * count:
+                    raise ValueError(
+                        f"image {next_grid - 1} with grid (t={t}, h={h}, w={w}) needs {count} consecutive image "
+                        f"tokens in sample {b}; the prompt has fewer"
+                    )
+                tt, hh, ww = np.meshgrid(np.zeros(t, np.int64), np.arange(gh), np.arange(gw), indexing="ij")
+                pieces.append(np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + current)
+                current += max(gh, gw)
+                i += count
+            else:
+                j = i
+                while j < len(ids) and ids[j] != image_token_id:
+                    j += 1
+                pieces.append(np.broadcast_to(np.arange(current, current + j - i), (3, j - i)))
+                current += j - i
+                i = j
+        if pieces:
+            positions[:, b, real] = np.concatenate(pieces, axis=1)
+    if next_grid != len(grids):
+        raise ValueError(f"image_grid_thw describes {len(grids)} images but input_ids hold {next_grid} image blocks")
+    return positions
+
+
+# -- sizes and pixels --------------------------------------------------------------------------------------------
+
+
+def _round_up(value: float, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def fix_pixels_size(height: int, width: int, target: int = 512, multiple: int = 32) -> tuple[int, int]:
+    """Official ``fix_pixels``: scale so sqrt(H*W) = target, keep the aspect, round each side *up* to a
+    multiple of 32."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    scale = target / math.sqrt(height * width)
+    return _round_up(height * scale, multiple), _round_up(width * scale, multiple)
+
+
+def limit_long_side_size(height: int, width: int, target: int = 512, multiple: int = 32) -> tuple[int, int]:
+    """The official inference rule for references: shrink so the long side is at most ``target`` (never
+    enlarge), then round each side up to a multiple of 32."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    scale = min(1.0, target / max(height, width))
+    return _round_up(height * scale, multiple), _round_up(width * scale, multiple)
+
+
+def nearest_multiples(value: int, multiple: int) -> str:
+    """The valid sizes next to ``value`` (for error messages)."""
+    if value <= multiple:  # below the smallest valid size there is only one neighbour
+        return str(multiple)
+    low = value // multiple * multiple
+    return f"{low} or {low + multiple}" if low != value else str(value)
+
+
+def pil_to_array(image, size: tuple[int, int] | None = None) -> np.ndarray:
+    """PIL image (any mode) -> RGB float32 (3, H, W) in [-1, 1], optionally resized (bicubic) to (H, W)."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image: expected a PIL.Image, got {type(image).__name__}")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if size is not None and (image.height, image.width) != tuple(size):
+        image = image.resize((size[1], size[0]), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def pixels_to_uint8_array(pixels: np.ndarray) -> np.ndarray:
+    """[-1, 1] pixels (B, 3, H, W) -> uint8 (B, H, W, 3) the official way: clamp(127.5 * x + 128), truncated."""
+    return np.clip(pixels.astype(np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
