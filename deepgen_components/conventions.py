@@ -27,10 +27,13 @@ __all__ = [
     "fix_pixels_size",
     "left_pad",
     "limit_long_side_size",
+    "log_reference_resize",
     "mrope_positions",
     "nearest_multiples",
+    "output_size",
     "pil_to_array",
     "pixels_to_uint8_array",
+    "references_per_prompt",
     "t2i_prompt",
     "truncate_official",
 ]
@@ -215,3 +218,51 @@ def pil_to_array(image, size: tuple[int, int] | None = None) -> np.ndarray:
 def pixels_to_uint8_array(pixels: np.ndarray) -> np.ndarray:
     """[-1, 1] pixels (B, 3, H, W) -> uint8 (B, H, W, 3) the official way: clamp(127.5 * x + 128), truncated."""
     return np.clip(pixels.astype(np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+# -- pipeline inputs ----------------------------------------------------------------------------------------------
+
+
+def references_per_prompt(image, batch: int) -> list[list] | None:
+    """Normalise a pipeline's ``image`` argument to one list of references per prompt.
+
+    One prompt: an image, or a list of images (several references). Several prompts: a list with one entry per
+    prompt, each None, an image or a list of images."""
+    if image is None:
+        return None
+    if batch == 1 and not (isinstance(image, (list, tuple)) and len(image) == 1 and isinstance(image[0], (list, tuple))):
+        return [list(image) if isinstance(image, (list, tuple)) else [image]]
+    if not isinstance(image, (list, tuple)) or len(image) != batch:
+        raise ValueError(f"image: with {batch} prompts give a list of {batch} entries (an image or a list of images each)")
+    return [[] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in image]
+
+
+def log_reference_resize(image, size: tuple[int, int], target: int) -> None:
+    """The log line of the official reference resize (once per resized or converted PIL image)."""
+    if size != (image.height, image.width) or image.mode != "RGB":
+        logger.info(
+            "reference image %dx%d (%s) -> RGB %dx%d (long side <= %d, sides multiples of 32)",
+            image.width, image.height, image.mode, size[1], size[0], target,
+        )
+
+
+def output_size(
+    height: int | None, width: int | None, reference_sizes: Sequence[Sequence[tuple[int, int]]] | None, image_size: int
+) -> tuple[int, int]:
+    """The generated image's size: given, or — official edit behaviour — the processed reference's size when
+    every prompt has exactly one reference of one common size, else ``image_size`` square. Checked: multiples
+    of 32."""
+    if height is None or width is None:
+        default = (image_size, image_size)
+        if reference_sizes and all(len(sizes) == 1 for sizes in reference_sizes):
+            distinct = {tuple(sizes[0]) for sizes in reference_sizes}
+            if len(distinct) == 1:
+                default = distinct.pop()
+        height = default[0] if height is None else height
+        width = default[1] if width is None else width
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value < 32 or value % 32:
+            raise ValueError(
+                f"{name} must be a positive multiple of 32, got {value}; nearest valid: {nearest_multiples(int(value), 32)}"
+            )
+    return height, width

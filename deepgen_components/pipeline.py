@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from deepgen_components.bridge import BridgeConfig, StackedChannelBridge
-from deepgen_components.conventions import nearest_multiples
+from deepgen_components.conventions import log_reference_resize, output_size, references_per_prompt
 from deepgen_components.layers import LayerSelection
 from deepgen_components.model import DeepGenConfig, DeepGenModel
 from deepgen_components.processing import limit_long_side_size, pil_to_pixels, pixels_to_pil, pixels_to_uint8
@@ -99,18 +99,9 @@ class DeepGenPipeline:
     # -- inputs ---------------------------------------------------------------------------------------
     def _references(self, image, batch: int) -> list[list[torch.Tensor]] | None:
         """Per prompt, the list of reference pixels (3, H, W) in [-1, 1], resized by the official rule."""
-        if image is None:
+        per_prompt = references_per_prompt(image, batch)
+        if per_prompt is None:
             return None
-        if batch == 1 and not (isinstance(image, (list, tuple)) and len(image) == 1 and isinstance(image[0], (list, tuple))):
-            per_prompt = [list(image) if isinstance(image, (list, tuple)) else [image]]
-        else:
-            if not isinstance(image, (list, tuple)) or len(image) != batch:
-                raise ValueError(
-                    f"image: with {batch} prompts give a list of {batch} entries (an image or a list of images each)"
-                )
-            per_prompt = [
-                [] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in image
-            ]
         target = self.model.config.image_size
         out = []
         for refs in per_prompt:
@@ -128,32 +119,15 @@ class DeepGenPipeline:
                     continue
                 if not hasattr(ref, "convert"):
                     raise ValueError(f"image: expected PIL images or (3, H, W) tensors, got {type(ref).__name__}")
-                h, w = limit_long_side_size(ref.height, ref.width, target)
-                if (h, w) != (ref.height, ref.width) or ref.mode != "RGB":
-                    logger.info(
-                        "reference image %dx%d (%s) -> RGB %dx%d (long side <= %d, sides multiples of 32)",
-                        ref.width, ref.height, ref.mode, w, h, target,
-                    )
-                pixels.append(pil_to_pixels(ref, (h, w)))
+                size = limit_long_side_size(ref.height, ref.width, target)
+                log_reference_resize(ref, size, target)
+                pixels.append(pil_to_pixels(ref, size))
             out.append(pixels)
         return out
 
     def _output_size(self, height, width, references) -> tuple[int, int]:
-        if height is None or width is None:
-            # Official edit behaviour: with one reference per prompt, the output takes the reference's size.
-            sizes = {tuple(refs[0].shape[-2:]) for refs in references or [] if len(refs) == 1}
-            default = next(iter(sizes)) if references and len(sizes) == 1 and all(len(r) == 1 for r in references) else None
-            if default is None:
-                default = (self.model.config.image_size, self.model.config.image_size)
-            height = default[0] if height is None else height
-            width = default[1] if width is None else width
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value < 32 or value % 32:
-                raise ValueError(
-                    f"{name} must be a positive multiple of 32, got {value}; nearest valid: "
-                    f"{nearest_multiples(int(value), 32)}"
-                )
-        return height, width
+        sizes = None if references is None else [[tuple(r.shape[-2:]) for r in refs] for refs in references]
+        return output_size(height, width, sizes, self.model.config.image_size)
 
     # -- the algorithm ------------------------------------------------------------------------------
     @torch.no_grad()

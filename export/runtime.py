@@ -32,7 +32,9 @@ import numpy as np
 from deepgen_components.conventions import (
     left_pad,
     limit_long_side_size,
-    nearest_multiples,
+    log_reference_resize,
+    output_size,
+    references_per_prompt,
     truncate_official,
 )
 from deepgen_components.conventions import mrope_positions as mrope_position_ids
@@ -491,18 +493,9 @@ class StagedPipeline:
     # -- inputs ------------------------------------------------------------------------------------------
     def _references(self, image, batch: int) -> list[list[np.ndarray]] | None:
         """Per prompt, the list of reference pixels (3, H, W) in [-1, 1], resized by the official rule."""
-        if image is None:
+        per_prompt = references_per_prompt(image, batch)
+        if per_prompt is None:
             return None
-        if batch == 1 and not (isinstance(image, (list, tuple)) and len(image) == 1 and isinstance(image[0], (list, tuple))):
-            per_prompt = [list(image) if isinstance(image, (list, tuple)) else [image]]
-        else:
-            if not isinstance(image, (list, tuple)) or len(image) != batch:
-                raise ValueError(
-                    f"image: with {batch} prompts give a list of {batch} entries (an image or a list of images each)"
-                )
-            per_prompt = [
-                [] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in image
-            ]
         target = self.config["image_size"]
         out = []
         for refs in per_prompt:
@@ -522,33 +515,17 @@ class StagedPipeline:
                     continue
                 if not hasattr(ref, "convert"):
                     raise ValueError(f"image: expected PIL images or (3, H, W) arrays, got {type(ref).__name__}")
-                h, w = limit_long_side_size(ref.height, ref.width, target)
-                if (h, w) != (ref.height, ref.width) or ref.mode != "RGB":
-                    logger.info(
-                        "reference image %dx%d (%s) -> RGB %dx%d (long side <= %d, sides multiples of 32)",
-                        ref.width, ref.height, ref.mode, w, h, target,
-                    )
-                pixels.append(pil_to_pixels(ref, (h, w)))
+                size = limit_long_side_size(ref.height, ref.width, target)
+                log_reference_resize(ref, size, target)
+                pixels.append(pil_to_pixels(ref, size))
             out.append(pixels)
         return out
 
     def _output_size(self, height, width, references) -> tuple[int, int]:
-        image_size = self.config["image_size"]
-        if height is None or width is None:
-            # Official edit behaviour: with one reference per prompt, the output takes the reference's size.
-            sizes = {tuple(refs[0].shape[-2:]) for refs in references or [] if len(refs) == 1}
-            default = next(iter(sizes)) if references and len(sizes) == 1 and all(len(r) == 1 for r in references) else None
-            if default is None:
-                default = (image_size, image_size)
-            height = default[0] if height is None else height
-            width = default[1] if width is None else width
+        sizes = None if references is None else [[tuple(r.shape[-2:]) for r in refs] for refs in references]
+        height, width = output_size(height, width, sizes, self.config["image_size"])
         ranges = self.exported.manifest["ranges"]
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value < 32 or value % 32:
-                raise ValueError(
-                    f"{name} must be a positive multiple of 32, got {value}; nearest valid: "
-                    f"{nearest_multiples(int(value), 32)}"
-                )
             if not ranges["min_size"] <= value <= ranges["max_size"]:
                 raise ValueError(
                     f"{name}={value} is outside the exported resolution range {ranges['min_size']}..{ranges['max_size']} "

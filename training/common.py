@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import torch
 from deepgen_components.training.config import LoraConfigSpec, ModelSpec, OptimConfig
@@ -18,6 +19,7 @@ __all__ = [
     "build_optimizer",
     "build_schedule",
     "configure_stage",
+    "load_init_weights",
     "lora_modules",
     "merge_lora",
     "trainable_state",
@@ -114,6 +116,26 @@ def configure_stage(model: DeepGenModel, stage: str, lora: LoraConfigSpec | None
     else:
         raise ValueError(f"stage must be 'align', 'sft' or 'rl', got {stage!r}")
     return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def load_init_weights(model: nn.Module, init_from: str | Path) -> int:
+    """Start a run from another run's weights (``model.init_from``): a checkpoint folder, or a run's checkpoints
+    folder (its newest complete checkpoint). Loaded non-strictly (a stage-1 checkpoint holds only the SCB);
+    tensors that do not fit the model are an error. Returns how many tensors were loaded."""
+    from deepgen_components.training.checkpoint import latest_checkpoint, load_checkpoint
+
+    source = Path(init_from)
+    checkpoint = source if (source / "state.json").exists() else latest_checkpoint(source)
+    if checkpoint is None:
+        raise FileNotFoundError(f"model.init_from: no complete checkpoint in {init_from}")
+    weights = load_checkpoint(checkpoint)["trainable"]
+    _, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected:
+        hint = " (a stage-2 checkpoint with a LoRA needs the same lora: section)" if any(
+            "lora_" in k for k in unexpected) else ""
+        raise ValueError(f"model.init_from: {len(unexpected)} tensors do not fit the model{hint}, e.g. {unexpected[:5]}")
+    logger.info("initialised %d tensors from %s", len(weights), checkpoint)
+    return len(weights)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from deepgen_components.training.common import (
     build_optimizer,
     build_schedule,
     configure_stage,
+    load_init_weights,
     lora_modules,
 )
 from deepgen_components.training.config import RLConfig, TrainConfig
@@ -219,17 +220,7 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
     if cfg.lora is not None and not lora_modules(model.encoder.vlm):
         apply_lora(model, cfg.lora)  # the stage-2 LoRA of an init_from checkpoint loads into it; frozen here
     if cfg.model.init_from:
-        init_path = Path(cfg.model.init_from)
-        init_ckpt = init_path if (init_path / "state.json").exists() else latest_checkpoint(init_path)
-        if init_ckpt is None:
-            raise FileNotFoundError(f"model.init_from: no checkpoint in {init_path}")
-        init = load_checkpoint(init_ckpt)
-        _, unexpected = model.load_state_dict(init["trainable"], strict=False)
-        if unexpected:
-            hint = " (a stage-2 checkpoint with a LoRA needs the same lora: section)" if any(
-                "lora_" in k for k in unexpected) else ""
-            raise ValueError(f"model.init_from: {len(unexpected)} tensors do not fit the model{hint}, "
-                             f"e.g. {unexpected[:5]}")
+        load_init_weights(model, cfg.model.init_from)
     configure_stage(model, "rl")
     model.eval()  # no dropout anywhere: rollouts and updates must see the same function
     reference_dit = copy.deepcopy(model.dit).requires_grad_(False).eval()

@@ -31,6 +31,7 @@ from deepgen_components.training.common import (
     build_optimizer,
     build_schedule,
     configure_stage,
+    load_init_weights,
 )
 from deepgen_components.training.config import TrainConfig
 from deepgen_components.training.data import ManifestSource, ShapesSource, WebDatasetSource, collate
@@ -201,16 +202,7 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
     model = build_model(cfg.model, device=device)
     configure_stage(model, cfg.stage, cfg.lora)
     if cfg.model.init_from:
-        source = Path(cfg.model.init_from)
-        source = source if (source / "state.json").exists() else latest_checkpoint(source)
-        if source is None:
-            raise FileNotFoundError(f"model.init_from: no complete checkpoint in {cfg.model.init_from}")
-        init = load_checkpoint(source)
-        missing, unexpected = model.load_state_dict(init["trainable"], strict=False)
-        loaded = len(init["trainable"]) - len(unexpected)
-        logger.info("initialised %d tensors from %s (%d unexpected)", loaded, cfg.model.init_from, len(unexpected))
-        if unexpected:
-            raise ValueError(f"model.init_from: {len(unexpected)} tensors do not fit the model, e.g. {unexpected[:5]}")
+        load_init_weights(model, cfg.model.init_from)
     if cfg.trainer.activation_checkpointing:
         _enable_activation_checkpointing(model)
     model.train()
