@@ -53,3 +53,7 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="with --dry-run: machine-readable output")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-5 data.batch_size=2")
     p.set_defaults(func=cmd_train)
+
+    from deepgen_components.training.shapes_cli import add_commands as add_shapes_commands
+
+    add_shapes_commands(sub)

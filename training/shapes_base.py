@@ -28,7 +28,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,9 @@ __all__ = [
     "PromptEncoder",
     "ShapesBaseConfig",
     "ShapesData",
+    "PromptEncoderPipeline",
     "build_base",
+    "evaluate_base",
     "make_shapes_data",
     "pretrain_dit",
     "pretrain_vlm_lm",
@@ -75,14 +77,17 @@ class ShapesBaseConfig:
     data_seed: int = 100  # world seed of the base-model data (stages 1-2 stream seeds 0 and 1)
     t2i_images: int = 4000
     edit_triplets: int = 2000
-    # VAE
-    vae_channels: tuple[int, ...] = (8, 16, 32, 64)
+    # VAE: 4x down (3 blocks): 64 px -> 16x16x16 latents
+    vae_channels: tuple[int, ...] = (8, 16, 32)
     vae_norm_groups: int = 1
-    vae_steps: int = 500
-    vae_batch: int = 16
+    vae_steps: int = 900
+    vae_batch: int = 8
     vae_lr: float = 2e-3
-    vae_kl_weight: float = 1e-3  # per latent element, relative to the pixel losses
+    vae_kl_weight: float = 0.01  # per latent element: posterior std ~0.3 of the latent spread, so the decoder
+    # tolerates what a DiT gets wrong (1e-3: sharp reconstructions, but DiT samples decode to speckles)
     vae_foreground_weight: float = 10.0  # extra pixel-loss weight on shape pixels (a shape is ~4 % of the image)
+    vae_edge_weight: float = 4.0  # L1 on horizontal / vertical pixel differences (sharp edges, against blur)
+    vae_anchor_weight: float = 1.0  # latent channels 0-2 ~ the image average-pooled to the latent grid
     # DiT (SD3 MMDiT-X) and its pretraining
     dit_width: int = 128
     dit_heads: int = 4
@@ -90,12 +95,16 @@ class ShapesBaseConfig:
     dit_dual_layers: tuple[int, ...] = (0, 1)
     context_dim: int = 64  # joint_attention_dim: what the SCB's context head produces
     pooled_dim: int = 64  # pooled_projection_dim
-    scheduler_shift: float = 1.0
-    dit_steps: int = 1500
+    scheduler_shift: float = 3.0  # DeepGen / SD3.5: high noise levels, where the layout is decided, get more steps
+    dit_steps: int = 2000
     dit_batch: int = 32
     dit_lr: float = 1e-3
-    dit_edit_every: int = 3  # one edit micro-batch in every 3 (1 edit : 2 T2I, as DeepGen's SFT)
+    dit_edit_every: int = 2  # one edit micro-batch in every 2 (the Kontext-style init is edit-capable)
+    dit_copy_fraction: float = 0.25  # edit samples whose instruction is "" and target the source itself
     dit_condition_dropout: float = 0.1
+    dit_foreground_weight: float = 4.0  # extra loss weight on the latent cells a shape covers (~4 % of the image)
+    dit_timesteps: str = "uniform"  # uniform index into the shifted grid (DeepGen) or "logit_normal" (SD3)
+    dit_latents: str = "sample"  # "sample": posterior samples (DeepGen); "mean": posterior means
     # VLM
     vlm_hidden: int = 64
     vlm_layers: int = 4
@@ -178,7 +187,9 @@ def make_shapes_data(cfg: ShapesBaseConfig) -> ShapesData:
 
 # ------------------------------------------------------------------------------------------------- VAE
 def shapes_vae(cfg: ShapesBaseConfig):
-    """A 16-channel, 8x-down AutoencoderKL small enough to train on a CPU in minutes.
+    """A 16-channel AutoencoderKL small enough to train on a CPU in minutes: 4x down with the default 3 blocks
+    (64 px -> 16x16 latents). An 8x-down VAE (4 blocks, 8x8 latents) stayed blurry (shape accuracy of its
+    reconstructions ~40 %) for the ~1k steps a CPU budget allows; 4x down reaches ~90 % in 900 steps.
 
     ``norm_num_groups=1``: with one or two channels per group, GroupNorm removes each channel's per-image level,
     which is exactly the flat background colour of this world (the decoder then barely depends on the latents).
@@ -221,11 +232,17 @@ def _foreground(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(vae, pixels: torch.Tensor, cfg: ShapesBaseConfig, log=None) -> dict:
-    """L1 + MSE (shape pixels weighted up) + a small KL, AdamW, one-cycle LR. Returns the last losses."""
+    """L1 + MSE (shape pixels weighted up) + an edge term + a latent anchor + a small KL; AdamW, one-cycle LR.
+
+    From scratch, a conv autoencoder first learns blurry blobs (low frequencies come first); two terms make it
+    sharp within a CPU budget: the L1 of the pixel differences' error (edges), and an anchor that asks latent
+    channels 0-2 to hold the image average-pooled to the latent grid (colours and positions are then easy for
+    the encoder; SD's latents look like a small image too). Returns the last losses."""
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
     foreground = _foreground(pixels)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
     vae.train()
     stats = {}
     for step in range(cfg.vae_steps):
@@ -237,14 +254,17 @@ def train_vae(vae, pixels: torch.Tensor, cfg: ShapesBaseConfig, log=None) -> dic
         error = reconstruction - x
         l1 = (error.abs() * weight).mean()
         mse = (error.square() * weight).mean()
+        edges = (error[..., :, 1:] - error[..., :, :-1]).abs().mean() + (error[..., 1:, :] - error[..., :-1, :]).abs().mean()
+        anchor = (posterior.mean[:, :3] - F.avg_pool2d(x, factor)).square().mean()
         kl = posterior.kl().mean() / posterior.mean[0].numel()
-        loss = l1 + mse + cfg.vae_kl_weight * kl
+        loss = l1 + mse + cfg.vae_edge_weight * edges + cfg.vae_anchor_weight * anchor + cfg.vae_kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        stats = {"step": step + 1, "l1": float(l1), "mse": float(mse), "kl_per_element": float(kl)}
+        stats = {"step": step + 1, "l1": l1.item(), "mse": mse.item(), "edges": edges.item(), "anchor": anchor.item(),
+                 "kl_per_element": kl.item()}
         if log is not None and (step % 50 == 0 or step + 1 == cfg.vae_steps):
             log("vae", stats)
     vae.eval()
@@ -272,12 +292,13 @@ def set_latent_statistics(vae, means: torch.Tensor) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------------- DiT
 def shapes_transformer(cfg: ShapesBaseConfig):
-    """SD3 MMDiT-X at toy size: patch 2 (8x8 latents = 16 tokens), dual attention in the first blocks, qk
-    RMSNorm, a 16x16-patch position table (images up to 256 px)."""
+    """SD3 MMDiT-X at toy size: patch 2 (16x16 latents = 64 image tokens of 2x2x16 values; with patch 4 the
+    256 values of a token do not fit through a 128-wide model), dual attention in the first blocks, qk RMSNorm,
+    a 32x32-patch position table (images up to 256 px)."""
     from diffusers import SD3Transformer2DModel
 
     return SD3Transformer2DModel(
-        sample_size=cfg.image_size // 8,
+        sample_size=cfg.image_size // 2 ** (len(cfg.vae_channels) - 1),
         patch_size=2,
         in_channels=16,
         out_channels=16,
@@ -287,7 +308,7 @@ def shapes_transformer(cfg: ShapesBaseConfig):
         joint_attention_dim=cfg.context_dim,
         caption_projection_dim=cfg.dit_width,
         pooled_projection_dim=cfg.pooled_dim,
-        pos_embed_max_size=16,
+        pos_embed_max_size=32,
         dual_attention_layers=tuple(cfg.dit_dual_layers),
         qk_norm="rms_norm",
     )
@@ -302,7 +323,11 @@ def shapes_scheduler(cfg: ShapesBaseConfig):
 class PromptEncoder(nn.Module):
     """The DiT's own conditioning during pretraining (SD3's text encoders' role): token embeddings of the
     world tokenizer + learned positions + one bidirectional transformer layer -> context (B, 1 + L,
-    context_dim) and pooled (B, pooled_dim). A learned start token is always first, so "" has a condition."""
+    context_dim) and pooled (B, pooled_dim), a learned start token first.
+
+    The null condition of "" (caption dropout, the CFG negative) is all zeros, of a random number of context
+    tokens in pretraining: a fresh bridge (official zero-init heads) then hands the pretrained DiT exactly its
+    unconditional input, so stage 1 starts from the unconditional model instead of an input the DiT never saw."""
 
     def __init__(self, vocab_size: int, context_dim: int, pooled_dim: int, max_length: int = 32) -> None:
         super().__init__()
@@ -326,13 +351,26 @@ class PromptEncoder(nn.Module):
             mask[row, : len(seq)] = True
         return input_ids, mask
 
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, null_lengths: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows with no token ("") get the null condition: ``null_lengths[row]`` all-zero context tokens (default
+        1) and a zero pooled vector, which is exactly what a fresh SCB with zero heads hands the DiT."""
         batch, length = input_ids.shape
         x = torch.cat([self.start.expand(batch, 1, -1), self.embed(input_ids)], dim=1) + self.position[: length + 1]
         mask = torch.cat([torch.ones(batch, 1, dtype=torch.bool, device=mask.device), mask], dim=1)
         context = self.encoder(x, src_key_padding_mask=~mask)
         weights = mask.unsqueeze(-1).to(context.dtype)
         pooled = self.pooled((context * weights).sum(1) / weights.sum(1))
+        null = mask.sum(1) == 1
+        if bool(null.any()):
+            keep = (~null).to(context.dtype)
+            context = context * keep.view(-1, 1, 1)
+            pooled = pooled * keep.view(-1, 1)
+            if null_lengths is not None:
+                count = null_lengths.clamp(1, length + 1).view(-1, 1)
+                positions = torch.arange(length + 1, device=mask.device).view(1, -1)
+                mask = torch.where(null.view(-1, 1), positions < count, mask)
         return context, pooled, mask
 
 
@@ -342,14 +380,25 @@ def _training_sigmas(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
     return table.timesteps.float(), table.sigmas[: len(table.timesteps)].float()
 
 
-def _flow_matching_step(dit, encoder, tokens, mask, x0, references, generator, timesteps, sigmas):
-    index = torch.randint(0, len(timesteps), (x0.shape[0],), generator=generator)
+def _flow_matching_step(dit, encoder, tokens, mask, x0, references, weight, generator, timesteps, sigmas, sampling):
+    """One flow-matching loss: x_sigma = (1 - sigma) x0 + sigma eps, target eps - x0, per-element ``weight``."""
+    null_lengths = torch.randint(1, tokens.shape[1] + 2, (x0.shape[0],), generator=generator)
+    if sampling == "logit_normal":
+        u = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
+    else:
+        u = torch.rand(x0.shape[0], generator=generator)
+    index = (u * len(timesteps)).long().clamp(0, len(timesteps) - 1)
     sigma = sigmas[index].view(-1, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=generator)
     noisy = (1 - sigma) * x0 + sigma * noise
-    context, pooled, context_mask = encoder(tokens, mask)
+    context, pooled, context_mask = encoder(tokens, mask, null_lengths)
     prediction = dit(noisy, timesteps[index], context, pooled, references, context_mask=context_mask)
-    return (prediction - (noise - x0)).square().mean()
+    return ((prediction - (noise - x0)).square() * weight).mean() / weight.mean()
+
+
+def latent_foreground(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """(N, 1, H/f, W/f) in [0, 1]: the share of each latent cell covered by a shape, dilated by one cell."""
+    return F.max_pool2d(F.avg_pool2d(_foreground(pixels), factor), 3, stride=1, padding=1)
 
 
 def pretrain_dit(
@@ -365,8 +414,10 @@ def pretrain_dit(
 ) -> dict:
     """Flow matching on T2I and edits (one edit micro-batch every ``dit_edit_every``), DeepGen's objective:
     x_sigma = (1 - sigma) x0 + sigma eps, target eps - x0, sigma from a uniform index into the shifted training
-    grid. Latents are posterior samples (mean + std * eps) of the cached encodings. T2I captions are dropped
-    to "" with probability ``dit_condition_dropout`` (the CFG null condition)."""
+    grid (``dit_timesteps: uniform``) or SD3's logit-normal sigmas. Latents are posterior samples (mean + std *
+    eps) of the cached encodings. The loss weighs the latent cells a shape covers ``1 + dit_foreground_weight``
+    (a shape is ~4 % of the image: unweighted, 600 steps learn the backgrounds and leave only specks of shapes).
+    T2I captions are dropped to "" with probability ``dit_condition_dropout`` (the CFG null condition)."""
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     params = list(dit.parameters()) + list(encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.dit_lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -380,6 +431,8 @@ def pretrain_dit(
     edit_tokens = encoder.tokenize(tokenizer, instructions)
 
     def sample(mean, std, index):
+        if cfg.dit_latents == "mean":
+            return mean[index]
         return mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
 
     dit.train()
@@ -392,6 +445,14 @@ def pretrain_dit(
             tokens, mask = edit_tokens[0][index], edit_tokens[1][index]
             x0 = sample(latents["target_mean"], latents["target_std"], index)
             references = sample(latents["source_mean"], latents["source_std"], index)
+            foreground = latents["target_fg"][index]
+            # Copy samples: no instruction -> reproduce the reference. This teaches the position-wise copy an edit
+            # needs, and makes "" + reference (the CFG negative of an edit) mean "no change".
+            copy = torch.rand(cfg.dit_batch, generator=generator) < cfg.dit_copy_fraction
+            tokens = torch.where(copy[:, None], torch.zeros_like(tokens), tokens)
+            mask = mask & ~copy[:, None]
+            x0 = torch.where(copy.view(-1, 1, 1, 1), sample(latents["source_mean"], latents["source_std"], index), x0)
+            foreground = torch.where(copy.view(-1, 1, 1, 1), latents["source_fg"][index], foreground)
         else:
             tokens, mask = t2i_tokens[0][index], t2i_tokens[1][index]
             drop = torch.rand(cfg.dit_batch, generator=generator) < cfg.dit_condition_dropout
@@ -399,13 +460,16 @@ def pretrain_dit(
             mask = mask & ~drop[:, None]  # "" = the start token alone
             x0 = sample(latents["t2i_mean"], latents["t2i_std"], index)
             references = None
-        loss = _flow_matching_step(dit, encoder, tokens, mask, x0, references, generator, timesteps, sigmas)
+            foreground = latents["t2i_fg"][index]
+        weight = 1.0 + cfg.dit_foreground_weight * foreground
+        loss = _flow_matching_step(dit, encoder, tokens, mask, x0, references, weight, generator, timesteps, sigmas,
+                                   cfg.dit_timesteps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         stats = {"step": step + 1, "loss_avg50": float(np.mean(losses[-50:])), "lr": schedule.get_last_lr()[0]}
         if log is not None and (step % 100 == 0 or step + 1 == cfg.dit_steps):
             log("dit", stats)
@@ -414,37 +478,69 @@ def pretrain_dit(
     return stats
 
 
-@torch.no_grad()
-def sample_with_encoder(
-    dit: ConditionedDiT,
-    encoder: PromptEncoder,
-    tokenizer,
-    scheduler,
-    prompts: list[str],
-    *,
-    references: torch.Tensor | None = None,
-    steps: int = 20,
-    guidance_scale: float = 4.0,
-    seed: int = 0,
-    shape: tuple[int, int, int] = (16, 8, 8),
-) -> torch.Tensor:
-    """FlowMatch Euler + CFG with the pretraining encoder (to measure the base DiT before any bridge exists).
-    Returns normalised latents."""
-    tokens, mask = encoder.tokenize(tokenizer, prompts)
-    null_tokens, null_mask = encoder.tokenize(tokenizer, [""] * len(prompts))
-    null_tokens = F.pad(null_tokens, (0, tokens.shape[1] - null_tokens.shape[1]))
-    null_mask = F.pad(null_mask, (0, mask.shape[1] - null_mask.shape[1]))
-    context, pooled, context_mask = encoder(torch.cat([null_tokens, tokens]), torch.cat([null_mask, mask]))
-    refs = None if references is None else torch.cat([references, references])
-    generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn((len(prompts), *shape), generator=generator)
-    timesteps, sigmas = flow_match_sigmas(scheduler, steps)
-    for i in range(len(timesteps)):
-        t = timesteps[i].expand(2 * len(prompts))
-        velocity = dit(torch.cat([latents, latents]), t, context, pooled, refs, context_mask=context_mask)
-        uncond, cond = velocity.chunk(2)
-        latents = euler_step(latents, guidance(uncond, cond, guidance_scale), sigmas[i], sigmas[i + 1])
-    return latents
+class PromptEncoderPipeline:
+    """The base DiT driven by its own :class:`PromptEncoder`, with the ``DeepGenPipeline`` call signature (T2I,
+    and editing with ``image=``): FlowMatch Euler + CFG against "" on the same grid and from the same initial
+    noise as the pipeline, so the base DiT is measured by the same evaluation as every later stage."""
+
+    def __init__(self, dit: ConditionedDiT, encoder: PromptEncoder, tokenizer, vae, scheduler, image_size: int) -> None:
+        from types import SimpleNamespace
+
+        self.dit, self.encoder, self.tokenizer, self.vae, self.scheduler = dit, encoder, tokenizer, vae, scheduler
+        self.model = SimpleNamespace(config=SimpleNamespace(image_size=image_size))
+
+    @classmethod
+    def from_base(cls, base_dir: str | Path) -> PromptEncoderPipeline:
+        from deepgen_components.pipeline import DeepGenPipeline
+
+        model = DeepGenPipeline.from_pretrained(Path(base_dir) / "pipeline").model
+        saved = torch.load(Path(base_dir) / "prompt_encoder.pt", weights_only=True)
+        cfg = model.dit.config
+        encoder = PromptEncoder(saved["vocab_size"], cfg.joint_attention_dim, cfg.pooled_projection_dim)
+        encoder.load_state_dict(saved["encoder"])
+        return cls(model.dit, encoder.eval(), model.tokenizer, model.vae, model.scheduler, model.config.image_size)
+
+    def _latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        return (self.vae.encode(pixels).latent_dist.mean - cfg.shift_factor) * cfg.scaling_factor
+
+    @torch.no_grad()
+    def __call__(self, prompt, image=None, *, num_inference_steps: int = 20, guidance_scale: float = 4.0,
+                 generator: torch.Generator | None = None, height: int | None = None, width: int | None = None,
+                 **_ignored):
+        from types import SimpleNamespace
+
+        from deepgen_components.processing import pixels_to_pil
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        size = self.model.config.image_size
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        tokens, mask = self.encoder.tokenize(self.tokenizer, prompts)
+        null_tokens = torch.zeros_like(tokens)
+        null_mask = torch.zeros_like(mask)  # "": the start token alone
+        context, pooled, context_mask = self.encoder(torch.cat([null_tokens, tokens]), torch.cat([null_mask, mask]))
+        references = None
+        if image is not None:
+            references = self._latents(torch.stack([pil_to_pixels(im) for im in image]))
+            references = torch.cat([references, references])
+        latents = torch.randn((len(prompts), 16, (height or size) // factor, (width or size) // factor),
+                              generator=generator)
+        timesteps, sigmas = flow_match_sigmas(self.scheduler, num_inference_steps)
+        for i in range(len(timesteps)):
+            t = timesteps[i].expand(2 * len(prompts))
+            velocity = self.dit(torch.cat([latents, latents]), t, context, pooled, references, context_mask=context_mask)
+            uncond, cond = velocity.chunk(2)
+            latents = euler_step(latents, guidance(uncond, cond, guidance_scale), sigmas[i], sigmas[i + 1])
+        cfg = self.vae.config
+        pixels = self.vae.decode(latents / cfg.scaling_factor + cfg.shift_factor).sample
+        return SimpleNamespace(images=pixels_to_pil(pixels))
+
+
+def evaluate_base(base_dir: str | Path, evals, **kwargs):
+    """The held-out evaluation of the base DiT under its own prompt encoder (the level stage 1 can reach)."""
+    from deepgen_components.training.shapes_eval import evaluate_pipeline
+
+    return evaluate_pipeline(PromptEncoderPipeline.from_base(base_dir), evals, keep_images=True, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------- VLM
@@ -475,7 +571,7 @@ def pretrain_vlm_lm(vlm, tokenizer, texts: list[str], cfg: ShapesBaseConfig, log
         torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        stats = {"step": step + 1, "loss": float(loss)}
+        stats = {"step": step + 1, "loss": loss.item()}
         if log is not None and (step % 50 == 0 or step + 1 == cfg.lm_steps):
             log("vlm_lm", stats)
     vlm.eval()
@@ -483,7 +579,7 @@ def pretrain_vlm_lm(vlm, tokenizer, texts: list[str], cfg: ShapesBaseConfig, log
 
 
 def lm_texts(captions: list[str], instructions: list[str]) -> list[str]:
-    from deepgen_components.processing import USER_TURN
+    from deepgen_components.conventions import USER_TURN
 
     return [t2i_prompt(c) for c in captions] + [USER_TURN.format(content=f"\n{i}") for i in instructions]
 
@@ -545,6 +641,10 @@ def build_base(cfg: ShapesBaseConfig, out: str | Path, log=None) -> dict:
     for name, (m, s) in {"t2i": (t2i_mean, t2i_std), "source": (source_mean, source_std),
                          "target": (target_mean, target_std)}.items():
         latents[f"{name}_mean"], latents[f"{name}_std"] = norm(m, s)
+    factor = 2 ** (len(cfg.vae_channels) - 1)
+    latents["t2i_fg"] = latent_foreground(data.t2i_pixels, factor)
+    latents["target_fg"] = latent_foreground(data.edit_targets, factor)
+    latents["source_fg"] = latent_foreground(data.edit_sources, factor)
     report["vae"].update(shift_factor=shift, scaling_factor=scale, parameters=sum(p.numel() for p in vae.parameters()))
     report["seconds"]["vae"] = time.perf_counter() - start
 

@@ -1,0 +1,117 @@
+"""``deepgen shapes``: the shapes-world chain (base models -> stages 1-3 -> held-out evaluation after each).
+
+The chain runs for real at its ``--quick`` budgets (a few optimiser steps per part, 2 Euler steps in the
+evaluations), so these tests check the plumbing — every stage trains through our recipes, hands its
+checkpoint to the next, is evaluated on the fixed prompt set, resumes — not the accuracy numbers, which need
+the full ~38-minute run (docs/shapes.md). The base-model pieces are checked against the properties the chain
+relies on.
+"""
+
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+from deepgen_components.training.shapes_base import (
+    PromptEncoder,
+    ShapesBaseConfig,
+    latent_foreground,
+    shapes_tokenizer,
+)
+from deepgen_components.training.shapes_cli import QUICK_OVERRIDES, STAGES, run_shapes
+from deepgen_components.training.shapes_eval import eval_set
+
+from deepgen_components.cli import main
+from deepgen_components.shapes import ShapesWorld
+
+ROWS = [
+    "base DiT (own prompt encoder)",
+    "stage-1 start (zero heads)",
+    "after stage 1 (align)",
+    "after stage 2 (sft)",
+    "after stage 3 (rl)",
+]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    out = tmp_path_factory.mktemp("shapes")
+    report = run_shapes(out, quick=True)
+    return out, report
+
+
+def test_quick_overrides_name_real_config_fields():
+    names = {f.name for f in fields(ShapesBaseConfig)}
+    assert set(QUICK_OVERRIDES["base"]) <= names
+
+
+def test_every_stage_trains_and_is_evaluated_on_the_fixed_set(quick_run):
+    out, report = quick_run
+    assert list(report["results"]) == ROWS
+    for stage in STAGES:
+        assert (out / stage / "pipeline" / "model_index.json").is_file(), stage
+        assert (out / stage / "checkpoints").is_dir(), stage
+    evals = eval_set(heldout=QUICK_OVERRIDES["eval"]["heldout"], seen=QUICK_OVERRIDES["eval"]["seen"],
+                     edits=QUICK_OVERRIDES["eval"]["edits"])
+    for name, scores in report["results"].items():
+        assert scores["n_t2i"] == len(evals.prompts) and scores["n_edits"] == len(evals.edits), name
+        for attribute in ("color", "shape", "position", "background", "all"):
+            assert 0.0 <= scores["t2i"][attribute] <= 1.0, (name, attribute)
+    # each stage starts from the previous one: stage 2's config points at stage 1's checkpoints, stage 3's at 2's
+    sft = (out / "sft" / "config.yaml").read_text()
+    rl = (out / "rl" / "config.yaml").read_text()
+    assert str(out / "align" / "checkpoints") in sft and str(out / "sft" / "checkpoints") in rl
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["table"] == report["table"] and (out / "report.md").read_text().startswith("| model |")
+    for grid in ("t2i_heldout.png", "edits_heldout.png", "legend.json"):
+        assert (out / "images" / grid).is_file(), grid
+
+
+def test_a_finished_run_is_not_retrained(quick_run):
+    out, _ = quick_run
+    stamps = {stage: (out / stage / "pipeline" / "model_index.json").stat().st_mtime_ns for stage in STAGES}
+    base = (out / "base" / "pipeline" / "model_index.json").stat().st_mtime_ns
+    report = run_shapes(out, quick=True)
+    assert list(report["results"]) == ROWS
+    assert stamps == {stage: (out / stage / "pipeline" / "model_index.json").stat().st_mtime_ns for stage in STAGES}
+    assert base == (out / "base" / "pipeline" / "model_index.json").stat().st_mtime_ns
+
+
+def test_the_cli_resumes_the_chain_and_prints_the_table(quick_run, capsys):
+    out, _ = quick_run
+    assert main(["shapes", "--out", str(out), "--quick", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "| after stage 3 (rl) |" in printed and "[eval] after stage 1 (align)" in printed
+
+
+def test_the_prompt_encoders_null_condition_is_what_a_zero_head_bridge_gives():
+    """"" -> all-zero context and pooled vector: a fresh SCB (zero heads) hands the base DiT exactly the
+    unconditional input it was pretrained with, so stage 1 starts from the unconditional model."""
+    torch.manual_seed(0)
+    tokenizer = shapes_tokenizer()
+    encoder = PromptEncoder(len(tokenizer), 16, 8)
+    ids, mask = encoder.tokenize(tokenizer, ["a red circle on the left on a gray background", ""])
+    context, pooled, context_mask = encoder(ids, mask, null_lengths=torch.tensor([1, 3]))
+    assert context[1].abs().max() == 0 and pooled[1].abs().max() == 0
+    assert context[0].abs().max() > 0 and pooled[0].abs().max() > 0
+    assert context_mask[1].sum() == 3 and context_mask[0].sum() == mask[0].sum() + 1
+
+
+def test_the_world_tokenizer_keeps_world_words_whole_and_still_encodes_other_text():
+    tokenizer = shapes_tokenizer()
+    caption = ShapesWorld(64).t2i_sample(0)[1]
+    ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(caption.split())
+    other = "Zebra 42 ünïcode"
+    assert tokenizer.decode(tokenizer(other, add_special_tokens=False)["input_ids"]) == other
+    assert tokenizer.padding_side == "left"
+
+
+def test_latent_foreground_marks_the_cells_a_shape_covers():
+    world = ShapesWorld(64, seed=0)
+    image, _ = world.t2i_sample(0)
+    pixels = torch.from_numpy(__import__("numpy").asarray(image, dtype="float32")).permute(2, 0, 1)[None] / 127.5 - 1
+    cells = latent_foreground(pixels, 4)
+    assert cells.shape == (1, 1, 16, 16)
+    assert 0 < float((cells > 0).float().mean()) < 0.5  # the shape, dilated by a cell, not the background
