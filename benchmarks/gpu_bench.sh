@@ -10,7 +10,7 @@
 # Budget: under 8 minutes (each part capped with `timeout`; a failing part never stops the others).
 # Results: OUTDIR/summary.md, OUTDIR/tables.md (every bench table) and OUTDIR/results.tgz (JSON, logs, plots) —
 # few files, as the device tool brings back at most 8. Smoke test on a CPU:
-#   PRESET=tiny DEVICE=cpu DTYPE=float32 RES=64 HIRES=128 bash benchmarks/gpu_bench.sh /tmp/gb
+#   PRESET=tiny EXPORT_PRESET=tiny EXPORT_RES=64 DEVICE=cpu DTYPE=float32 RES=64 HIRES=128 bash benchmarks/gpu_bench.sh /tmp/gb
 set -u
 OUTDIR="${1:?usage: bash benchmarks/gpu_bench.sh OUTDIR}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -61,6 +61,17 @@ timeout 90 "$PY" -m deepgen_components.cli bench --preset "$PRESET" --device "$D
     --modes eager --resolution "$RES" --batch 1 --no-e2e --repeats 5 --resolutions "$SWEEP" --batches 1,2,4,8 \
     --out "$OUT/deepgen1_sweep" >"$OUT/deepgen1_sweep.log" 2>&1
 note "- sweeps: exit $? (deepgen1_sweep/)"
+
+# 5. The exported modes: ONNX Runtime (CUDA EP when onnxruntime-gpu is there) and TensorRT, or a "not available"
+#    row each, against eager in the same run; the small preset in fp32 keeps the export inside the cap.
+if [ $(( $(date +%s) - START )) -lt 390 ]; then  # only inside the 8-minute budget (cap 90 s)
+    timeout 90 "$PY" -m deepgen_components.cli bench --preset "${EXPORT_PRESET:-small}" --device "$DEVICE" --dtype float32 \
+        --modes eager,onnxruntime,tensorrt --resolution "${EXPORT_RES:-256}" --batch 1 --steps 20 --repeats 5 --warmup 2 \
+        --out "$OUT/deepgen1_exported" >"$OUT/deepgen1_exported.log" 2>&1
+    note "- exported modes (onnxruntime, tensorrt): exit $? (deepgen1_exported/)"
+else
+    note "- exported modes: skipped (past 390 s of the 8-minute budget)"
+fi
 
 note "- total $(( $(date +%s) - START )) s"
 for f in "$OUT"/deepgen1_*/bench.md; do [ -f "$f" ] && { echo; echo "## $(basename "$(dirname "$f")")"; cat "$f"; }; done >"$OUTDIR/tables.md"

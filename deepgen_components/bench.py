@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BenchConfig", "Row", "add_commands", "measure_matmul_peak", "run_suite", "time_fn"]
+__all__ = ["MODES", "BenchConfig", "Row", "add_commands", "measure_matmul_peak", "run_suite", "time_fn"]
 
 logger = logging.getLogger(__name__)
 
 TORCH_MODES = ("eager", "kernels", "compile", "compile+graphs")
+EXPORTED_MODES = ("onnxruntime", "tensorrt")  # the model exported to ONNX, run outside PyTorch
+MODES = TORCH_MODES + EXPORTED_MODES
 
 
 @dataclass
@@ -46,6 +48,7 @@ class BenchConfig:
     e2e: bool = True
     seed: int = 0
     threads: int | None = None
+    export_dir: str | None = None  # where the exported modes keep their ONNX files (default: a temporary folder)
 
 
 @dataclass
@@ -237,8 +240,10 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     for mode in cfg.modes:
-        if mode not in TORCH_MODES:
-            raise ValueError(f"modes: {mode!r} is not one of {TORCH_MODES}")
+        if mode not in MODES:
+            raise ValueError(f"modes: {mode!r} is not one of {', '.join(MODES)}")
+    torch_modes = tuple(m for m in cfg.modes if m in TORCH_MODES)
+    exported_modes = tuple(m for m in cfg.modes if m in EXPORTED_MODES)
     result = SuiteResult(cfg, environment(device))
     peak = measure_matmul_peak(device, dtype) if dtype != torch.float32 else measure_matmul_peak(device, torch.float32)
     result.environment["matmul_peak_tflops"] = peak
@@ -290,7 +295,7 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
                         flops, (flops / (ms / 1000) / 1e12) if flops else None, (eager_ms / ms) if eager_ms else None,
                         compile_s, tokens))
 
-        dit_rows(cfg.resolution, cfg.batch, cfg.modes)
+        dit_rows(cfg.resolution, cfg.batch, torch_modes)
 
         # VAE decode.
         scale = model.vae_scale_factor
@@ -302,7 +307,7 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
         # End to end, per mode.
         if cfg.e2e:
             eager_ms = None
-            for mode in cfg.modes:
+            for mode in torch_modes:
                 pipe.optimize(mode)
                 call = lambda: pipe(prompts, height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.steps,
                                     guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(0),
@@ -320,6 +325,9 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
                         compile_s=max(0.0, first - ms / 1000)))
             pipe.optimize("eager")
 
+        if exported_modes:
+            _exported_rows(cfg, model, exported_modes, result, add, do_cfg, device)
+
         # Sweeps: how one DiT step grows with image tokens and batch.
         for resolution in cfg.resolutions:
             if resolution != cfg.resolution:
@@ -329,6 +337,138 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
                 dit_rows(cfg.resolution, batch, (cfg.sweep_mode,))
     result.fits = fit_scaling([r for r in result.rows if r.stage == "dit_step" and r.mode == cfg.sweep_mode])
     return result
+
+
+def _exported_rows(cfg: BenchConfig, model, modes, result: SuiteResult, add, do_cfg: bool, device) -> None:
+    """ONNX Runtime / TensorRT rows: the model exported (condition encoder, DiT, VAE decoder) at the benchmark's
+    resolution and batch, then the same stages and end to end as the PyTorch rows, each with its ratio against the
+    eager row of this run. A backend that cannot run here gets one row with ``note`` saying why (``ms`` NaN)."""
+    import tempfile
+
+    import numpy as np
+
+    eager = {(r.stage, r.resolution, r.batch): r.ms for r in result.rows if r.mode == "eager"}
+    folder_holder = None
+    if cfg.export_dir:
+        folder = Path(cfg.export_dir)
+    else:
+        folder_holder = tempfile.TemporaryDirectory(prefix="deepgen-bench-")
+        folder = Path(folder_holder.name)
+    folder = folder / f"{cfg.preset}_{cfg.resolution}px_b{cfg.batch}_{cfg.dtype}"
+
+    def unavailable(mode: str, why: str) -> None:
+        add(Row(cfg.preset, mode, "all", cfg.resolution, cfg.batch, do_cfg, None, float("nan"), note=f"not available: {why}"))
+
+    try:
+        pipelines = {}
+        for mode in modes:
+            if mode == "onnxruntime":
+                try:
+                    import onnxruntime as ort
+                except ImportError:
+                    unavailable(mode, "onnxruntime is not installed")
+                    continue
+                cuda = device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
+                if device.type == "cuda" and not cuda:
+                    unavailable(mode, "this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+                    continue
+                if cfg.dtype == "bfloat16" and not cuda:
+                    unavailable(mode, "bfloat16 graphs do not run on the CPU execution provider")
+                    continue
+                pipelines[mode] = ("CUDAExecutionProvider" if cuda else "CPUExecutionProvider", None)
+            else:
+                status = _tensorrt_status()
+                if not status.get("import"):
+                    unavailable(mode, f"import tensorrt failed ({status.get('error') or 'not installed'})")
+                    continue
+                if device.type != "cuda":
+                    unavailable(mode, "TensorRT needs a CUDA device")
+                    continue
+                pipelines[mode] = ("tensorrt", None)
+        if not pipelines:
+            return
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            from deepgen_components.export.exporter import export_model
+            from deepgen_components.export.specs import ExportRanges
+
+            texts = [_prompt(cfg.prompt_tokens)] * cfg.batch + ([""] * cfg.batch if do_cfg else [])
+            length = int(model.prepare_prompts(texts).input_ids.shape[1])  # the chat text's tokens, as benchmarked
+            ranges = ExportRanges(min_size=cfg.resolution, max_size=cfg.resolution, max_batch=cfg.batch,
+                                  max_prompt_tokens=length + 8, opt_batch=cfg.batch, opt_prompt_tokens=length)
+            started = time.perf_counter()
+            export_model(model, folder, stages=("condition_encoder", "dit", "vae_decoder"), ranges=ranges,
+                         progress=False, source={"preset": cfg.preset, "benchmark": True})
+            result.environment["export_seconds"] = time.perf_counter() - started
+        prompts = [_prompt(cfg.prompt_tokens)] * cfg.batch
+        for mode, (provider, _) in pipelines.items():
+            if mode == "onnxruntime":
+                from deepgen_components.export.onnx_pipeline import OnnxDeepGenPipeline
+
+                staged = OnnxDeepGenPipeline(folder, providers=[provider], intra_op_num_threads=cfg.threads)
+                note = provider
+            else:
+                from deepgen_components.export.tensorrt import TensorRTDeepGenPipeline
+
+                staged = TensorRTDeepGenPipeline(folder)
+                note = "TensorRT engines built from the ONNX files"
+            staged.set_progress_bar_config(disable=True)
+            latent = cfg.resolution // model.vae_scale_factor
+            generator = np.random.default_rng(cfg.seed)
+            start_noise = generator.standard_normal((cfg.batch, model.latent_channels, latent, latent)).astype(np.float32)
+            kwargs = dict(height=cfg.resolution, width=cfg.resolution, guidance_scale=cfg.guidance_scale,
+                          latents=start_noise, output_type="np")
+            # Per stage, through the staged pipeline's own stage calls.
+            texts = prompts + [""] * cfg.batch if do_cfg else prompts
+            stage_feeds = _stage_feeds(staged, texts, start_noise, do_cfg)
+            for stage, (name, feeds) in stage_feeds.items():
+                ms, spread = time_fn(lambda n=name, f=feeds, sp=staged: sp._stage(n, f), device, warmup=cfg.warmup,
+                                     repeats=cfg.repeats)
+                ref = eager.get((stage, cfg.resolution, cfg.batch))
+                add(Row(cfg.preset, mode, stage, cfg.resolution, cfg.batch, do_cfg, None, ms, spread,
+                        ratio_vs_eager=(ref / ms) if ref else None, note=note))
+            if cfg.e2e:
+                call = lambda sp=staged, kw=kwargs: sp(prompts, num_inference_steps=cfg.steps, **kw)  # noqa: E731
+                started = time.perf_counter()
+                call()
+                _sync(device)
+                first = time.perf_counter() - started
+                ms, spread = time_fn(call, device, warmup=1, repeats=max(3, cfg.repeats // 3))
+                ref = eager.get(("end_to_end", cfg.resolution, cfg.batch))
+                add(Row(cfg.preset, mode, "end_to_end", cfg.resolution, cfg.batch, do_cfg, cfg.steps, ms, spread,
+                        ratio_vs_eager=(ref / ms) if ref else None, compile_s=max(0.0, first - ms / 1000), note=note))
+    finally:
+        if folder_holder is not None:
+            folder_holder.cleanup()
+
+
+def _stage_feeds(staged, texts, start_noise, do_cfg: bool) -> dict:
+    """{row stage: (export stage, feeds)} for the condition encoder, one DiT step (the CFG batch) and the VAE
+    decoder, made with the staged pipeline's own preprocessing and dtypes, so the feeds are what its loop runs."""
+    import numpy as np
+
+    tokens = staged.processor(texts)
+    condition_feeds = {
+        "input_ids": tokens.input_ids,
+        "attention_mask": tokens.attention_mask,
+        "position_ids": tokens.position_ids,
+        "image_features": staged._image_features(tokens).astype(staged._float_dtype("condition_encoder")),
+    }
+    condition_feeds = {k: staged._asarray(v) for k, v in condition_feeds.items()}
+    condition = staged._stage("condition_encoder", condition_feeds)
+    dit_dtype = staged._float_dtype("dit")
+    noise = start_noise.astype(dit_dtype)
+    latents = staged._asarray(np.concatenate([noise, noise]) if do_cfg else noise)
+    dit_feeds = {"hidden_states": latents, "encoder_hidden_states": condition["context"], "pooled": condition["pooled"],
+                 "timestep": staged._asarray(np.full((latents.shape[0],), 500.0, dtype=np.float32))}
+    if staged.config["mask_padding"]:
+        dit_feeds["context_mask"] = condition["mask"]
+    decoder_feeds = {"latents": staged._asarray(start_noise.astype(staged._float_dtype("vae_decoder")))}
+    return {
+        "condition": ("condition_encoder", condition_feeds),
+        "dit_step": ("dit", dit_feeds),
+        "vae_decode": ("vae_decoder", decoder_feeds),
+    }
 
 
 def _repeat_rows(condition, batch: int, base: int, do_cfg: bool):
@@ -396,15 +536,15 @@ def fit_scaling(rows: list[Row]) -> dict:
 
 def markdown_table(result: SuiteResult) -> str:
     lines = [
-        "| preset | mode | stage | res | batch | CFG | ms (median) | spread | peak GiB | TFLOP/s | vs eager | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | mode | stage | res | batch | CFG | ms (median) | spread | peak GiB | TFLOP/s | vs eager | compile s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v, p=2: "" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
     for r in result.rows:
         lines.append(
             f"| {r.preset} | {r.mode} | {r.stage}{'' if r.steps is None else f' ({r.steps} steps)'} | {r.resolution} | "
             f"{r.batch} | {'on' if r.cfg else 'off'} | {fmt(r.ms)} | {fmt(r.ms_spread)} | {fmt(r.peak_memory_gib)} | "
-            f"{'' if r.tflops is None else f'{r.tflops:.3g}'} | {fmt(r.ratio_vs_eager)} | {fmt(r.compile_s, 1)} |"
+            f"{'' if r.tflops is None else f'{r.tflops:.3g}'} | {fmt(r.ratio_vs_eager)} | {fmt(r.compile_s, 1)} | {r.note} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -462,7 +602,7 @@ def cmd_bench(args) -> int:
         resolution=args.resolution, batch=args.batch, steps=args.steps, guidance_scale=args.guidance,
         prompt_tokens=args.prompt_tokens, repeats=args.repeats, warmup=args.warmup,
         resolutions=_parse_ints(args.resolutions), batches=_parse_ints(args.batches), sweep_mode=args.sweep_mode,
-        e2e=not args.no_e2e, threads=args.threads,
+        e2e=not args.no_e2e, threads=args.threads, export_dir=args.export_dir,
     )
     result = run_suite(cfg)
     print(markdown_table(result))
@@ -481,7 +621,9 @@ def add_commands(sub) -> None:
     p.add_argument("--preset", default="tiny", help="tiny | small | deepgen-1.0 (random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
-    p.add_argument("--modes", default="eager,compile", help=f"comma list of {', '.join(TORCH_MODES)}")
+    p.add_argument("--modes", default="eager,compile", help=f"comma list of {', '.join(MODES)} (the last two run "
+                   "the model exported to ONNX; a backend missing here gets a 'not available' row)")
+    p.add_argument("--export-dir", default=None, help="keep the exported modes' ONNX files here (default: a temp dir)")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=20, help="denoising steps for the end-to-end rows")
