@@ -40,6 +40,16 @@ _EXPORTS = {
     "ThinkTokens": "think_tokens",
     "ThinkTokenVLM": "think_tokens",
     "VLMHiddenStates": "think_tokens",
+    # MR-GRPO (stage 3): sampler steps with log-probs, advantages, the loss; rewards live in .rewards
+    "cps_step": "sampling",
+    "flow_grpo_step": "sampling",
+    "MRGRPOLoss": "grpo",
+    "gdpo_advantages": "grpo",
+    "grpo_advantages": "grpo",
+    "rollout": "grpo",
+    # the shapes world (synthetic data + its deterministic evaluator)
+    "ShapesWorld": "shapes",
+    "ShapesEval": "shapes",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
@@ -53,9 +63,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     )
     from deepgen_components.connector import ConnectorConfig, ConnectorEncoder
     from deepgen_components.dit import ConditionedDiT, MaskedJointAttnProcessor
+    from deepgen_components.grpo import MRGRPOLoss, gdpo_advantages, grpo_advantages, rollout
     from deepgen_components.layers import LayerSelection
     from deepgen_components.model import DeepGenConfig, DeepGenModel, FlowMatchingOutput
     from deepgen_components.pipeline import DeepGenPipeline, DeepGenPipelineOutput
+    from deepgen_components.sampling import cps_step, flow_grpo_step
+    from deepgen_components.shapes import ShapesEval, ShapesWorld
     from deepgen_components.think_tokens import ThinkTokens, ThinkTokenVLM, VLMHiddenStates
 
 
@@ -96,4 +109,12 @@ __all__ = [
     "ThinkTokenVLM",
     "ThinkTokens",
     "VLMHiddenStates",
+    "MRGRPOLoss",
+    "cps_step",
+    "flow_grpo_step",
+    "gdpo_advantages",
+    "grpo_advantages",
+    "rollout",
+    "ShapesEval",
+    "ShapesWorld",
 ]

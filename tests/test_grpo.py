@@ -534,3 +534,14 @@ def test_first_update_ratio_is_exactly_one_under_cuda_bf16_autocast():
                 log_prob, _ = policy_step_log_prob(model, traj.latents[rows, i], traj.latents[rows, i + 1], i,
                                                    traj.sigmas, traj.timesteps, cond.select(rows))
             assert torch.equal(torch.exp(log_prob - traj.log_probs[rows, i]).detach(), torch.ones(4, device="cuda"))
+
+
+def test_mr_grpo_components_are_public_names_of_the_package():
+    import deepgen_components
+    from deepgen_components import grpo, sampling, shapes
+
+    for name, module in {"MRGRPOLoss": grpo, "gdpo_advantages": grpo, "grpo_advantages": grpo, "rollout": grpo,
+                         "cps_step": sampling, "flow_grpo_step": sampling, "ShapesWorld": shapes,
+                         "ShapesEval": shapes}.items():
+        assert getattr(deepgen_components, name) is getattr(module, name)
+        assert name in deepgen_components.__all__
