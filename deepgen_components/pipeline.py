@@ -224,7 +224,6 @@ class DeepGenPipeline:
 
         # 3. Denoising: FlowMatch Euler on diffusers' grid; CFG as one batched DiT call.
         timesteps, sigmas = flow_match_sigmas(model.scheduler, num_inference_steps, device=device)
-        first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         steps = range(len(timesteps))
         if progress and not self._progress_config.get("disable", False):
             from tqdm.auto import tqdm
@@ -232,32 +231,26 @@ class DeepGenPipeline:
             steps = tqdm(steps, total=len(timesteps), **{k: v for k, v in self._progress_config.items() if k != "disable"})
         uniform_refs = reference_latents is None or len({tuple(tuple(r.shape) for r in refs) for refs in reference_latents}) == 1
         if self._runner is not None and callback_on_step_end is None and uniform_refs:
-            # Fast path (pipe.optimize): precomputed embeddings, compiled / graph-captured step.
+            # Fast path (pipe.optimize): precomputed embeddings, compiled / graph-captured step. No per-step check
+            # there; only when the result is non-finite is the plain loop replayed from the same start to name the step.
+            start_latents = latents.clone()
             latents = self._runner(latents, condition, reference_latents, timesteps, sigmas, guidance_scale, do_cfg, steps)
             if not bool(torch.isfinite(latents).all()):
+                _, replay_bad = self._plain_loop(start_latents, condition, reference_latents, timesteps, sigmas,
+                                                 guidance_scale, do_cfg, range(len(timesteps)), None)
+                where = (f"at denoising step {replay_bad} of {len(timesteps)} (found by replaying the eager loop)"
+                         if replay_bad >= 0 else f"after the last of {len(timesteps)} denoising steps (the eager "
+                         "replay stayed finite: the optimized step itself produced them)")
                 raise FloatingPointError(
-                    f"non-finite latents (NaN/inf) after the last of {len(timesteps)} denoising steps (mode "
-                    f"{self.mode!r}; rerun with optimize('eager') to find the step)"
+                    f"non-finite latents (NaN/inf) appeared {where}; mode {self.mode!r}; try float32, a smaller "
+                    "guidance_scale or optimize('eager')"
                 )
         else:
-            for i in steps:
-                model_input = torch.cat([latents, latents]) if do_cfg else latents
-                t = timesteps[i].expand(model_input.shape[0]).to(model.dtype)
-                velocity = model.velocity(model_input.to(model.dtype), t, condition, reference_latents)
-                velocity_uncond = None
-                velocity_cond = velocity
-                if do_cfg:
-                    velocity_uncond, velocity_cond = velocity.chunk(2)
-                    velocity = guidance(velocity_uncond.float(), velocity_cond.float(), guidance_scale)
-                latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
-                if callback_on_step_end is not None:
-                    callback_on_step_end(i, timesteps[i], latents, velocity_uncond, velocity_cond)
-                # Record the first non-finite step without a host sync per step.
-                bad = ~torch.isfinite(latents).all()
-                first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, i), first_bad_step)
-            if int(first_bad_step) >= 0:
+            latents, bad_step = self._plain_loop(latents, condition, reference_latents, timesteps, sigmas,
+                                                 guidance_scale, do_cfg, steps, callback_on_step_end)
+            if bad_step >= 0:
                 raise FloatingPointError(
-                    f"non-finite latents (NaN/inf) appeared at denoising step {int(first_bad_step)} of {len(timesteps)}; "
+                    f"non-finite latents (NaN/inf) appeared at denoising step {bad_step} of {len(timesteps)}; "
                     "try float32 or a smaller guidance_scale"
                 )
         _sync(device)
@@ -279,6 +272,28 @@ class DeepGenPipeline:
         timings["decode"] = time.perf_counter() - start
         timings["total"] = timings["condition"] + timings["denoise"] + timings["decode"]
         return DeepGenPipelineOutput(images=images, timings=timings)
+
+    def _plain_loop(self, latents, condition, reference_latents, timesteps, sigmas, guidance_scale, do_cfg, steps,
+                    callback_on_step_end) -> tuple[torch.Tensor, int]:
+        """The eager denoising loop; returns (latents, first step with non-finite latents or -1)."""
+        model = self.model
+        first_bad_step = torch.full((), -1, dtype=torch.long, device=latents.device)
+        for i in steps:
+            model_input = torch.cat([latents, latents]) if do_cfg else latents
+            t = timesteps[i].expand(model_input.shape[0]).to(model.dtype)
+            velocity = model.velocity(model_input.to(model.dtype), t, condition, reference_latents)
+            velocity_uncond = None
+            velocity_cond = velocity
+            if do_cfg:
+                velocity_uncond, velocity_cond = velocity.chunk(2)
+                velocity = guidance(velocity_uncond.float(), velocity_cond.float(), guidance_scale)
+            latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
+            if callback_on_step_end is not None:
+                callback_on_step_end(i, timesteps[i], latents, velocity_uncond, velocity_cond)
+            # Record the first non-finite step without a host sync per step.
+            bad = ~torch.isfinite(latents).all()
+            first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, i), first_bad_step)
+        return latents, int(first_bad_step)
 
     # -- persistence ------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:

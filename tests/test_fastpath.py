@@ -120,7 +120,7 @@ def test_fast_path_reports_non_finite_latents(pipe):
     pipe._runner = DenoiseRunner(pipe.model, "eager")
     try:
         bad = torch.full((1, 16, 8, 8), float("nan"))
-        with pytest.raises(FloatingPointError, match="after the last"):
+        with pytest.raises(FloatingPointError, match=r"at denoising step 0 of 2 \(found by replaying the eager loop\)"):
             pipe(["x"], num_inference_steps=2, latents=bad, output_type="latent", progress=False)
     finally:
         pipe.optimize("eager")
