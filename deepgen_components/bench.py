@@ -280,12 +280,12 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
             timesteps, sigmas = flow_match_sigmas(model.scheduler, max(cfg.steps, 2), device=device)
             tokens = (resolution // scale // model.dit.patch_size) ** 2
             reference = DenoiseRunner(model, "eager")
-            reference_args = _step_args(reference, cond, timesteps, sigmas, cfg.guidance_scale, do_cfg)
+            reference_args = _step_args(reference, cond, timesteps, sigmas, cfg.guidance_scale, do_cfg, latents)
             flops = _flops(lambda: reference.step(latents, *reference_args))  # FLOPs of one step, counted by torch
             eager_ms = None
             for mode in modes:
                 runner = DenoiseRunner(model, mode)
-                args = _step_args(runner, cond, timesteps, sigmas, cfg.guidance_scale, do_cfg)
+                args = _step_args(runner, cond, timesteps, sigmas, cfg.guidance_scale, do_cfg, latents)
                 fn, compile_s = _step_callable(runner, latents, args, device)
                 _reset_peak(device)
                 ms, spread = time_fn(fn, device, warmup=cfg.warmup, repeats=cfg.repeats)
@@ -477,11 +477,14 @@ def _repeat_rows(condition, batch: int, base: int, do_cfg: bool):
     return condition.select(torch.cat([h * base + torch.arange(batch) % base for h in range(halves)]))
 
 
-def _step_args(runner, condition, timesteps, sigmas, guidance_scale, do_cfg):
+def _step_args(runner, condition, timesteps, sigmas, guidance_scale, do_cfg, latents):
+    from deepgen_components.fastpath import position_table
+
     prepared = runner._prepare(condition, None, timesteps)
     dt = (sigmas[1] - sigmas[0]).float()
+    table = position_table(runner.model.dit.transformer.pos_embed, *latents.shape[-2:])
     return (prepared.temb[0], dt, prepared.encoder_hidden, prepared.reference_tokens, prepared.context_mask,
-            guidance_scale, do_cfg)
+            guidance_scale, do_cfg, table)
 
 
 def _step_callable(runner, latents, args, device):

@@ -25,7 +25,7 @@ import torch
 
 from deepgen_components.bridge import BridgeOutput
 
-__all__ = ["MODES", "DenoiseRunner"]
+__all__ = ["MODES", "DenoiseRunner", "position_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,25 @@ class _Prepared:
     temb: torch.Tensor  # (T, n, D) per-step timestep + pooled embedding
     reference_tokens: torch.Tensor | None  # (n, R, D) patch-embedded references
     context_mask: torch.Tensor | None  # (n, L) bool, only when padding is masked and present
+
+
+def position_table(patch_embed, height: int, width: int) -> torch.Tensor | None:
+    """The (1, tokens, D) position table diffusers' SD3 ``PatchEmbed`` adds for latents of ``height`` x ``width``
+    (cropped from its ``pos_embed_max_size`` table), computed once per call instead of once per step. None where
+    the table is not a fixed crop (no position table, or an interpolated one): the step then calls ``PatchEmbed``."""
+    if getattr(patch_embed, "pos_embed", None) is None or not getattr(patch_embed, "pos_embed_max_size", None):
+        return None
+    return patch_embed.cropped_pos_embed(height, width)
+
+
+def _patch_embed(patch_embed, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``PatchEmbed.forward`` with the position table given: projection, flatten, optional norm, + table."""
+    latent = patch_embed.proj(x)
+    if patch_embed.flatten:
+        latent = latent.flatten(2).transpose(1, 2)
+    if patch_embed.layer_norm:
+        latent = patch_embed.norm(latent)
+    return (latent + table).to(latent.dtype)
 
 
 class DenoiseRunner:
@@ -89,15 +108,18 @@ class DenoiseRunner:
         context_mask: torch.Tensor | None,
         guidance_scale: float,
         do_cfg: bool,
+        pos_table: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One Euler step: fp32 latents (B, C, H, W) -> fp32 latents after the update."""
+        """One Euler step: fp32 latents (B, C, H, W) -> fp32 latents after the update. ``pos_table``: the
+        position table of this resolution, precomputed once per call (:func:`position_table`); None computes it
+        inside the step as diffusers' ``PatchEmbed`` does."""
         model = self.model
         dit = model.dit
         t = dit.transformer
         x = torch.cat([latents, latents]) if do_cfg else latents
         x = x.to(model.dtype)
         height, width = x.shape[-2:]
-        hidden = t.pos_embed(x)
+        hidden = t.pos_embed(x) if pos_table is None else _patch_embed(t.pos_embed, x, pos_table)
         count = hidden.shape[1]
         if reference_tokens is not None:
             hidden = torch.cat([hidden, reference_tokens], dim=1)
@@ -138,19 +160,21 @@ class DenoiseRunner:
                 step_fn = self._compiled
             dts = (sigmas[1:] - sigmas[:-1]).float()
             steps = progress if progress is not None else range(len(timesteps))
+            table = position_table(self.model.dit.transformer.pos_embed, *latents.shape[-2:])
             if self.mode == "compile+graphs" and latents.is_cuda:
-                return self._run_graph(step_fn, latents, prepared, context_mask, dts, guidance_scale, do_cfg, steps)
+                return self._run_graph(step_fn, latents, prepared, context_mask, dts, guidance_scale, do_cfg, steps,
+                                       table)
             for i in steps:
                 latents = step_fn(latents, prepared.temb[i], dts[i], prepared.encoder_hidden,
-                                  prepared.reference_tokens, context_mask, guidance_scale, do_cfg)
+                                  prepared.reference_tokens, context_mask, guidance_scale, do_cfg, table)
         return latents
 
-    def _run_graph(self, step_fn, latents, prepared, context_mask, dts, guidance_scale, do_cfg, steps):
+    def _run_graph(self, step_fn, latents, prepared, context_mask, dts, guidance_scale, do_cfg, steps, table=None):
         """Capture one step in a CUDA graph (static buffers), replay it for every step."""
         static_latents = latents.clone()
         static_temb = prepared.temb[0].clone()
         static_dt = dts[0].clone()
-        args = (prepared.encoder_hidden, prepared.reference_tokens, context_mask, guidance_scale, do_cfg)
+        args = (prepared.encoder_hidden, prepared.reference_tokens, context_mask, guidance_scale, do_cfg, table)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):

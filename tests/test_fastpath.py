@@ -214,3 +214,14 @@ def test_cuda_modes_match_eager_in_bf16():
     for mode in ("kernels", "compile", "compile+graphs"):
         pipe.optimize(mode)
         assert psnr(eager, _generate(pipe)) >= 30.0, mode
+
+
+def test_position_table_precomputed_per_call_gives_the_patch_embedding_exactly(pipe):
+    from deepgen_components.fastpath import _patch_embed, position_table
+
+    patch_embed = pipe.model.dit.transformer.pos_embed
+    for height, width in ((8, 8), (8, 12), (16, 8)):
+        x = torch.randn(2, pipe.model.latent_channels, height, width)
+        table = position_table(patch_embed, height, width)
+        assert table is not None and table.shape[1] == (height // 2) * (width // 2)
+        torch.testing.assert_close(_patch_embed(patch_embed, x, table), patch_embed(x), rtol=0, atol=0)
