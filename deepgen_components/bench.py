@@ -339,6 +339,17 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
     return result
 
 
+def export_ranges(cfg: BenchConfig, model, do_cfg: bool):
+    """The export ranges the exported modes need: the benchmark's resolution and batch, and the chat text's token
+    count of its prompt (with the tokenizer actually used; a few spare tokens)."""
+    from deepgen_components.export.specs import ExportRanges
+
+    texts = [_prompt(cfg.prompt_tokens)] * cfg.batch + ([""] * cfg.batch if do_cfg else [])
+    length = int(model.prepare_prompts(texts).input_ids.shape[1])
+    return ExportRanges(min_size=cfg.resolution, max_size=cfg.resolution, max_batch=cfg.batch,
+                        max_prompt_tokens=length + 8, opt_batch=cfg.batch, opt_prompt_tokens=length)
+
+
 def _exported_rows(cfg: BenchConfig, model, modes, result: SuiteResult, add, do_cfg: bool, device) -> None:
     """ONNX Runtime / TensorRT rows: the model exported (condition encoder, DiT, VAE decoder) at the benchmark's
     resolution and batch, then the same stages and end to end as the PyTorch rows, each with its ratio against the
@@ -390,12 +401,7 @@ def _exported_rows(cfg: BenchConfig, model, modes, result: SuiteResult, add, do_
         manifest = folder / "manifest.json"
         if not manifest.is_file():
             from deepgen_components.export.exporter import export_model
-            from deepgen_components.export.specs import ExportRanges
-
-            texts = [_prompt(cfg.prompt_tokens)] * cfg.batch + ([""] * cfg.batch if do_cfg else [])
-            length = int(model.prepare_prompts(texts).input_ids.shape[1])  # the chat text's tokens, as benchmarked
-            ranges = ExportRanges(min_size=cfg.resolution, max_size=cfg.resolution, max_batch=cfg.batch,
-                                  max_prompt_tokens=length + 8, opt_batch=cfg.batch, opt_prompt_tokens=length)
+            ranges = export_ranges(cfg, model, do_cfg)
             started = time.perf_counter()
             export_model(model, folder, stages=("condition_encoder", "dit", "vae_decoder"), ranges=ranges,
                          progress=False, source={"preset": cfg.preset, "benchmark": True})

@@ -346,3 +346,43 @@ def test_official_unmasked_mode_pipeline_matches_pytorch_with_left_padding(tmp_p
     expected = torch_pipe(prompts, latents=latents, output_type="pt", num_inference_steps=STEPS).images.numpy()
     got = onnx_pipe(prompts, latents=latents.numpy(), output_type="float", num_inference_steps=STEPS, progress=False)
     assert psnr(got.images, expected) >= 40
+
+
+def test_bench_exported_modes_time_onnx_runtime_and_record_tensorrt_availability(exported, tmp_path):
+    """``deepgen bench --modes eager,onnxruntime,tensorrt``: a real ONNX Runtime session per stage and end to end,
+    each row a ratio against the eager row of the same run. The bench reuses an export found in ``export_dir``;
+    here that is this module's export of the same tiny architecture (latency does not depend on weight values),
+    which saves a second 20-second export. TensorRT cannot be installed here, so it must get its "not available"
+    row (where it is installed, the row is a real timing instead)."""
+    from deepgen_components.bench import BenchConfig, markdown_table, run_suite
+
+    (tmp_path / "tiny_64px_b1_float32").symlink_to(exported[0], target_is_directory=True)
+    cfg = BenchConfig(preset="tiny", device="cpu", dtype="float32", modes=("eager", "onnxruntime", "tensorrt"),
+                      resolution=64, batch=1, steps=2, repeats=2, warmup=1, threads=1, prompt_tokens=4,
+                      export_dir=str(tmp_path))
+    result = run_suite(cfg, progress=False)
+    ort_rows = {r.stage: r for r in result.rows if r.mode == "onnxruntime"}
+    assert set(ort_rows) == {"condition", "dit_step", "vae_decode", "end_to_end"}
+    for row in ort_rows.values():
+        assert row.ms > 0 and row.ratio_vs_eager is not None and row.ratio_vs_eager > 0
+        assert row.note == "CPUExecutionProvider"
+    assert "export_seconds" not in result.environment  # reused, not re-exported
+    trt = [r for r in result.rows if r.mode == "tensorrt"]
+    if not result.environment["tensorrt"]["import"]:
+        assert len(trt) == 1 and trt[0].note.startswith("not available: import tensorrt failed")
+        assert "not available" in markdown_table(result)
+    with pytest.raises(ValueError, match="modes: 'onnx' is not one of"):
+        run_suite(BenchConfig(modes=("eager", "onnx")), progress=False)
+
+
+def test_bench_export_ranges_cover_the_benchmarked_prompt_resolution_and_batch(model):
+    """What the bench exports when it finds no export (the export itself is ``export_model``, tested above): one
+    resolution and batch, and a prompt range that holds the benchmark's chat text as this tokenizer encodes it."""
+    from deepgen_components.bench import BenchConfig, _prompt, export_ranges
+
+    for tokens, batch in ((4, 1), (32, 2)):
+        cfg = BenchConfig(resolution=128, batch=batch, prompt_tokens=tokens)
+        ranges = export_ranges(cfg, model, do_cfg=True)
+        length = model.prepare_prompts([_prompt(tokens)] * batch + [""] * batch).input_ids.shape[1]
+        assert (ranges.min_size, ranges.max_size, ranges.max_batch) == (128, 128, batch)
+        assert ranges.opt_prompt_tokens == length <= ranges.max_prompt_tokens

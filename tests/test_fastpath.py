@@ -13,14 +13,7 @@ import pytest
 import torch
 
 from deepgen_components import DeepGenPipeline, deepgen_tiny
-from deepgen_components.bench import (
-    BenchConfig,
-    fit_scaling,
-    markdown_table,
-    run_suite,
-    time_fn,
-    write_outputs,
-)
+from deepgen_components.bench import BenchConfig, fit_scaling, run_suite, time_fn, write_outputs
 from deepgen_components.fastpath import MODES, DenoiseRunner
 
 
@@ -162,27 +155,6 @@ def test_bench_suite_runs_on_cpu_and_writes_json_markdown_and_plots(tmp_path):
     assert len(data["rows"]) == len(result.rows)
     assert "| preset | mode |" in (tmp_path / "bench.md").read_text()
     assert any(p.suffix == ".png" for p in paths)
-
-
-def test_bench_exported_modes_time_onnx_runtime_and_record_tensorrt_availability(tmp_path):
-    """The model exported to ONNX and run by a real ONNX Runtime session, per stage and end to end, each row a
-    ratio against the eager row of the same run; TensorRT cannot be installed here, so it must get its
-    "not available" row (where it is installed, the row is a real timing instead)."""
-    cfg = BenchConfig(preset="tiny", device="cpu", dtype="float32", modes=("eager", "onnxruntime", "tensorrt"),
-                      resolution=64, batch=1, steps=2, repeats=2, warmup=1, threads=1, export_dir=str(tmp_path))
-    result = run_suite(cfg, progress=False)
-    ort_rows = {r.stage: r for r in result.rows if r.mode == "onnxruntime"}
-    assert set(ort_rows) == {"condition", "dit_step", "vae_decode", "end_to_end"}
-    for row in ort_rows.values():
-        assert row.ms > 0 and row.ratio_vs_eager is not None and row.ratio_vs_eager > 0
-        assert row.note == "CPUExecutionProvider"
-    assert (tmp_path / "tiny_64px_b1_float32" / "manifest.json").is_file()  # the export is kept and reused
-    trt = [r for r in result.rows if r.mode == "tensorrt"]
-    if not result.environment["tensorrt"]["import"]:
-        assert len(trt) == 1 and trt[0].note.startswith("not available: import tensorrt failed")
-    assert "not available" in markdown_table(result) or result.environment["tensorrt"]["import"]
-    with pytest.raises(ValueError, match="modes: 'onnx' is not one of"):
-        run_suite(BenchConfig(modes=("eager", "onnx")), progress=False)
 
 
 def test_kernels_switch_defaults_on_for_cuda_only(pipe):
