@@ -371,7 +371,7 @@ def _exported_rows(cfg: BenchConfig, model, modes, result: SuiteResult, add, do_
         add(Row(cfg.preset, mode, "all", cfg.resolution, cfg.batch, do_cfg, None, float("nan"), note=f"not available: {why}"))
 
     try:
-        pipelines = {}
+        providers = {}  # mode -> ONNX Runtime provider, or "tensorrt"
         for mode in modes:
             if mode == "onnxruntime":
                 try:
@@ -386,7 +386,7 @@ def _exported_rows(cfg: BenchConfig, model, modes, result: SuiteResult, add, do_
                 if cfg.dtype == "bfloat16" and not cuda:
                     unavailable(mode, "bfloat16 graphs do not run on the CPU execution provider")
                     continue
-                pipelines[mode] = ("CUDAExecutionProvider" if cuda else "CPUExecutionProvider", None)
+                providers[mode] = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
             else:
                 status = _tensorrt_status()
                 if not status.get("import"):
@@ -395,8 +395,8 @@ def _exported_rows(cfg: BenchConfig, model, modes, result: SuiteResult, add, do_
                 if device.type != "cuda":
                     unavailable(mode, "TensorRT needs a CUDA device")
                     continue
-                pipelines[mode] = ("tensorrt", None)
-        if not pipelines:
+                providers[mode] = "tensorrt"
+        if not providers:
             return
         manifest = folder / "manifest.json"
         if not manifest.is_file():
@@ -407,7 +407,7 @@ def _exported_rows(cfg: BenchConfig, model, modes, result: SuiteResult, add, do_
                          progress=False, source={"preset": cfg.preset, "benchmark": True})
             result.environment["export_seconds"] = time.perf_counter() - started
         prompts = [_prompt(cfg.prompt_tokens)] * cfg.batch
-        for mode, (provider, _) in pipelines.items():
+        for mode, provider in providers.items():
             if mode == "onnxruntime":
                 from deepgen_components.export.onnx_pipeline import OnnxDeepGenPipeline
 

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
     "IMAGE_PAD",
     "OFFICIAL_PAD_POSITION",
     "T2I_WRAPPER",
@@ -44,6 +46,9 @@ USER_TURN = "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 T2I_WRAPPER = "Generate an image: {prompt}"
 VISION_BLOCK = "<|vision_start|>{pads}<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
+# The Qwen2.5-VL image processor's normalisation (CLIP's mean / std), applied to [0, 1] pixels.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Official DeepGen fills left-pad positions with 1 (transformers 4.x ``get_rope_index``). Pad positions never
 # influence real tokens: a pad query row sees no key and pad keys are masked for every real query.

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from deepgen_components.conventions import (
+    CLIP_MEAN,
+    CLIP_STD,
     IMAGE_PAD,
     edit_prompt,
     fix_pixels_size,
@@ -43,8 +45,6 @@ __all__ = [
     "vit_resize",
 ]
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def pil_to_pixels(image, size: tuple[int, int] | None = None) -> torch.Tensor:
     """PIL image (any mode) -> RGB float tensor (3, H, W) in [-1, 1], optionally resized (bicubic) to (H, W)."""

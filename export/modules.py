@@ -194,28 +194,26 @@ class DiTVelocity(nn.Module):
         return self.dit._unpatchify(tokens, [hidden_states[0]], [target_tokens], False)
 
 
-class VAEDecoder(nn.Module):
-    """latents (B, 16, h, w) -> pixels (B, 3, 8h, 8w) in about [-1, 1] (``DeepGenModel.decode_latents``)."""
+class _VAEStage(nn.Module):
+    """The model's VAE with its latent normalisation (SD3: ``(z - shift) * scaling``) as plain floats."""
 
     def __init__(self, model) -> None:
         super().__init__()
         self.vae = model.vae
         self.scaling = float(model.vae.config.scaling_factor)
         self.shift = float(model.vae.config.shift_factor or 0.0)
+
+
+class VAEDecoder(_VAEStage):
+    """latents (B, 16, h, w) -> pixels (B, 3, 8h, 8w) in about [-1, 1] (``DeepGenModel.decode_latents``)."""
 
     def forward(self, latents):
         return self.vae.decode(latents / self.scaling + self.shift).sample
 
 
-class VAEEncoder(nn.Module):
+class VAEEncoder(_VAEStage):
     """pixels (B, 3, H, W) in [-1, 1] -> posterior mean and std in latent units ((mean - shift) * scaling, std *
     scaling); a sample is mean + std * noise (``DeepGenModel.encode_images``)."""
-
-    def __init__(self, model) -> None:
-        super().__init__()
-        self.vae = model.vae
-        self.scaling = float(model.vae.config.scaling_factor)
-        self.shift = float(model.vae.config.shift_factor or 0.0)
 
     def forward(self, pixels):
         posterior = self.vae.encode(pixels).latent_dist

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from deepgen_components.conventions import (
+    CLIP_MEAN,
+    CLIP_STD,
     left_pad,
     limit_long_side_size,
     log_reference_resize,
@@ -218,8 +221,8 @@ def vision_patches(
     temporal_patch_size: int = 2,
     merge_size: int = 2,
     resize_factor: float = 28 / 32,
-    mean: Sequence[float] = (0.48145466, 0.4578275, 0.40821073),
-    std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """``processing.vision_patches`` in numpy: (3, H, W) in [-1, 1] -> (patches (N, 3*tp*p*p), grid (t, h, w))."""
     if pixels.ndim != 3 or pixels.shape[0] != 3:
@@ -439,7 +442,7 @@ class StagedPipelineOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class StagedPipeline:
+class StagedPipeline(ABC):
     """``DeepGenPipeline.__call__`` over exported stages. Subclasses run the stages and provide array helpers.
 
     Stage calls take and return the subclass's arrays: ``_run(stage, feeds) -> {output name: array}``. Helpers:
@@ -455,23 +458,29 @@ class StagedPipeline:
         self._progress_config: dict = {}
 
     # -- backend hooks ---------------------------------------------------------------------------------
+    @abstractmethod
     def _run(self, stage: str, feeds: dict) -> dict:
-        raise NotImplementedError
+        """Backend hook (see the class docstring)."""
 
+    @abstractmethod
     def _asarray(self, array: np.ndarray):
-        raise NotImplementedError
+        """Backend hook (see the class docstring)."""
 
+    @abstractmethod
     def _numpy(self, array) -> np.ndarray:
-        raise NotImplementedError
+        """Backend hook (see the class docstring)."""
 
+    @abstractmethod
     def _cat(self, arrays: list):
-        raise NotImplementedError
+        """Backend hook (see the class docstring)."""
 
+    @abstractmethod
     def _take(self, array, index: np.ndarray):
-        raise NotImplementedError
+        """Backend hook (see the class docstring)."""
 
+    @abstractmethod
     def _all_finite(self, array) -> bool:
-        raise NotImplementedError
+        """Backend hook (see the class docstring)."""
 
     def _float_dtype(self, stage: str) -> np.dtype:
         """numpy dtype of the stage's float inputs (bf16 through ml_dtypes)."""
@@ -713,9 +722,9 @@ class StagedPipeline:
         timings["total"] = timings["condition"] + timings["denoise"] + timings["decode"]
         return StagedPipelineOutput(images=images, timings=timings)
 
+    @abstractmethod
     def _euler(self, latents, velocity, dt: np.float32):
         """x + (sigma_next - sigma) * v in float32, returned in v's dtype (``sampling.euler_step``)."""
-        raise NotImplementedError
 
     def _synced(self, start: float) -> float:
         return time.perf_counter() - start

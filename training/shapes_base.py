@@ -53,7 +53,6 @@ __all__ = [
     "ShapesData",
     "PromptEncoderPipeline",
     "build_base",
-    "evaluate_base",
     "make_shapes_data",
     "pretrain_dit",
     "pretrain_vlm_lm",
@@ -534,13 +533,6 @@ class PromptEncoderPipeline:
         cfg = self.vae.config
         pixels = self.vae.decode(latents / cfg.scaling_factor + cfg.shift_factor).sample
         return SimpleNamespace(images=pixels_to_pil(pixels))
-
-
-def evaluate_base(base_dir: str | Path, evals, **kwargs):
-    """The held-out evaluation of the base DiT under its own prompt encoder (the level stage 1 can reach)."""
-    from deepgen_components.training.shapes_eval import evaluate_pipeline
-
-    return evaluate_pipeline(PromptEncoderPipeline.from_base(base_dir), evals, keep_images=True, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------- VLM

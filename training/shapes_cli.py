@@ -83,7 +83,7 @@ def run_shapes(
     import torch
     from deepgen_components.training import shapes_eval
     from deepgen_components.training.rl import train_rl
-    from deepgen_components.training.shapes_base import ShapesBaseConfig, build_base, evaluate_base
+    from deepgen_components.training.shapes_base import PromptEncoderPipeline, ShapesBaseConfig, build_base
     from deepgen_components.training.trainer import train
 
     from deepgen_components.pipeline import DeepGenPipeline
@@ -126,11 +126,7 @@ def run_shapes(
         report["seconds"]["base"] = time.perf_counter() - t0
         save()
     base_pipeline = base_dir / "pipeline"
-    if "base DiT (own prompt encoder)" not in report["results"] or quick:
-        scores, imgs = evaluate_base(base_dir, evals, steps=steps, guidance=guidance, edit_guidance=edit_guidance)
-        report["results"]["base DiT (own prompt encoder)"] = scores.to_dict()
-        images["base DiT (own prompt encoder)"] = imgs
-        save()
+    evaluate("base DiT (own prompt encoder)", PromptEncoderPipeline.from_base(base_dir))
     evaluate("stage-1 start (zero heads)", DeepGenPipeline.from_pretrained(base_pipeline))
 
     # 2. Stages 1-3 with our recipes.
