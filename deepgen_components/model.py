@@ -297,7 +297,8 @@ class DeepGenModel(nn.Module):
         ``batch`` keys: ``prompts`` (list[str]); ``latents`` (clean target latents: (B, C, h, w) or a list)
         or ``pixels`` (targets in [-1, 1], VAE-encoded here); optional ``reference_pixels`` (per sample, a
         list of (3, H, W) references: editing; also VAE-encoded for the DiT unless ``reference_latents`` is
-        given); optional ``noise`` / ``u`` to fix the random draws. Text-to-image captions are replaced by ""
+        given); optional ``noise`` / ``u`` to fix the random draws; optional ``loss_weight`` (B, 1, h, w) on the
+        latent grid (each sample's loss is then its weighted mean). Text-to-image captions are replaced by ""
         with probability ``condition_dropout`` (default: the model config's; pass 0 when the caller already
         dropped captions itself); editing samples never are.
         """
@@ -336,7 +337,15 @@ class DeepGenModel(nn.Module):
             noisy = (1 - s) * x0 + s * noise
             target = noise - x0
             prediction = self.velocity(noisy.to(self.dtype), timesteps, condition, reference_latents)
-            per_sample = ((prediction.float() - target.float()) ** 2).flatten(1).mean(1)
+            error = (prediction.float() - target.float()) ** 2
+            weight = batch.get("loss_weight")
+            if weight is not None:
+                if weight.shape[0] != size or weight.shape[-2:] != error.shape[-2:]:
+                    raise ValueError(f"batch['loss_weight']: expected shape ({size}, 1, {error.shape[-2]}, "
+                                     f"{error.shape[-1]}) on the latent grid, got {tuple(weight.shape)}")
+                weight = weight.to(error)
+                error = error * weight / weight.flatten(1).mean(1).view(-1, 1, 1, 1)
+            per_sample = error.flatten(1).mean(1)
         else:
             if noise is None:
                 noise = [torch.randn(x.shape, generator=generator).to(x.device, x.dtype) for x in x0_list]

@@ -183,6 +183,25 @@ def test_flow_matching_loss_is_the_rectified_flow_mse(no_dropout):
     assert out.loss.dtype == torch.float32 and out.loss.requires_grad
 
 
+def test_flow_matching_loss_with_a_latent_weight_map_is_each_samples_weighted_mean(no_dropout):
+    model = no_dropout
+    g = seeded(5)
+    x0, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    batch = {"prompts": PROMPTS, "latents": x0, "noise": noise, "u": torch.tensor([0.3, 0.6])}
+    weight = torch.ones(2, 1, 8, 8)
+    weight[0, :, 2:4, 2:5] = 5.0  # sample 0: a "shape" weighted up; sample 1: uniform
+    with torch.no_grad():
+        plain = model.flow_matching_loss(batch)
+        weighted = model.flow_matching_loss({**batch, "loss_weight": weight})
+    error = (plain.prediction - plain.target) ** 2
+    expected0 = (error[0] * weight[0]).mean() / weight[0].mean()
+    torch.testing.assert_close(weighted.per_sample[0], expected0)
+    torch.testing.assert_close(weighted.per_sample[1], plain.per_sample[1])  # uniform weights change nothing
+    assert not torch.allclose(weighted.per_sample[0], plain.per_sample[0])
+    with pytest.raises(ValueError, match=r"loss_weight.*\(2, 1, 8, 8\)"):
+        model.flow_matching_loss({**batch, "loss_weight": torch.ones(2, 1, 4, 4)})
+
+
 def test_flow_matching_loss_takes_latents_of_different_sizes(no_dropout):
     model = no_dropout
     g = seeded(5)

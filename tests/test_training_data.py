@@ -20,6 +20,7 @@ from deepgen_components.training.data import (
     ShapesSource,
     WebDatasetSource,
     collate,
+    foreground_mask,
     load_image,
 )
 from deepgen_components.training.trainer import build_sources
@@ -284,6 +285,22 @@ def test_shapes_source_is_deterministic_per_index():
         ShapesSource("video")
 
 
+def test_shapes_source_foreground_weight_marks_the_shape_and_collates():
+    plain, weighted = ShapesSource("t2i", 64, seed=0)[3], ShapesSource("t2i", 64, seed=0, foreground_weight=4.0)[3]
+    assert plain.loss_weight is None and torch.equal(plain.target, weighted.target)
+    w = weighted.loss_weight
+    assert w.shape == (1, 64, 64) and set(w.unique().tolist()) == {1.0, 5.0}
+    shape = foreground_mask(weighted.target)
+    assert 0.03 < shape.mean() < 0.2  # one shape of the world, not the background
+    assert torch.all(w[shape > 0] == 5.0) and (w == 5.0).sum() > (shape > 0).sum()  # covered and dilated
+    assert torch.all(w[:, :2, :2] == 1.0)  # the background corner stays at 1
+    batch = collate([ShapesSource("edit", 64, seed=1, foreground_weight=2.0)[i] for i in range(3)])
+    assert batch["loss_weight"].shape == (3, 1, 64, 64) and batch["loss_weight"].max() == 3.0
+    assert "loss_weight" not in collate([plain])
+    with pytest.raises(ValueError, match="foreground_weight must be >= 0"):
+        ShapesSource("t2i", foreground_weight=-1)
+
+
 def test_collate_builds_one_task_micro_batches():
     t2i = [Sample("t2i", "a", torch.zeros(3, 64, 64)), Sample("t2i", "b", torch.ones(3, 64, 64))]
     batch = collate(t2i)
@@ -327,3 +344,20 @@ def test_pixels_match_numpy_reference(tmp_path):
     Image.fromarray(array).save(tmp_path / "ramp.png")
     pixels = load_image(tmp_path / "ramp.png", 64)  # already 64x64: no resize
     assert torch.allclose(pixels, torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def test_prepare_batch_averages_the_pixel_weights_onto_the_latent_grid():
+    """The trainer hands ``flow_matching_loss`` the per-pixel weight averaged over each latent cell."""
+    import torch.nn.functional as F
+    from deepgen_components.training.sampler import MicroBatchPlan
+    from deepgen_components.training.trainer import prepare_batch
+
+    from deepgen_components import deepgen_tiny
+
+    model = deepgen_tiny()
+    batch = collate([ShapesSource("t2i", 64, seed=0, foreground_weight=3.0)[i] for i in range(2)])
+    prepared = prepare_batch(model, batch, MicroBatchPlan(0, "t2i", (0, 1), 0), seed=0)
+    factor = model.vae_scale_factor
+    assert prepared["loss_weight"].shape == (2, 1, 64 // factor, 64 // factor)
+    torch.testing.assert_close(prepared["loss_weight"], F.avg_pool2d(batch["loss_weight"], factor))
+    assert prepared["loss_weight"].shape[-2:] == prepared["latents"].shape[-2:]

@@ -53,6 +53,7 @@ class SourceConfig:
     repeat: int = 1
     seed: int = 0
     length: int = 100_000  # shapes only
+    foreground_weight: float = 0.0  # shapes only: loss weight 1 + w on the latent cells a shape covers
 
 
 @dataclass

@@ -39,6 +39,7 @@ __all__ = [
     "SkipCounter",
     "WebDatasetSource",
     "collate",
+    "foreground_mask",
     "load_image",
 ]
 
@@ -53,12 +54,14 @@ class ManifestError(ValueError):
 
 @dataclass
 class Sample:
-    """One training sample: ``target`` (3, H, W) in [-1, 1], the text, and for editing the references."""
+    """One training sample: ``target`` (3, H, W) in [-1, 1], the text, for editing the references, and
+    optionally a per-pixel loss weight (1, H, W) (the trainer averages it onto the latent grid)."""
 
     task: str  # "t2i" or "edit"
     text: str
     target: torch.Tensor
     references: list[torch.Tensor] = field(default_factory=list)
+    loss_weight: torch.Tensor | None = None
 
 
 class SkipCounter:
@@ -225,14 +228,22 @@ class WebDatasetSource:
 
 
 class ShapesSource:
-    """The synthetic shapes world (``deepgen_components.shapes``) as an indexable source of a given task."""
+    """The synthetic shapes world (``deepgen_components.shapes``) as an indexable source of a given task.
 
-    def __init__(self, task: str = "t2i", image_size: int = 64, seed: int = 0, length: int = 100_000):
+    ``foreground_weight`` w > 0 gives every sample a loss weight of 1 + w on the target's shape pixels, dilated
+    by 4 px (one latent cell of a 4x-down VAE), 1 elsewhere: a shape covers ~5-10 % of an image, so under the
+    plain mean the background dominates the flow-matching loss and colour / shape are learned last."""
+
+    def __init__(self, task: str = "t2i", image_size: int = 64, seed: int = 0, length: int = 100_000,
+                 foreground_weight: float = 0.0):
         from deepgen_components.shapes import ShapesWorld
 
         if task not in ("t2i", "edit"):
             raise ValueError(f"task must be 't2i' or 'edit', got {task!r}")
+        if foreground_weight < 0:
+            raise ValueError(f"foreground_weight must be >= 0, got {foreground_weight}")
         self.task = task
+        self.foreground_weight = float(foreground_weight)
         self.world = ShapesWorld(image_size=image_size, seed=seed)
         self.length = length
         self.skipped = SkipCounter()
@@ -243,9 +254,25 @@ class ShapesSource:
     def __getitem__(self, index: int) -> Sample:
         if self.task == "t2i":
             image, caption = self.world.t2i_sample(index)
-            return Sample("t2i", caption, pil_to_pixels(image))
+            return self._weighted(Sample("t2i", caption, pil_to_pixels(image)))
         source, instruction, target = self.world.edit_sample(index)
-        return Sample("edit", instruction, pil_to_pixels(target), [pil_to_pixels(source)])
+        return self._weighted(Sample("edit", instruction, pil_to_pixels(target), [pil_to_pixels(source)]))
+
+    def _weighted(self, sample: Sample) -> Sample:
+        if self.foreground_weight > 0:
+            sample.loss_weight = 1.0 + self.foreground_weight * foreground_mask(sample.target, dilate=4)
+        return sample
+
+
+def foreground_mask(pixels: torch.Tensor, dilate: int = 0) -> torch.Tensor:
+    """(1, H, W) 1.0 where a (3, H, W) shapes image differs from its top-left (background) colour, dilated by
+    ``dilate`` pixels."""
+    import torch.nn.functional as F
+
+    mask = ((pixels - pixels[:, :1, :1]).abs().sum(0, keepdim=True) > 0.1).float()
+    if dilate > 0:
+        mask = F.max_pool2d(mask[None], 2 * dilate + 1, stride=1, padding=dilate)[0]
+    return mask
 
 
 def collate(samples: Sequence[Sample]) -> dict:
@@ -260,4 +287,6 @@ def collate(samples: Sequence[Sample]) -> dict:
     batch = {"task": tasks.pop(), "prompts": [s.text for s in samples], "pixels": pixels}
     if batch["task"] == "edit":
         batch["reference_pixels"] = [s.references for s in samples]
+    if len(sizes) == 1 and all(s.loss_weight is not None for s in samples):
+        batch["loss_weight"] = torch.stack([s.loss_weight for s in samples])
     return batch

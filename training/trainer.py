@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from deepgen_components.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -78,7 +79,8 @@ def build_sources(cfg: TrainConfig) -> dict:
                 raise ValueError(f"data.sources[{src.name}]: a webdataset source needs 'path'")
             sources[src.name] = WebDatasetSource(src.path, cfg.data.image_size, task=src.task)
         elif src.kind == "shapes":
-            sources[src.name] = ShapesSource(src.task, cfg.data.image_size, seed=src.seed, length=src.length)
+            sources[src.name] = ShapesSource(src.task, cfg.data.image_size, seed=src.seed, length=src.length,
+                                             foreground_weight=src.foreground_weight)
         else:
             raise ValueError(f"data.sources[{src.name}]: kind must be manifest, webdataset or shapes, got {src.kind!r}")
     if not sources:
@@ -127,6 +129,8 @@ def prepare_batch(model: DeepGenModel, batch: dict, plan: MicroBatchPlan, seed: 
         "noise": torch.stack(noise) if same else noise,
         "u": torch.stack(u),
     }
+    if batch.get("loss_weight") is not None:  # pixel-space weights -> the latent grid (mean over each cell)
+        out["loss_weight"] = F.avg_pool2d(batch["loss_weight"].float(), model.vae_scale_factor).to(device)
     if references is not None:
         out["reference_pixels"] = [[r.to(device) for r in refs] for refs in references]
         out["reference_latents"] = ref_latents
