@@ -95,6 +95,7 @@ class ShapesBaseConfig:
     context_dim: int = 64  # joint_attention_dim: what the SCB's context head produces
     pooled_dim: int = 64  # pooled_projection_dim
     scheduler_shift: float = 3.0  # DeepGen / SD3.5: high noise levels, where the layout is decided, get more steps
+    # (shift 1 measured worse here: base shape 38.9 % vs 51.9 %, and stage 1 learned less; docs/shapes.md)
     dit_steps: int = 2000
     dit_batch: int = 32
     dit_lr: float = 1e-3
@@ -103,7 +104,8 @@ class ShapesBaseConfig:
     dit_condition_dropout: float = 0.1
     dit_foreground_weight: float = 4.0  # extra loss weight on the latent cells a shape covers (~4 % of the image)
     dit_timesteps: str = "uniform"  # uniform index into the shifted grid (DeepGen) or "logit_normal" (SD3)
-    dit_latents: str = "sample"  # "sample": posterior samples (DeepGen); "mean": posterior means
+    dit_latents: str = "mean"  # "mean": posterior means; "sample": posterior samples (DeepGen; here the VAE's
+    # posterior noise doubles the flow-matching loss and shape accuracy drops, docs/shapes.md)
     # VLM
     vlm_hidden: int = 64
     vlm_layers: int = 4

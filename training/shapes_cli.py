@@ -1,6 +1,6 @@
 """``deepgen shapes``: the laptop-scale proof that DeepGen's three stages learn, in one command.
 
-    deepgen shapes --out runs/shapes            # ~38 min on 2 CPU cores (measured; see docs/shapes.md)
+    deepgen shapes --out runs/shapes            # ~33 min on 2 CPU cores (measured; see docs/shapes.md)
     deepgen shapes --out runs/shapes --quick    # the whole chain at toy budgets in ~15 s (numbers meaningless)
 
 Status: the chain runs end to end and measures every stage, but the trained model does not yet meet the issue's
