@@ -265,13 +265,14 @@ class ShapesSource:
 
 
 def foreground_mask(pixels: torch.Tensor, dilate: int = 0) -> torch.Tensor:
-    """(1, H, W) 1.0 where a (3, H, W) shapes image differs from its top-left (background) colour, dilated by
-    ``dilate`` pixels."""
+    """1.0 where a shapes image differs from its top-left (background) colour, dilated by ``dilate`` pixels:
+    (3, H, W) -> (1, H, W), or a batch (B, 3, H, W) -> (B, 1, H, W)."""
     import torch.nn.functional as F
 
-    mask = ((pixels - pixels[:, :1, :1]).abs().sum(0, keepdim=True) > 0.1).float()
+    corner = pixels[..., :, :1, :1]
+    mask = ((pixels - corner).abs().sum(-3, keepdim=True) > 0.1).float()
     if dilate > 0:
-        mask = F.max_pool2d(mask[None], 2 * dilate + 1, stride=1, padding=dilate)[0]
+        mask = F.max_pool2d(mask, 2 * dilate + 1, stride=1, padding=dilate)
     return mask
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from deepgen_components.training.data import foreground_mask
 from torch import nn
 
 from deepgen_components.bridge import BridgeConfig, StackedChannelBridge
@@ -226,12 +227,6 @@ def shapes_vae(cfg: ShapesBaseConfig):
     return vae
 
 
-def _foreground(pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 1, H, W) 1 where a pixel differs from the image's corner (background) colour."""
-    corner = pixels[:, :, :1, :1]
-    return ((pixels - corner).abs().sum(1, keepdim=True) > 0.1).float()
-
-
 def train_vae(vae, pixels: torch.Tensor, cfg: ShapesBaseConfig, log=None) -> dict:
     """L1 + MSE (shape pixels weighted up) + an edge term + a latent anchor + a small KL; AdamW, one-cycle LR.
 
@@ -242,7 +237,7 @@ def train_vae(vae, pixels: torch.Tensor, cfg: ShapesBaseConfig, log=None) -> dic
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
-    foreground = _foreground(pixels)
+    foreground = foreground_mask(pixels)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     vae.train()
     stats = {}
@@ -399,7 +394,7 @@ def _flow_matching_step(dit, encoder, tokens, mask, x0, references, weight, gene
 
 def latent_foreground(pixels: torch.Tensor, factor: int) -> torch.Tensor:
     """(N, 1, H/f, W/f) in [0, 1]: the share of each latent cell covered by a shape, dilated by one cell."""
-    return F.max_pool2d(F.avg_pool2d(_foreground(pixels), factor), 3, stride=1, padding=1)
+    return F.max_pool2d(F.avg_pool2d(foreground_mask(pixels), factor), 3, stride=1, padding=1)
 
 
 def pretrain_dit(
