@@ -18,7 +18,7 @@ from deepgen_components.training.shapes_base import (
     latent_foreground,
     shapes_tokenizer,
 )
-from deepgen_components.training.shapes_cli import QUICK_OVERRIDES, STAGES, run_shapes
+from deepgen_components.training.shapes_cli import QUICK_OVERRIDES, STAGES, parse_sets, run_shapes
 from deepgen_components.training.shapes_eval import eval_set
 
 from deepgen_components.cli import main
@@ -115,3 +115,42 @@ def test_latent_foreground_marks_the_cells_a_shape_covers():
     cells = latent_foreground(pixels, 4)
     assert cells.shape == (1, 1, 16, 16)
     assert 0 < float((cells > 0).float().mean()) < 0.5  # the shape, dilated by a cell, not the background
+
+
+def test_set_overrides_are_typed_and_routed_to_their_part():
+    base, stages = parse_sets(["base.dit_steps=8000", "base.dit_lr=5e-4", "base.dit_dual_layers=0,1,2",
+                               "base.dit_latents=sample", "align.trainer.max_steps=3000", "rl.rl.num_steps=7"])
+    assert base == {"dit_steps": 8000, "dit_lr": 5e-4, "dit_dual_layers": (0, 1, 2), "dit_latents": "sample"}
+    assert stages == {"align": ["trainer.max_steps=3000"], "sft": [], "rl": ["rl.num_steps=7"]}
+    assert ShapesBaseConfig(**base).dit_steps == 8000
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [("dit_steps=5", "PART.KEY=VALUE"), ("base.dit_steps", "PART.KEY=VALUE"), ("base.nope=1", "unknown base field"),
+     ("base.dit_steps=many", "is not a int"), ("vae.steps=3", "PART must be one of")],
+)
+def test_bad_set_overrides_name_the_argument(item, message):
+    with pytest.raises(ValueError, match=message) as err:
+        parse_sets([item])
+    assert "--set" in str(err.value)
+
+
+def test_set_overrides_reach_the_base_models_and_the_stage_configs(tmp_path):
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    report = run_shapes(tmp_path, quick=True, sets=["base.dit_steps=3", "align.trainer.max_steps=3",
+                                                    "sft.optim.lr=0.001"])
+    assert report["sets"] == ["base.dit_steps=3", "align.trainer.max_steps=3", "sft.optim.lr=0.001"]
+    assert report["device"] == "cpu"
+    assert report["base"]["config"]["dit_steps"] == 3 and report["base"]["dit"]["step"] == 3
+    align = (tmp_path / "align" / "config.yaml").read_text()
+    assert "max_steps: 3\n" in align
+    assert "lr: 0.001\n" in (tmp_path / "sft" / "config.yaml").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_quick_chain_runs_on_cuda(tmp_path):
+    report = run_shapes(tmp_path, quick=True, device="cuda")
+    assert list(report["results"]) == ROWS and report["device"] == "cuda"
+    assert "device: cuda" in (tmp_path / "align" / "config.yaml").read_text()

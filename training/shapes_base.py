@@ -234,7 +234,7 @@ def train_vae(vae, pixels: torch.Tensor, cfg: ShapesBaseConfig, log=None) -> dic
     sharp within a CPU budget: the L1 of the pixel differences' error (edges), and an anchor that asks latent
     channels 0-2 to hold the image average-pooled to the latent grid (colours and positions are then easy for
     the encoder; SD's latents look like a small image too). Returns the last losses."""
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)  # on the CPU whatever the device: the same draws
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
     foreground = foreground_mask(pixels)
@@ -242,11 +242,12 @@ def train_vae(vae, pixels: torch.Tensor, cfg: ShapesBaseConfig, log=None) -> dic
     vae.train()
     stats = {}
     for step in range(cfg.vae_steps):
-        index = torch.randint(0, pixels.shape[0], (cfg.vae_batch,), generator=generator)
+        index = torch.randint(0, pixels.shape[0], (cfg.vae_batch,), generator=generator).to(pixels.device)
         x = pixels[index]
         weight = 1.0 + cfg.vae_foreground_weight * foreground[index]
         posterior = vae.encode(x).latent_dist
-        reconstruction = vae.decode(posterior.sample(generator)).sample
+        eps = torch.randn(posterior.mean.shape, generator=generator).to(x.device)
+        reconstruction = vae.decode(posterior.mean + posterior.std * eps).sample
         error = reconstruction - x
         l1 = (error.abs() * weight).mean()
         mse = (error.square() * weight).mean()
@@ -378,17 +379,18 @@ def _training_sigmas(scheduler) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _flow_matching_step(dit, encoder, tokens, mask, x0, references, weight, generator, timesteps, sigmas, sampling):
     """One flow-matching loss: x_sigma = (1 - sigma) x0 + sigma eps, target eps - x0, per-element ``weight``."""
-    null_lengths = torch.randint(1, tokens.shape[1] + 2, (x0.shape[0],), generator=generator)
+    device = x0.device  # the draws come from the CPU ``generator`` whatever the device (same numbers)
+    null_lengths = torch.randint(1, tokens.shape[1] + 2, (x0.shape[0],), generator=generator).to(device)
     if sampling == "logit_normal":
         u = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
     else:
         u = torch.rand(x0.shape[0], generator=generator)
     index = (u * len(timesteps)).long().clamp(0, len(timesteps) - 1)
-    sigma = sigmas[index].view(-1, 1, 1, 1)
-    noise = torch.randn(x0.shape, generator=generator)
+    sigma = sigmas[index].view(-1, 1, 1, 1).to(device)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
     noisy = (1 - sigma) * x0 + sigma * noise
     context, pooled, context_mask = encoder(tokens, mask, null_lengths)
-    prediction = dit(noisy, timesteps[index], context, pooled, references, context_mask=context_mask)
+    prediction = dit(noisy, timesteps[index].to(device), context, pooled, references, context_mask=context_mask)
     return ((prediction - (noise - x0)).square() * weight).mean() / weight.mean()
 
 
@@ -423,20 +425,21 @@ def pretrain_dit(
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.dit_steps))),
     )
     timesteps, sigmas = _training_sigmas(scheduler)
-    t2i_tokens = encoder.tokenize(tokenizer, captions)
-    edit_tokens = encoder.tokenize(tokenizer, instructions)
+    device = next(dit.parameters()).device  # latents live there too; random draws stay on the CPU generator
+    t2i_tokens = tuple(t.to(device) for t in encoder.tokenize(tokenizer, captions))
+    edit_tokens = tuple(t.to(device) for t in encoder.tokenize(tokenizer, instructions))
 
     def sample(mean, std, index):
         if cfg.dit_latents == "mean":
             return mean[index]
-        return mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
+        return mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator).to(device)
 
     dit.train()
     encoder.train()
     stats, losses = {}, []
     for step in range(cfg.dit_steps):
         index_space = len(instructions) if step % cfg.dit_edit_every == 0 else len(captions)
-        index = torch.randint(0, index_space, (cfg.dit_batch,), generator=generator)
+        index = torch.randint(0, index_space, (cfg.dit_batch,), generator=generator).to(device)
         if step % cfg.dit_edit_every == 0:
             tokens, mask = edit_tokens[0][index], edit_tokens[1][index]
             x0 = sample(latents["target_mean"], latents["target_std"], index)
@@ -444,14 +447,14 @@ def pretrain_dit(
             foreground = latents["target_fg"][index]
             # Copy samples: no instruction -> reproduce the reference. This teaches the position-wise copy an edit
             # needs, and makes "" + reference (the CFG negative of an edit) mean "no change".
-            copy = torch.rand(cfg.dit_batch, generator=generator) < cfg.dit_copy_fraction
+            copy = (torch.rand(cfg.dit_batch, generator=generator) < cfg.dit_copy_fraction).to(device)
             tokens = torch.where(copy[:, None], torch.zeros_like(tokens), tokens)
             mask = mask & ~copy[:, None]
             x0 = torch.where(copy.view(-1, 1, 1, 1), sample(latents["source_mean"], latents["source_std"], index), x0)
             foreground = torch.where(copy.view(-1, 1, 1, 1), latents["source_fg"][index], foreground)
         else:
             tokens, mask = t2i_tokens[0][index], t2i_tokens[1][index]
-            drop = torch.rand(cfg.dit_batch, generator=generator) < cfg.dit_condition_dropout
+            drop = (torch.rand(cfg.dit_batch, generator=generator) < cfg.dit_condition_dropout).to(device)
             tokens = torch.where(drop[:, None], torch.zeros_like(tokens), tokens)
             mask = mask & ~drop[:, None]  # "" = the start token alone
             x0 = sample(latents["t2i_mean"], latents["t2i_std"], index)
@@ -485,6 +488,15 @@ class PromptEncoderPipeline:
         self.dit, self.encoder, self.tokenizer, self.vae, self.scheduler = dit, encoder, tokenizer, vae, scheduler
         self.model = SimpleNamespace(config=SimpleNamespace(image_size=image_size))
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.dit.parameters()).device
+
+    def to(self, device) -> PromptEncoderPipeline:
+        for module in (self.dit, self.encoder, self.vae):
+            module.to(device)
+        return self
+
     @classmethod
     def from_base(cls, base_dir: str | Path) -> PromptEncoderPipeline:
         from deepgen_components.pipeline import DeepGenPipeline
@@ -511,17 +523,18 @@ class PromptEncoderPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         size = self.model.config.image_size
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        tokens, mask = self.encoder.tokenize(self.tokenizer, prompts)
+        device = self.device
+        tokens, mask = (t.to(device) for t in self.encoder.tokenize(self.tokenizer, prompts))
         null_tokens = torch.zeros_like(tokens)
         null_mask = torch.zeros_like(mask)  # "": the start token alone
         context, pooled, context_mask = self.encoder(torch.cat([null_tokens, tokens]), torch.cat([null_mask, mask]))
         references = None
         if image is not None:
-            references = self._latents(torch.stack([pil_to_pixels(im) for im in image]))
+            references = self._latents(torch.stack([pil_to_pixels(im) for im in image]).to(device))
             references = torch.cat([references, references])
         latents = torch.randn((len(prompts), 16, (height or size) // factor, (width or size) // factor),
-                              generator=generator)
-        timesteps, sigmas = flow_match_sigmas(self.scheduler, num_inference_steps)
+                              generator=generator).to(device)
+        timesteps, sigmas = flow_match_sigmas(self.scheduler, num_inference_steps, device=device)
         for i in range(len(timesteps)):
             t = timesteps[i].expand(2 * len(prompts))
             velocity = self.dit(torch.cat([latents, latents]), t, context, pooled, references, context_mask=context_mask)
@@ -554,7 +567,8 @@ def pretrain_vlm_lm(vlm, tokenizer, texts: list[str], cfg: ShapesBaseConfig, log
             input_ids[i, : len(r)] = torch.tensor(r)
             attention[i, : len(r)] = 1
         labels = input_ids.masked_fill(attention == 0, -100)
-        loss = vlm(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        device = vlm.device
+        loss = vlm(input_ids=input_ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vlm.parameters(), 1.0)
@@ -601,11 +615,15 @@ def assemble(cfg: ShapesBaseConfig, vlm, tokenizer, transformer, vae, scheduler)
     ).eval()
 
 
-def build_base(cfg: ShapesBaseConfig, out: str | Path, log=None) -> dict:
+def build_base(cfg: ShapesBaseConfig, out: str | Path, log=None, device: str | torch.device | None = None) -> dict:
     """Make every base model, save the stage-1 start as a ``DeepGenPipeline`` in ``out/pipeline`` and return a
-    report (seconds per part, final losses, latent statistics). ``log(part, stats)`` receives progress."""
+    report (seconds per part, final losses, latent statistics). ``log(part, stats)`` receives progress.
+
+    ``device`` (default: the CPU) trains the VAE, the DiT and the VLM LM there; weights are initialised and every
+    random draw is made on the CPU, so only floating-point rounding differs between devices."""
     from deepgen_components.pipeline import DeepGenPipeline
 
+    device = torch.device(device or "cpu")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"config": cfg.to_dict(), "seconds": {}}
@@ -619,11 +637,11 @@ def build_base(cfg: ShapesBaseConfig, out: str | Path, log=None) -> dict:
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    vae = shapes_vae(cfg)
-    report["vae"] = train_vae(vae, data.all_pixels(), cfg, log)
-    t2i_mean, t2i_std = encode_posterior(vae, data.t2i_pixels)
-    source_mean, source_std = encode_posterior(vae, data.edit_sources)
-    target_mean, target_std = encode_posterior(vae, data.edit_targets)
+    vae = shapes_vae(cfg).to(device)
+    report["vae"] = train_vae(vae, data.all_pixels().to(device), cfg, log)
+    t2i_mean, t2i_std = encode_posterior(vae, data.t2i_pixels.to(device))
+    source_mean, source_std = encode_posterior(vae, data.edit_sources.to(device))
+    target_mean, target_std = encode_posterior(vae, data.edit_targets.to(device))
     shift, scale = set_latent_statistics(vae, torch.cat([t2i_mean, target_mean]))
     norm = lambda m, s: ((m - shift) * scale, s * scale)  # noqa: E731
     latents = {}
@@ -631,9 +649,9 @@ def build_base(cfg: ShapesBaseConfig, out: str | Path, log=None) -> dict:
                          "target": (target_mean, target_std)}.items():
         latents[f"{name}_mean"], latents[f"{name}_std"] = norm(m, s)
     factor = 2 ** (len(cfg.vae_channels) - 1)
-    latents["t2i_fg"] = latent_foreground(data.t2i_pixels, factor)
-    latents["target_fg"] = latent_foreground(data.edit_targets, factor)
-    latents["source_fg"] = latent_foreground(data.edit_sources, factor)
+    latents["t2i_fg"] = latent_foreground(data.t2i_pixels, factor).to(device)
+    latents["target_fg"] = latent_foreground(data.edit_targets, factor).to(device)
+    latents["source_fg"] = latent_foreground(data.edit_sources, factor).to(device)
     report["vae"].update(shift_factor=shift, scaling_factor=scale, parameters=sum(p.numel() for p in vae.parameters()))
     report["seconds"]["vae"] = time.perf_counter() - start
 
@@ -641,18 +659,19 @@ def build_base(cfg: ShapesBaseConfig, out: str | Path, log=None) -> dict:
     torch.manual_seed(cfg.seed + 1)
     scheduler = shapes_scheduler(cfg)
     transformer = shapes_transformer(cfg)
-    dit = ConditionedDiT(transformer)
-    encoder = PromptEncoder(len(tokenizer), cfg.context_dim, cfg.pooled_dim)
+    dit = ConditionedDiT(transformer).to(device)
+    encoder = PromptEncoder(len(tokenizer), cfg.context_dim, cfg.pooled_dim).to(device)
     report["dit"] = pretrain_dit(dit, encoder, tokenizer, latents, data.captions, data.instructions, scheduler, cfg, log)
     report["dit"]["parameters"] = sum(p.numel() for p in transformer.parameters())
     report["seconds"]["dit"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    vlm = tiny_vlm(tokenizer, num_layers=cfg.vlm_layers, hidden_size=cfg.vlm_hidden, seed=cfg.seed + 3)
+    vlm = tiny_vlm(tokenizer, num_layers=cfg.vlm_layers, hidden_size=cfg.vlm_hidden, seed=cfg.seed + 3).to(device)
     if cfg.lm_steps > 0:
         report["vlm_lm"] = pretrain_vlm_lm(vlm, tokenizer, lm_texts(data.captions, data.instructions), cfg, log)
     report["seconds"]["vlm"] = time.perf_counter() - start
 
+    vlm, transformer, vae, encoder = (m.to("cpu") for m in (vlm, transformer, vae, encoder))
     torch.manual_seed(cfg.seed + 4)
     model = assemble(cfg, vlm.requires_grad_(False), tokenizer, transformer.requires_grad_(False),
                      vae.requires_grad_(False), scheduler)

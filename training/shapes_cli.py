@@ -2,6 +2,7 @@
 
     deepgen shapes --out runs/shapes            # ~33 min on 2 CPU cores (measured; see docs/shapes.md)
     deepgen shapes --out runs/shapes --quick    # the whole chain at toy budgets in ~15 s (numbers meaningless)
+    deepgen shapes --out runs/big --device cuda --set base.dit_steps=8000 --set align.trainer.max_steps=4000
 
 Status: the chain runs end to end and measures every stage, but the trained model does not yet meet the issue's
 targets, so no ``deepgen-shapes`` preset is shipped (docs/shapes.md has the numbers and the diagnosis).
@@ -33,6 +34,42 @@ QUICK_OVERRIDES = {  # a smoke test of the whole chain in about a minute (number
               "rl.sft_batch_size=2"],
     "eval": {"heldout": 4, "seen": 2, "edits": 3, "steps": 2},
 }
+
+
+def parse_sets(items: list[str] | None) -> tuple[dict, dict[str, list[str]]]:
+    """``--set`` items -> (ShapesBaseConfig overrides, per-stage config overrides). ``base.FIELD=VALUE`` sets a
+    base-model field (typed like its default; tuples as comma lists); ``align.KEY=VALUE`` / ``sft.`` / ``rl.``
+    pass ``KEY=VALUE`` on to that stage's config (e.g. ``align.trainer.max_steps=3000``)."""
+    from dataclasses import fields
+
+    from deepgen_components.training.shapes_base import ShapesBaseConfig
+
+    base_types = {f.name: type(f.default) for f in fields(ShapesBaseConfig)}
+    base: dict = {}
+    stages: dict[str, list[str]] = {name: [] for name in STAGES}
+    for item in items or []:
+        target, sep, value = item.partition("=")
+        part, dot, key = target.partition(".")
+        if not sep or not dot or not key:
+            raise ValueError(f"--set: expected PART.KEY=VALUE with PART one of base, {', '.join(STAGES)}; got {item!r}")
+        if part == "base":
+            if key not in base_types:
+                raise ValueError(f"--set base.{key}: unknown base field; known: {', '.join(sorted(base_types))}")
+            kind = base_types[key]
+            if kind is tuple:
+                base[key] = tuple(int(v) for v in value.split(",") if v.strip())
+            elif kind is bool:
+                base[key] = value.lower() in ("1", "true", "yes")
+            else:
+                try:
+                    base[key] = kind(value)
+                except ValueError:
+                    raise ValueError(f"--set base.{key}: {value!r} is not a {kind.__name__}") from None
+        elif part in stages:
+            stages[part].append(f"{key}={value}")
+        else:
+            raise ValueError(f"--set: PART must be one of base, {', '.join(STAGES)}; got {part!r} in {item!r}")
+    return base, stages
 
 
 def _log(part: str, stats: dict) -> None:
@@ -78,8 +115,14 @@ def run_shapes(
     guidance: float = 4.0,
     edit_guidance: float | None = None,
     grid_rows: int = 8,
+    device: str | None = None,
+    sets: list[str] | None = None,
 ) -> dict:
-    """Run (or resume) the whole shapes-world chain into ``out``; returns the report."""
+    """Run (or resume) the whole shapes-world chain into ``out``; returns the report.
+
+    ``device`` (default: the CPU) runs the base models, the stages and the evaluations there (random draws of
+    the base models and the evaluation noise stay on the CPU); ``sets`` are ``--set`` overrides (see
+    :func:`parse_sets`). The overrides and the device are recorded in ``report.json``."""
     import torch
     from deepgen_components.training import shapes_eval
     from deepgen_components.training.rl import train_rl
@@ -96,8 +139,13 @@ def run_shapes(
     save = lambda: report_path.write_text(json.dumps(report, indent=2))  # noqa: E731
     started = time.perf_counter()
 
-    base_cfg = ShapesBaseConfig(**(QUICK_OVERRIDES["base"] if quick else {}))
-    stage_extra = QUICK_OVERRIDES["stage"] if quick else []
+    base_sets, stage_sets = parse_sets(sets)
+    base_cfg = ShapesBaseConfig(**{**(QUICK_OVERRIDES["base"] if quick else {}), **base_sets})
+    stage_extra = list(QUICK_OVERRIDES["stage"] if quick else [])
+    if device is not None:
+        stage_extra.append(f"trainer.device={device}")
+    report["device"] = str(device or "cpu")
+    report["sets"] = list(sets or [])
     eval_kwargs = dict(QUICK_OVERRIDES["eval"]) if quick else {"steps": eval_steps}
     steps = eval_kwargs.pop("steps")
     evals = shapes_eval.eval_set(**eval_kwargs)
@@ -120,19 +168,22 @@ def run_shapes(
     base_dir = out / "base"
     if not (base_dir / "pipeline" / "model_index.json").exists():
         t0 = time.perf_counter()
-        base_report = build_base(base_cfg, base_dir, log=_log)
+        base_report = build_base(base_cfg, base_dir, log=_log, device=device)
         report["base"] = base_report
         report["seconds"].update({f"base {k}": v for k, v in base_report["seconds"].items()})
         report["seconds"]["base"] = time.perf_counter() - t0
         save()
     base_pipeline = base_dir / "pipeline"
-    evaluate("base DiT (own prompt encoder)", PromptEncoderPipeline.from_base(base_dir))
-    evaluate("stage-1 start (zero heads)", DeepGenPipeline.from_pretrained(base_pipeline))
+    def load(path):  # eager PyTorch on any device: the evaluation is the same computation everywhere
+        return DeepGenPipeline.from_pretrained(path, device=device).optimize("eager")
+
+    evaluate("base DiT (own prompt encoder)", PromptEncoderPipeline.from_base(base_dir).to(device or "cpu"))
+    evaluate("stage-1 start (zero heads)", load(base_pipeline))
 
     # 2. Stages 1-3 with our recipes.
     previous = None
     for name in STAGES:
-        cfg = _stage_config(name, out, base_pipeline, previous, stage_extra, configs)
+        cfg = _stage_config(name, out, base_pipeline, previous, stage_extra + stage_sets[name], configs)
         stage_dir = out / name
         if not (stage_dir / "pipeline" / "model_index.json").exists():
             t0 = time.perf_counter()
@@ -140,7 +191,7 @@ def run_shapes(
             report["seconds"][name] = time.perf_counter() - t0
             save()
         torch.manual_seed(0)
-        evaluate(f"after stage {STAGES.index(name) + 1} ({name})", DeepGenPipeline.from_pretrained(stage_dir / "pipeline"))
+        evaluate(f"after stage {STAGES.index(name) + 1} ({name})", load(stage_dir / "pipeline"))
         previous = stage_dir
 
     report["seconds"]["total (this invocation)"] = time.perf_counter() - started
@@ -182,7 +233,7 @@ def cmd_shapes(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_shapes(args.out, quick=args.quick, configs=args.configs, eval_steps=args.eval_steps,
-               guidance=args.guidance, edit_guidance=args.edit_guidance)
+               guidance=args.guidance, edit_guidance=args.edit_guidance, device=args.device, sets=args.set)
     return 0
 
 
@@ -194,5 +245,9 @@ def add_commands(sub) -> None:
     p.add_argument("--eval-steps", type=int, default=20, help="Euler steps of the evaluations (default: 20)")
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale of the T2I evaluations (default: 4)")
     p.add_argument("--edit-guidance", type=float, default=None, help="CFG scale of the edit evaluations")
+    p.add_argument("--device", default=None, help="where to train and evaluate, e.g. cuda (default: the CPU)")
+    p.add_argument("--set", action="append", default=[], metavar="PART.KEY=VALUE",
+                   help="override a budget: base.FIELD=V (ShapesBaseConfig), align./sft./rl.KEY=V (stage config); "
+                        "repeatable, e.g. --set base.dit_steps=8000 --set align.trainer.max_steps=3000")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test of the chain (numbers meaningless)")
     p.set_defaults(func=cmd_shapes)
