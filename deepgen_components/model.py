@@ -83,7 +83,9 @@ class FlowMatchingOutput:
     noise: list[torch.Tensor] | torch.Tensor
     prediction: list[torch.Tensor] | torch.Tensor
     noisy_latents: list[torch.Tensor] | torch.Tensor | None = None  # x_t given to the DiT
-    target: list[torch.Tensor] | torch.Tensor | None = None  # noise - x0
+    target: list[torch.Tensor] | torch.Tensor | None = None  # noise - x0 (or the teacher's velocity)
+    condition: BridgeOutput | None = None  # the bridge's output the DiT was given
+    input_ids: torch.Tensor | None = None  # (B, L) the VLM's prompt tokens (left padded)
 
 
 ImageLike = object  # a PIL image or a (3, H, W) tensor in [-1, 1]
@@ -298,9 +300,12 @@ class DeepGenModel(nn.Module):
         or ``pixels`` (targets in [-1, 1], VAE-encoded here); optional ``reference_pixels`` (per sample, a
         list of (3, H, W) references: editing; also VAE-encoded for the DiT unless ``reference_latents`` is
         given); optional ``noise`` / ``u`` to fix the random draws; optional ``loss_weight`` (B, 1, h, w) on the
-        latent grid (each sample's loss is then its weighted mean). Text-to-image captions are replaced by ""
-        with probability ``condition_dropout`` (default: the model config's; pass 0 when the caller already
-        dropped captions itself); editing samples never are.
+        latent grid (each sample's loss is then its weighted mean); optional ``teacher``: a callable
+        ``teacher(noisy, timesteps, prompts, reference_latents) -> velocity`` whose output (no gradient) replaces
+        the target eps - x0, i.e. the loss distils a teacher's velocity, e.g. the DiT under the conditioning it
+        was pretrained with, while the gradient still reaches the bridge only through the DiT (tensor latents
+        only). Text-to-image captions are replaced by "" with probability ``condition_dropout`` (default: the
+        model config's; pass 0 when the caller already dropped captions itself); editing samples never are.
         """
         prompts = list(batch["prompts"])
         references = batch.get("reference_pixels")
@@ -327,15 +332,22 @@ class DeepGenModel(nn.Module):
             with torch.no_grad():
                 reference_latents = [self.encode_images(list(refs), generator, mode="sample") for refs in references]
 
-        condition, _ = self.encode_tokens(self.prepare_prompts(prompts, references if editing else None))
+        prompt_batch = self.prepare_prompts(prompts, references if editing else None)
+        condition, _ = self.encode_tokens(prompt_batch)
         u, timesteps, sigmas = self.sample_training_timesteps(size, generator, batch.get("u"))
         noise = batch.get("noise")
+        teacher = batch.get("teacher")
+        if teacher is not None and x0_list is not None:
+            raise ValueError("batch['teacher']: needs latents of one size (a tensor), got a list")
         if x0_list is None:
             if noise is None:
                 noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
             s = sigmas.to(x0.device, x0.dtype).view(-1, 1, 1, 1)
             noisy = (1 - s) * x0 + s * noise
             target = noise - x0
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(noisy, timesteps, prompts, reference_latents if editing else None).to(target)
             prediction = self.velocity(noisy.to(self.dtype), timesteps, condition, reference_latents)
             error = (prediction.float() - target.float()) ** 2
             weight = batch.get("loss_weight")
@@ -355,5 +367,6 @@ class DeepGenModel(nn.Module):
             per_sample = torch.stack([((p.float() - tg.float()) ** 2).mean() for p, tg in zip(prediction, target)])
         return FlowMatchingOutput(
             loss=per_sample.mean(), per_sample=per_sample, sigmas=sigmas, timesteps=timesteps, noise=noise,
-            prediction=prediction, noisy_latents=noisy, target=target,
+            prediction=prediction, noisy_latents=noisy, target=target, condition=condition,
+            input_ids=prompt_batch.input_ids,
         )

@@ -202,6 +202,38 @@ def test_flow_matching_loss_with_a_latent_weight_map_is_each_samples_weighted_me
         model.flow_matching_loss({**batch, "loss_weight": torch.ones(2, 1, 4, 4)})
 
 
+def test_flow_matching_loss_with_a_teacher_distils_its_velocity(no_dropout):
+    """batch["teacher"]: the target is the teacher's velocity at the same noisy latents, timesteps and prompts
+    (no gradient through it); the prediction and its gradient path are unchanged."""
+    model = no_dropout
+    g = seeded(6)
+    x0, noise = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    batch = {"prompts": PROMPTS, "latents": x0, "noise": noise, "u": torch.tensor([0.2, 0.9])}
+    seen = {}
+
+    def teacher(noisy, timesteps, prompts, reference_latents):
+        seen.update(noisy=noisy, timesteps=timesteps, prompts=prompts, references=reference_latents)
+        return 0.5 * noisy
+
+    out = model.flow_matching_loss({**batch, "teacher": teacher})
+    torch.testing.assert_close(seen["noisy"], out.noisy_latents)
+    torch.testing.assert_close(seen["timesteps"], out.timesteps)
+    assert seen["prompts"] == PROMPTS and seen["references"] is None
+    torch.testing.assert_close(out.target, 0.5 * out.noisy_latents)
+    expected = ((out.prediction.detach() - 0.5 * out.noisy_latents) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(out.per_sample.detach(), expected)
+    out.loss.backward()
+    assert any(p.grad is not None for p in model.bridge.parameters())
+
+    def perfect(noisy, timesteps, prompts, reference_latents):  # the model itself: nothing left to learn
+        return model.velocity(noisy, timesteps, model.encode_condition(prompts))
+
+    with torch.no_grad():
+        assert model.flow_matching_loss({**batch, "teacher": perfect}).loss < 1e-10
+    with pytest.raises(ValueError, match="teacher"):
+        model.flow_matching_loss({"prompts": PROMPTS, "latents": list(x0), "teacher": teacher})
+
+
 def test_flow_matching_loss_takes_latents_of_different_sizes(no_dropout):
     model = no_dropout
     g = seeded(5)

@@ -8,6 +8,7 @@ relies on.
 """
 
 import json
+import math
 from dataclasses import fields
 
 import pytest
@@ -154,3 +155,72 @@ def test_the_quick_chain_runs_on_cuda(tmp_path):
     report = run_shapes(tmp_path, quick=True, device="cuda")
     assert list(report["results"]) == ROWS and report["device"] == "cuda"
     assert "device: cuda" in (tmp_path / "align" / "config.yaml").read_text()
+
+
+def test_the_prompt_encoder_teacher_is_the_base_dit_under_its_own_encoder(quick_run, tmp_path):
+    """Stage 1 with ``model.teacher``: the target is the base DiT's velocity under its prompt encoder."""
+    from deepgen_components.training.config import load_config
+    from deepgen_components.training.shapes_base import PromptEncoderPipeline, PromptEncoderTeacher
+    from deepgen_components.training.shapes_cli import CONFIGS
+    from deepgen_components.training.trainer import train
+
+    out, _ = quick_run
+    teacher = PromptEncoderTeacher.from_base(out / "base")
+    base = PromptEncoderPipeline.from_base(out / "base")
+    prompts = ["a red circle on the left on a gray background", ""]
+    noisy = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([900.0, 300.0])
+    tokens, mask = base.encoder.tokenize(base.tokenizer, prompts)
+    context, pooled, context_mask = base.encoder(tokens, mask)
+    expected = base.dit(noisy, timesteps, context, pooled, None, context_mask=context_mask)
+    torch.testing.assert_close(teacher(noisy, timesteps, prompts), expected)
+    assert not any(p.requires_grad for p in teacher.dit.parameters())
+
+    cfg = load_config(CONFIGS / "align_shapes.yaml", [
+        f"model.pipeline={out / 'base' / 'pipeline'}", f"model.teacher={out / 'base'}", f"out={tmp_path / 'align'}",
+        "trainer.max_steps=2", "data.batch_size=2", "trainer.tensorboard=false"])
+    result = train(cfg, out=tmp_path / "align")
+    assert result.steps == 2 and result.final_loss is not None and math.isfinite(result.final_loss)
+    with pytest.raises(FileNotFoundError, match="model.teacher"):
+        PromptEncoderTeacher.from_base(tmp_path)
+
+
+def test_base_from_reuses_another_runs_base_models(quick_run, tmp_path):
+    out, _ = quick_run
+    with pytest.raises(FileNotFoundError, match="base_from"):
+        run_shapes(tmp_path / "bad", quick=True, base_from=tmp_path)
+    report = run_shapes(tmp_path / "reuse", quick=True, base_from=out)
+    assert report["base_from"] == str(out / "base")
+    for name in ("pipeline/transformer/config.json", "prompt_encoder.pt"):
+        assert (tmp_path / "reuse" / "base" / name).read_bytes() == (out / "base" / name).read_bytes()
+    assert "base dit" not in report["seconds"]  # nothing was trained for the base
+    assert list(report["results"]) == ROWS
+
+
+def test_the_teachers_feature_loss_compares_the_bridge_at_the_prompts_words(quick_run):
+    """feature_loss: the bridge's context at the caption's words vs the prompt encoder's output for them (and the
+    pooled vectors); zero exactly when they agree, whatever the other context tokens hold; "" is skipped."""
+    from deepgen_components.training.shapes_base import PromptEncoderTeacher
+
+    from deepgen_components.bridge import BridgeOutput
+    from deepgen_components.pipeline import DeepGenPipeline
+
+    out, _ = quick_run
+    teacher = PromptEncoderTeacher.from_base(out / "base", feature_weight=1.0)
+    model = DeepGenPipeline.from_pretrained(out / "base" / "pipeline").model
+    prompts = ["a red circle on the left on a gray background", "make the square blue", ""]
+    batch = model.prepare_prompts(prompts)
+    condition, _ = model.encode_tokens(batch)
+    assert teacher.feature_loss(condition, batch.input_ids, prompts) > 0  # fresh bridge: zero context
+    tokens, mask = teacher.encoder.tokenize(teacher.tokenizer, prompts[:2])
+    target, pooled, _ = teacher.encoder(tokens, mask)
+    context = torch.randn(condition.context.shape)  # other tokens (template, think) may hold anything
+    for row, prompt in enumerate(prompts[:2]):
+        n = len(teacher.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ids = batch.input_ids[row].tolist()
+        first = next(j for j in range(len(ids)) if teacher.tokenizer.decode(ids[j:j + n]).strip() == prompt)
+        context[row, first : first + n] = target[row, 1 : 1 + n]
+    matched = BridgeOutput(context=context, pooled=torch.cat([pooled, torch.zeros(1, pooled.shape[1])]),
+                           mask=condition.mask)
+    assert teacher.feature_loss(matched, batch.input_ids, prompts).item() < 1e-10
+    assert teacher.feature_loss(condition, batch.input_ids, [""] * 3).item() == 0.0

@@ -40,6 +40,9 @@ class ModelSpec:
     mask_padding: bool | None = None
     tokens: str | None = None
     init_from: str | None = None  # a training checkpoint whose weights start this run (e.g. stage 1 -> 2)
+    teacher: str | None = None  # a shapes base folder: distil its DiT under its own prompt encoder (shapes_base)
+    teacher_target: bool = True  # the teacher's velocity replaces the target eps - x0
+    teacher_features: float = 0.0  # weight of the SCB-context-to-prompt-encoder feature loss (0 = off)
     condition_dropout: float = 0.1
     image_size: int | None = None
 

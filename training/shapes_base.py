@@ -545,6 +545,71 @@ class PromptEncoderPipeline:
         return SimpleNamespace(images=pixels_to_pil(pixels))
 
 
+class PromptEncoderTeacher:
+    """The base DiT under its own :class:`PromptEncoder`, as a velocity teacher for ``flow_matching_loss``
+    (``batch["teacher"]``): ``teacher(noisy, timesteps, prompts, reference_latents)`` -> the base DiT's
+    velocity for the raw captions / instructions ("" = its null condition). Distilling it instead of the noisy
+    target eps - x0 removes the target's sampling noise (the teacher gives the expected velocity given the
+    noisy latents), which is most of the target at the high noise levels where the condition matters."""
+
+    def __init__(self, dit: ConditionedDiT, encoder: PromptEncoder, tokenizer, *, target: bool = True,
+                 feature_weight: float = 0.0) -> None:
+        self.dit, self.encoder, self.tokenizer = dit.eval().requires_grad_(False), encoder.eval(), tokenizer
+        self.encoder.requires_grad_(False)
+        self.target = target
+        self.feature_weight = feature_weight
+
+    @classmethod
+    def from_base(cls, base_dir: str | Path, *, target: bool = True, feature_weight: float = 0.0) -> PromptEncoderTeacher:
+        base = Path(base_dir)
+        if not (base / "prompt_encoder.pt").is_file():
+            raise FileNotFoundError(f"model.teacher: {base / 'prompt_encoder.pt'} not found (a shapes base folder "
+                                    "written by build_base has it)")
+        pipe = PromptEncoderPipeline.from_base(base)
+        return cls(pipe.dit, pipe.encoder, pipe.tokenizer, target=target, feature_weight=feature_weight)
+
+    def to(self, device) -> PromptEncoderTeacher:
+        self.dit.to(device)
+        self.encoder.to(device)
+        return self
+
+    def feature_loss(self, condition, input_ids: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Mean squared distance between the bridge's context at a prompt's words and the prompt encoder's output
+        for the same words (its token i+1: the start token comes first), plus the same for the pooled vector;
+        prompts without words ("") are skipped. The words are found in the VLM's token ids (after the chat
+        template; the first word's token may differ by a leading space, so the match starts at the second)."""
+        device = condition.context.device
+        words = [self.tokenizer(p, add_special_tokens=False)["input_ids"][: self.encoder.max_length] for p in prompts]
+        rows = [i for i, w in enumerate(words) if len(w) >= 2]
+        if not rows:
+            return condition.context.sum() * 0.0
+        with torch.no_grad():
+            tokens, mask = (t.to(device) for t in self.encoder.tokenize(self.tokenizer, [prompts[i] for i in rows]))
+            target, target_pooled, _ = self.encoder(tokens, mask)
+        student, teacher = [], []
+        ids = input_ids.tolist()
+        for k, row in enumerate(rows):
+            tail = words[row][1:]
+            seq = ids[row]
+            start = next((j for j in range(len(seq) - len(tail), 0, -1) if seq[j : j + len(tail)] == tail), None)
+            if start is None:
+                continue
+            student.append(condition.context[row, start - 1 : start + len(tail)])
+            teacher.append(target[k, 1 : 2 + len(tail)])
+        pooled = (condition.pooled[rows] - target_pooled.to(condition.pooled)).square().mean()
+        if not student:
+            return pooled
+        return (torch.cat(student) - torch.cat(teacher).to(condition.context)).square().mean() + pooled
+
+    @torch.no_grad()
+    def __call__(self, noisy, timesteps, prompts, reference_latents=None):
+        device = next(self.dit.parameters()).device
+        tokens, mask = (t.to(device) for t in self.encoder.tokenize(self.tokenizer, list(prompts)))
+        context, pooled, context_mask = self.encoder(tokens, mask)
+        return self.dit(noisy.to(device), timesteps.to(device), context, pooled, reference_latents,
+                        context_mask=context_mask)
+
+
 # ------------------------------------------------------------------------------------------------- VLM
 def pretrain_vlm_lm(vlm, tokenizer, texts: list[str], cfg: ShapesBaseConfig, log=None) -> dict:
     """Next-token LM on the world's chat-templated prompts (T2I: "Generate an image: {caption}"; edits: the

@@ -22,7 +22,7 @@ import logging
 import time
 from pathlib import Path
 
-__all__ = ["add_commands", "run_shapes"]
+__all__ = ["add_commands", "install_preset", "parse_sets", "run_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ def _stage_config(name: str, out: Path, base_pipeline: Path, previous: Path | No
     from deepgen_components.training.config import load_config
 
     overrides = [f"model.pipeline={base_pipeline}", f"out={out / name}", "trainer.tensorboard=false"]
+    if load_config(configs / f"{name}_shapes.yaml").model.teacher:  # the teacher is this run's base
+        overrides.append(f"model.teacher={base_pipeline.parent}")
     if previous is not None:
         overrides.append(f"model.init_from={previous / 'checkpoints'}")
     return load_config(configs / f"{name}_shapes.yaml", overrides + list(extra))
@@ -117,12 +119,15 @@ def run_shapes(
     grid_rows: int = 8,
     device: str | None = None,
     sets: list[str] | None = None,
+    base_from: str | Path | None = None,
 ) -> dict:
     """Run (or resume) the whole shapes-world chain into ``out``; returns the report.
 
     ``device`` (default: the CPU) runs the base models, the stages and the evaluations there (random draws of
     the base models and the evaluation noise stay on the CPU); ``sets`` are ``--set`` overrides (see
-    :func:`parse_sets`). The overrides and the device are recorded in ``report.json``."""
+    :func:`parse_sets`); ``base_from`` copies the base models of another run (its ``base`` folder, or the run
+    folder holding it) instead of making them. The overrides, the device and the base's origin are recorded in
+    ``report.json``."""
     import torch
     from deepgen_components.training import shapes_eval
     from deepgen_components.training.rl import train_rl
@@ -166,6 +171,19 @@ def run_shapes(
 
     # 1. Base models (not DeepGen's recipe: its pretrained starting points, made here).
     base_dir = out / "base"
+    if base_from is not None and not (base_dir / "pipeline" / "model_index.json").exists():
+        import shutil
+
+        source = Path(base_from)
+        source = source / "base" if (source / "base" / "pipeline").is_dir() else source
+        if not (source / "pipeline" / "model_index.json").is_file() or not (source / "prompt_encoder.pt").is_file():
+            raise FileNotFoundError(f"base_from: {source} has no pipeline/model_index.json and prompt_encoder.pt "
+                                    "(the base folder of a `deepgen shapes` run)")
+        shutil.copytree(source, base_dir, dirs_exist_ok=True)
+        report["base_from"] = str(source)
+        if (source / "report.json").is_file():
+            report["base"] = json.loads((source / "report.json").read_text())
+        save()
     if not (base_dir / "pipeline" / "model_index.json").exists():
         t0 = time.perf_counter()
         base_report = build_base(base_cfg, base_dir, log=_log, device=device)
@@ -227,13 +245,43 @@ def _write_grids(folder: Path, evals, images: dict, rows: int) -> None:
     (folder / "legend.json").write_text(json.dumps(legend, indent=2))
 
 
+def install_preset(run: str | Path, package_dir: str | Path | None = None) -> Path:
+    """Copy a finished run's final pipeline (``run/rl/pipeline``) into the package as the ``deepgen-shapes`` preset
+    (``deepgen_components/presets/deepgen-shapes``), with the run's per-stage results beside it."""
+    import shutil
+
+    import deepgen_components
+
+    source = Path(run) / "rl" / "pipeline"
+    if not (source / "model_index.json").is_file():
+        raise FileNotFoundError(f"run: {source} has no final pipeline; run `deepgen shapes --out {run}` first")
+    target = Path(package_dir or Path(deepgen_components.__file__).parent / "presets") / "deepgen-shapes"
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    report = Path(run) / "report.json"
+    if report.is_file():
+        data = json.loads(report.read_text())
+        keep = {k: data[k] for k in ("results", "seconds", "sets", "device", "base_from") if k in data}
+        (staging / "training_report.json").write_text(json.dumps(keep, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
 def cmd_shapes(args) -> int:
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_shapes(args.out, quick=args.quick, configs=args.configs, eval_steps=args.eval_steps,
-               guidance=args.guidance, edit_guidance=args.edit_guidance, device=args.device, sets=args.set)
+    if not args.install_only:
+        run_shapes(args.out, quick=args.quick, configs=args.configs, eval_steps=args.eval_steps,
+                   guidance=args.guidance, edit_guidance=args.edit_guidance, device=args.device, sets=args.set,
+                   base_from=args.base_from)
+    if args.install or args.install_only:
+        target = install_preset(args.out)
+        size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+        print(f"installed {target} ({size / 1e6:.1f} MB)")
     return 0
 
 
@@ -249,5 +297,10 @@ def add_commands(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="PART.KEY=VALUE",
                    help="override a budget: base.FIELD=V (ShapesBaseConfig), align./sft./rl.KEY=V (stage config); "
                         "repeatable, e.g. --set base.dit_steps=8000 --set align.trainer.max_steps=3000")
+    p.add_argument("--base-from", default=None, metavar="DIR",
+                   help="copy the base models of another run (its folder or its base/ folder) instead of making them")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test of the chain (numbers meaningless)")
+    p.add_argument("--install", action="store_true",
+                   help="then copy the final pipeline into the package as the deepgen-shapes preset")
+    p.add_argument("--install-only", action="store_true", help="only install an existing run's final pipeline")
     p.set_defaults(func=cmd_shapes)

@@ -101,11 +101,16 @@ class FlowMatchingObjective(nn.Module):
         self.model = model
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.model.flow_matching_loss(batch, condition_dropout=0.0).loss
+        out = self.model.flow_matching_loss(batch, condition_dropout=0.0)
+        teacher = batch.get("feature_teacher")
+        if teacher is not None:
+            features = teacher.feature_loss(out.condition, out.input_ids, batch["prompts"])
+            return out.loss + teacher.feature_weight * features
+        return out.loss
 
 
 @torch.no_grad()
-def prepare_batch(model: DeepGenModel, batch: dict, plan: MicroBatchPlan, seed: int) -> dict:
+def prepare_batch(model: DeepGenModel, batch: dict, plan: MicroBatchPlan, seed: int, teacher=None) -> dict:
     """Draw every random quantity of a micro-batch from per-sample generators; encode images with the VAE."""
     device = model.device
     prompts, latents, noise, u, ref_latents = [], [], [], [], []
@@ -134,6 +139,10 @@ def prepare_batch(model: DeepGenModel, batch: dict, plan: MicroBatchPlan, seed: 
     if references is not None:
         out["reference_pixels"] = [[r.to(device) for r in refs] for refs in references]
         out["reference_latents"] = ref_latents
+    if teacher is not None and teacher.target:  # its velocity is the target
+        out["teacher"] = teacher
+    if teacher is not None and teacher.feature_weight > 0:  # + its feature loss on the bridge's output
+        out["feature_teacher"] = teacher
     return out
 
 
@@ -212,6 +221,13 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
     model.train()
     model.vae.eval()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    teacher = None
+    if cfg.model.teacher:  # the base DiT under its own prompt encoder, frozen (a copy: stage 2 trains the DiT)
+        from deepgen_components.training.shapes_base import PromptEncoderTeacher
+
+        teacher = PromptEncoderTeacher.from_base(
+            cfg.model.teacher, target=cfg.model.teacher_target, feature_weight=cfg.model.teacher_features
+        ).to(device)
 
     objective: nn.Module = FlowMatchingObjective(model)
     mode = cfg.trainer.distributed
@@ -275,7 +291,7 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
         losses, samples = [], 0
         for micro in range(accum):
             batch, plan = _next_batch(plans, sources)
-            prepared = prepare_batch(model, batch, plan, cfg.trainer.seed)
+            prepared = prepare_batch(model, batch, plan, cfg.trainer.seed, teacher)
             sync = nullcontext()
             if micro < accum - 1 and hasattr(objective, "no_sync"):
                 sync = objective.no_sync()
