@@ -1,6 +1,7 @@
-"""Model builders: ``deepgen_tiny()`` (random, seconds on a CPU), ``deepgen_small()`` (1/8 width, for latency
-work), ``deepgen_1_0()`` (real shapes; official weights from local paths, or random / meta for counting and
-benchmarks). ``build_preset(name)`` picks one by name.
+"""Model builders: ``deepgen_tiny()`` (random, seconds on a CPU), ``deepgen_shapes()`` (trained on the shapes
+world, shipped inside the package), ``deepgen_small()`` (1/8 width, for latency work), ``deepgen_1_0()`` (real
+shapes; official weights from local paths, or random / meta for counting and benchmarks). ``build_preset(name)``
+picks one by name.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "build_preset",
     "deepgen_1_0",
     "deepgen_from_official",
+    "deepgen_shapes",
     "deepgen_small",
     "deepgen_tiny",
 ]
@@ -445,15 +447,70 @@ def deepgen_1_0(
     return model.eval()
 
 
+SHAPES_PRESET_DIR = Path(__file__).resolve().parent / "presets" / "deepgen-shapes"
+
+
+def deepgen_shapes(
+    *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> DeepGenModel:
+    """The shapes-world model shipped inside the package (``presets/deepgen-shapes``, a ``DeepGenPipeline``
+    folder, 4.4M parameters, 64 px), trained from scratch by ``deepgen shapes``: base VAE / DiT / VLM (made on a
+    GPU), then DeepGen's stages 1-3 (on 2 CPU cores). It follows shapes-world prompts ("a red circle on the left
+    on a gray background"): all four attributes right in 96 % of its evaluation prompts. Its edits ("make the
+    circle green") succeed about a third of the time. docs/shapes.md has the numbers, and
+    ``training_report.json`` in the folder has the run's. Loads offline in about a second; ``device="meta"``
+    builds the same modules from the folder's configs without reading any weights."""
+    from deepgen_components.pipeline import DeepGenPipeline
+
+    path = SHAPES_PRESET_DIR
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"deepgen-shapes: {path} is missing; reinstall the package or rebuild it with "
+            "`deepgen shapes --out runs/shapes --install`"
+        )
+    if device is not None and str(device) == "meta":
+        return _pipeline_skeleton(path).eval()
+    return DeepGenPipeline.from_pretrained(path, device=device, dtype=dtype).model
+
+
+def _pipeline_skeleton(path: Path) -> DeepGenModel:
+    """A saved ``DeepGenPipeline`` folder's model built from its configs on the meta device (no weights read)."""
+    import json
+
+    import transformers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import AutoConfig, AutoTokenizer
+
+    index = json.loads((path / "model_index.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    tokenizer.padding_side = "left"
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
+    think_cfg = json.loads((path / "think_tokens" / "config.json").read_text())
+    with torch.device("meta"):
+        vlm_config = AutoConfig.from_pretrained(path / "vlm")
+        vlm_config._attn_implementation = "sdpa"
+        vlm = getattr(transformers, index["vlm_class"])(vlm_config)
+        think = ThinkTokens(think_cfg["num_tokens"], think_cfg["hidden_size"])
+        bridge = StackedChannelBridge(BridgeConfig.from_dict(json.loads((path / "bridge" / "config.json").read_text())))
+        transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(path / "transformer"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path / "vae"))
+        return DeepGenModel(
+            vlm, think, LayerSelection.from_dict(index["layers"]), bridge, ConditionedDiT(transformer), vae, scheduler,
+            tokenizer, DeepGenConfig.from_dict(index.get("config", {})),
+        )
+
+
 PRESETS = {
     "tiny": deepgen_tiny,
+    "deepgen-shapes": deepgen_shapes,
     "small": deepgen_small,
     "deepgen-1.0": deepgen_1_0,
 }
 
 
 def build_preset(name: str, *, device: str | torch.device | None = None, **kwargs) -> DeepGenModel:
-    """Build a preset by name: ``tiny``, ``small``, ``deepgen-1.0`` (random weights unless paths are given)."""
+    """Build a preset by name: ``tiny``, ``deepgen-shapes`` (trained, shipped), ``small``, ``deepgen-1.0`` (random
+    weights unless paths are given)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name](device=device, **kwargs)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-DEFAULT_PRESET = "tiny"
+DEFAULT_PRESET = "deepgen-shapes"  # trained on the shapes world and shipped in the package; "tiny" is random
+DEMO_PROMPTS = ("a red circle on the left on a gray background", "a yellow square on the right on a navy background")
+DEMO_INSTRUCTION = "make the circle green"
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -186,7 +188,7 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     pipe = _load_pipeline(args)
     print(f"loaded {args.preset or args.pipeline or args.default_preset} in {time.perf_counter() - start:.2f} s")
-    prompts = args.prompt or ["a red circle on the left on a blue background", "a green square in the center"]
+    prompts = args.prompt or list(DEMO_PROMPTS)
     generated = pipe(
         prompts,
         num_inference_steps=args.steps,
@@ -252,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the README's main job: generate + edit on an embedded preset, PNGs into --out")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--prompt", action="append", help="prompt(s) to generate (repeatable)")
-    p.add_argument("--instruction", default="make the circle green", help="edit applied to the first image")
+    p.add_argument("--instruction", default=DEMO_INSTRUCTION, help="edit applied to the first image")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale (default: 4.0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

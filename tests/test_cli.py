@@ -118,7 +118,7 @@ def test_info_reports_the_deepgen_1_0_parameter_counts_from_the_meta_device(runs
 def test_info_with_an_unknown_preset_fails_listing_the_presets(runs):
     code, stdout, stderr, _ = runs["info_unknown"]
     assert code != 0
-    assert "unknown preset 'nope'" in stderr and "presets: deepgen-1.0, small, tiny" in stderr
+    assert "unknown preset 'nope'" in stderr and "presets: deepgen-1.0, deepgen-shapes, small, tiny" in stderr
 
 
 def test_demo_writes_pngs_and_prints_per_stage_timings(runs):

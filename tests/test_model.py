@@ -409,5 +409,5 @@ def test_builders_reject_half_given_paths_and_unknown_presets(tmp_path):
         deepgen_1_0(tmp_path, tmp_path, device="meta")
     with pytest.raises(ValueError, match="device='meta' builds shapes only"):
         deepgen_1_0(transformer_path=tmp_path, device="meta")
-    with pytest.raises(ValueError, match="unknown preset 'nope'; presets: deepgen-1.0, small, tiny"):
+    with pytest.raises(ValueError, match="unknown preset 'nope'; presets: deepgen-1.0, deepgen-shapes, small, tiny"):
         build_preset("nope")

@@ -214,7 +214,7 @@ def test_sizes_that_are_not_multiples_of_32_name_the_nearest_valid_sizes(pipe, s
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(ValueError, match="presets: deepgen-1.0, small, tiny"):
+    with pytest.raises(ValueError, match="presets: deepgen-1.0, deepgen-shapes, small, tiny"):
         DeepGenPipeline.from_preset("nope")
 
 
