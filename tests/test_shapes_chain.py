@@ -3,8 +3,8 @@
 The chain runs for real at its ``--quick`` budgets (a few optimiser steps per part, 2 Euler steps in the
 evaluations), so these tests check the plumbing — every stage trains through our recipes, hands its
 checkpoint to the next, is evaluated on the fixed prompt set, resumes — not the accuracy numbers, which need
-the full ~33-minute run (docs/shapes.md). The base-model pieces are checked against the properties the chain
-relies on.
+full runs (docs/shapes.md; the shipped preset's accuracy is tested in test_shapes_preset.py). The base-model
+pieces are checked against the properties the chain relies on.
 """
 
 import json
