@@ -128,3 +128,12 @@ def test_unknown_stage_missing_file_and_non_mapping_are_rejected(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="must be a YAML mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_the_stage1_teacher_settings_are_checked():
+    cfg = load_config(CONFIGS / "align_shapes.yaml")
+    assert cfg.model.teacher and cfg.model.teacher_features == 1.0 and cfg.model.teacher_target is False
+    with pytest.raises(ValueError, match="model.teacher_features needs model.teacher"):
+        load_config(CONFIGS / "align_tiny.yaml", ["model.teacher_features=1.0"])
+    with pytest.raises(ValueError, match="model.teacher_features must be >= 0"):
+        load_config(CONFIGS / "align_shapes.yaml", ["model.teacher_features=-1"])

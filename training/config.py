@@ -153,6 +153,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.model.teacher_features < 0:
+            raise ValueError(f"model.teacher_features must be >= 0, got {self.model.teacher_features}")
+        if self.model.teacher_features > 0 and not self.model.teacher:
+            raise ValueError("model.teacher_features needs model.teacher (a shapes base folder with prompt_encoder.pt)")
 
     def to_dict(self) -> dict:
         return asdict(self)
