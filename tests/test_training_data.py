@@ -361,3 +361,14 @@ def test_prepare_batch_averages_the_pixel_weights_onto_the_latent_grid():
     assert prepared["loss_weight"].shape == (2, 1, 64 // factor, 64 // factor)
     torch.testing.assert_close(prepared["loss_weight"], F.avg_pool2d(batch["loss_weight"], factor))
     assert prepared["loss_weight"].shape[-2:] == prepared["latents"].shape[-2:]
+
+
+def test_shapes_source_edit_kinds_restricts_the_edits():
+    from deepgen_components.shapes import parse_instruction
+
+    only_add = ShapesSource("edit", 64, seed=1, edit_kinds=["add"])
+    assert {parse_instruction(only_add[i].text).kind for i in range(20)} == {"add"}
+    every = ShapesSource("edit", 64, seed=1)
+    assert len({parse_instruction(every[i].text).kind for i in range(40)}) > 1
+    with pytest.raises(ValueError, match="edit_kinds must be a subset"):
+        ShapesSource("edit", 64, edit_kinds=["rotate"])

@@ -57,6 +57,7 @@ class SourceConfig:
     seed: int = 0
     length: int = 100_000  # shapes only
     foreground_weight: float = 0.0  # shapes only: loss weight 1 + w on the latent cells a shape covers
+    edit_kinds: list[str] | None = None  # shapes edit sources only: which kinds (None = all of EDIT_KINDS)
 
 
 @dataclass

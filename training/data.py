@@ -235,8 +235,8 @@ class ShapesSource:
     plain mean the background dominates the flow-matching loss and colour / shape are learned last."""
 
     def __init__(self, task: str = "t2i", image_size: int = 64, seed: int = 0, length: int = 100_000,
-                 foreground_weight: float = 0.0):
-        from deepgen_components.shapes import ShapesWorld
+                 foreground_weight: float = 0.0, edit_kinds=None):
+        from deepgen_components.shapes import EDIT_KINDS, ShapesWorld
 
         if task not in ("t2i", "edit"):
             raise ValueError(f"task must be 't2i' or 'edit', got {task!r}")
@@ -244,7 +244,10 @@ class ShapesSource:
             raise ValueError(f"foreground_weight must be >= 0, got {foreground_weight}")
         self.task = task
         self.foreground_weight = float(foreground_weight)
-        self.world = ShapesWorld(image_size=image_size, seed=seed)
+        kinds = tuple(edit_kinds) if edit_kinds else EDIT_KINDS
+        if not set(kinds) <= set(EDIT_KINDS):
+            raise ValueError(f"edit_kinds must be a subset of {EDIT_KINDS}, got {list(kinds)}")
+        self.world = ShapesWorld(image_size=image_size, seed=seed, edit_kinds=kinds)
         self.length = length
         self.skipped = SkipCounter()
 

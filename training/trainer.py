@@ -80,7 +80,7 @@ def build_sources(cfg: TrainConfig) -> dict:
             sources[src.name] = WebDatasetSource(src.path, cfg.data.image_size, task=src.task)
         elif src.kind == "shapes":
             sources[src.name] = ShapesSource(src.task, cfg.data.image_size, seed=src.seed, length=src.length,
-                                             foreground_weight=src.foreground_weight)
+                                             foreground_weight=src.foreground_weight, edit_kinds=src.edit_kinds)
         else:
             raise ValueError(f"data.sources[{src.name}]: kind must be manifest, webdataset or shapes, got {src.kind!r}")
     if not sources:
