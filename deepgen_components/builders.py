@@ -458,8 +458,8 @@ def deepgen_shapes(
     GPU), then DeepGen's stages 1-3 (on 2 CPU cores). It follows shapes-world prompts ("a red circle on the left
     on a gray background"): all four attributes right in 96 % of its evaluation prompts. Its edits ("make the
     circle green") succeed about a third of the time. docs/shapes.md has the numbers, and
-    ``training_report.json`` in the folder has the run's. Loads offline in about 3 s on 2 CPU cores; ``device="meta"``
-    builds the same modules from the folder's configs without reading any weights."""
+    ``training_report.json`` in the folder has the run's. Loads offline in about 3 s on 2 CPU cores;
+    ``device="meta"`` builds the same modules from the folder's configs without reading any weights."""
     from deepgen_components.pipeline import DeepGenPipeline
 
     path = SHAPES_PRESET_DIR
