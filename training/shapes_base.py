@@ -579,17 +579,16 @@ class PromptEncoderTeacher:
         prompts without words ("") are skipped. The words are found in the VLM's token ids (after the chat
         template; the first word's token may differ by a leading space, so the match starts at the second)."""
         device = condition.context.device
-        words = [self.tokenizer(p, add_special_tokens=False)["input_ids"][: self.encoder.max_length] for p in prompts]
-        rows = [i for i, w in enumerate(words) if len(w) >= 2]
+        tokens, mask = self.encoder.tokenize(self.tokenizer, list(prompts))  # one tokenization: words and encoder
+        rows = [i for i in range(len(prompts)) if int(mask[i].sum()) >= 2]
         if not rows:
             return condition.context.sum() * 0.0
         with torch.no_grad():
-            tokens, mask = (t.to(device) for t in self.encoder.tokenize(self.tokenizer, [prompts[i] for i in rows]))
-            target, target_pooled, _ = self.encoder(tokens, mask)
+            target, target_pooled, _ = self.encoder(tokens[rows].to(device), mask[rows].to(device))
         student, teacher = [], []
         ids = input_ids.tolist()
         for k, row in enumerate(rows):
-            tail = words[row][1:]
+            tail = tokens[row][mask[row]].tolist()[1:]
             seq = ids[row]
             start = next((j for j in range(len(seq) - len(tail), 0, -1) if seq[j : j + len(tail)] == tail), None)
             if start is None:
