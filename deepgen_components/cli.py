@@ -226,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--height", type=int, default=None, help="output height, multiple of 32")
         p.add_argument("--width", type=int, default=None, help="output width, multiple of 32")
         p.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
-        p.add_argument("--guidance", type=float, default=4.0, help="CFG scale; 1 disables CFG (default: 4.0)")
+        p.add_argument("--guidance", type=float, default=None,
+                       help="CFG scale; 1 disables CFG (default: the model's, 4.0 unless it ships its own: "
+                            "deepgen-shapes edits with 1.0)")
         p.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
         p.add_argument("--num-images", type=int, default=1, help="images per prompt")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -256,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="prompt(s) to generate (repeatable)")
     p.add_argument("--instruction", default=DEMO_INSTRUCTION, help="edit applied to the first image")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
-    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale (default: 4.0)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale of both calls (default: the model's per task; deepgen-shapes: 4.0 to generate, "
+                        "1.0 to edit)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_args(p)
     p.set_defaults(func=cmd_demo)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
@@ -40,6 +41,9 @@ class DeepGenConfig:
         editing batches are never dropped).
     timestep_sampling: "uniform" (official: uniform index into the shifted training grid) or "logit_normal".
     reference_latents: "sample" (official: a VAE posterior sample) or "mean" (deterministic).
+    guidance_scale / edit_guidance_scale: the CFG scales the pipeline uses when a call gives none, for
+        text-to-image and for editing (official: 4.0 for both; a model may ship its own, e.g. the shapes preset
+        edits best without CFG, docs/shapes.md).
     """
 
     max_length: int = 1024
@@ -49,8 +53,14 @@ class DeepGenConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     reference_latents: Literal["sample", "mean"] = "sample"
+    guidance_scale: float = 4.0
+    edit_guidance_scale: float = 4.0
 
     def __post_init__(self) -> None:
+        for name in ("guidance_scale", "edit_guidance_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0 (1 = no CFG), got {value!r}")
         if self.timestep_sampling not in ("uniform", "logit_normal"):
             raise ValueError(
                 f"timestep_sampling must be 'uniform' or 'logit_normal', got {self.timestep_sampling!r}"

@@ -139,7 +139,7 @@ class DeepGenPipeline:
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 4.0,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
@@ -149,6 +149,10 @@ class DeepGenPipeline:
         callback_on_step_end=None,
     ) -> DeepGenPipelineOutput:
         """Generate (``image=None``) or edit (``image``: one image or a list per prompt, several = multi-reference).
+
+        ``guidance_scale``: the CFG scale (1 = no CFG); None takes the model's default for the task,
+        ``config.guidance_scale`` for text-to-image and ``config.edit_guidance_scale`` for editing (4.0 unless the
+        loaded model says otherwise).
 
         ``latents``: the initial noise (default: drawn from ``generator``); ``reference_latents``: per prompt, a
         list of precomputed clean reference latents (C, h, w) used instead of VAE-encoding ``image`` for the DiT
@@ -183,6 +187,9 @@ class DeepGenPipeline:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         references = self._references(image, batch)
         height, width = self._output_size(height, width, references)
+        if guidance_scale is None:
+            config = model.config
+            guidance_scale = config.guidance_scale if references is None else config.edit_guidance_scale
         do_cfg = guidance_scale != 1.0
         timings: dict[str, float] = {}
 

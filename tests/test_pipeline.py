@@ -102,6 +102,29 @@ def test_default_negative_prompt_is_the_empty_t2i_template(pipe):
     assert not torch.allclose(run(pipe, seed=5), run(pipe, seed=5, negative_prompt="blurry"))
 
 
+def test_default_guidance_is_the_models_per_task_scale():
+    """guidance_scale=None takes config.guidance_scale for text-to-image and config.edit_guidance_scale for edits
+    (4.0 and 4.0 unless a model ships its own); an explicit scale always wins."""
+    model = deepgen_tiny(seed=0)
+    assert (model.config.guidance_scale, model.config.edit_guidance_scale) == (4.0, 4.0)
+    pipeline = DeepGenPipeline(model)
+    pipeline.set_progress_bar_config(disable=True)
+    source = picture(64, 64, seed=1)
+    assert torch.equal(run(pipeline, seed=6), run(pipeline, seed=6, guidance_scale=4.0))
+    model.config.guidance_scale, model.config.edit_guidance_scale = 2.0, 1.0
+    assert torch.equal(run(pipeline, seed=6), run(pipeline, seed=6, guidance_scale=2.0))
+    edit_default = run(pipeline, "make it blue", seed=6, image=source)
+    assert torch.equal(edit_default, run(pipeline, "make it blue", seed=6, image=source, guidance_scale=1.0))
+    assert (edit_default - run(pipeline, "make it blue", seed=6, image=source, guidance_scale=4.0)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("field", ["guidance_scale", "edit_guidance_scale"])
+@pytest.mark.parametrize("value", [-1.0, float("nan"), "4", True])
+def test_bad_default_guidance_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        DeepGenConfig(**{field: value})
+
+
 # -- editing --------------------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ The per-image OCR fix is tested in ``tests/test_rewards.py``; the algorithmic pi
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -232,6 +233,73 @@ def test_prompt_files_and_weights(tmp_path):
     assert share == pytest.approx(6 / 11, abs=0.03)
     cfg.rl.prompt_files = [{"path": str(tmp_path / "missing.txt")}]
     with pytest.raises(FileNotFoundError, match="missing.txt"):
+        PromptPool(cfg.rl, 64)
+
+
+def test_edit_prompts_roll_out_on_their_image(tmp_path):
+    """A prompt with an image is an edit: its rows get the image's clean latents as DiT references (a text prompt's
+    rows none) and the VLM reads the image; rollout and update see the same function (first ratio exactly 1, KL 0)
+    and the rewards score ``reward_prompt``."""
+    from PIL import Image
+
+    from deepgen_components.training.rl import _edit_images, _reference_rows
+
+    from deepgen_components import deepgen_tiny
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "source.png")
+    (tmp_path / "edits.jsonl").write_text(
+        json.dumps({"prompt": "make it white", "image": "source.png", "reward_prompt": "a white image"}) + "\n"
+        + json.dumps({"prompt": "a bright white square"}) + "\n"
+    )
+    cfg = _config(*SMALL)
+    cfg.rl.prompts = []
+    cfg.rl.prompt_files = [{"path": str(tmp_path / "edits.jsonl")}]
+    pool = PromptPool(cfg.rl, 64)
+    edit, text = pool.items
+    assert edit["image"] == tmp_path / "source.png" and edit["reward_prompt"] == "a white image"
+    assert "image" not in text and "reward_prompt" not in text
+    images = _edit_images([edit, text])
+    assert images[0].size == (64, 64) and images[1] is None and _edit_images([text, text]) is None
+    model = deepgen_tiny(seed=0)
+    rows = _reference_rows(model, images, 3, torch.Generator().manual_seed(0))
+    assert len(rows) == 6 and all(len(r) == 1 for r in rows[:3]) and all(r == [] for r in rows[3:])
+    (pixels,), _ = model._reference_pixels(images)
+    assert torch.equal(rows[0][0], model.encode_images([pixels], torch.Generator().manual_seed(0))[0])
+    assert rows[0][0].shape == (16, 8, 8) and rows[2][0] is rows[0][0]  # encoded once per prompt
+    train_rl(_config(*SMALL, "trainer.max_steps=1", f"rl.prompt_files=[{{path: {tmp_path / 'edits.jsonl'}}}]",
+                     "rl.prompts=[]"), out=tmp_path / "run")
+    (record,) = read_metrics(tmp_path / "run")
+    assert record["ratio_mean"] == 1.0 and record["clip_fraction"] == 0.0 and record["kl"] == 0.0
+    assert math.isfinite(record["loss"])
+    (tmp_path / "missing.jsonl").write_text(json.dumps({"prompt": "x", "image": "nowhere.png"}) + "\n")
+    with pytest.raises(FileNotFoundError, match="nowhere.png"):
+        train_rl(_config(*SMALL, "trainer.max_steps=1", f"rl.prompt_files=[{{path: {tmp_path / 'missing.jsonl'}}}]",
+                         "rl.prompts=[]"), out=tmp_path / "missing")
+
+
+def test_the_shapes_prompt_source_draws_edit_tasks_scored_against_their_target():
+    from deepgen_components.shapes import ShapesWorld, apply_instruction, caption, parse_caption
+
+    cfg = _config(*SMALL)
+    cfg.rl.prompts = []
+    cfg.rl.prompt_source = {"kind": "shapes", "seed": 0, "count": 4, "edits": 6, "edit_category": "editing"}
+    pool = PromptPool(cfg.rl, 64)
+    texts, edits = pool.items[:4], pool.items[4:]
+    assert len(edits) == 6 and all("image" not in d for d in texts)
+    world = ShapesWorld(64, seed=0)
+    for i, item in enumerate(edits):
+        source, instruction, target = world.edit_triplet(i)
+        assert item["text"] == instruction and item["category"] == "editing"
+        assert np.array_equal(np.asarray(item["image"]), np.asarray(world.render(source)))
+        assert item["reward_prompt"] == caption(target) != caption(source)
+        assert parse_caption(item["reward_prompt"]).key() == apply_instruction(source, instruction).key()
+        assert not world.is_heldout(target)
+    cfg.rl.prompt_source = {"kind": "shapes", "count": 4, "edit": 6}
+    with pytest.raises(ValueError, match="unknown keys.*edit"):
+        PromptPool(cfg.rl, 64)
+    cfg.rl.prompt_source = {"kind": "shapes", "count": 0, "edits": 0}
+    with pytest.raises(ValueError, match="count and edits"):
         PromptPool(cfg.rl, 64)
 
 

@@ -97,6 +97,11 @@ def _read_prompt_file(path: Path) -> list[dict]:
             item = {"text": text}
             if "category" in record:
                 item["category"] = record["category"]
+            if record.get("image") is not None:  # an edit prompt: the instruction applies to this image
+                image = Path(record["image"])
+                item["image"] = image if image.is_absolute() else path.parent / image
+            if record.get("reward_prompt") is not None:
+                item["reward_prompt"] = str(record["reward_prompt"])
             items.append(item)
         else:
             items.append({"text": line.strip()})
@@ -112,7 +117,12 @@ class PromptPool:
     Sources: ``rl.prompts`` (inline ``{text, category, weight}``), ``rl.prompt_files`` (``{path, category,
     weight}``: every prompt of the file gets the file's weight, so a file is drawn with probability
     proportional to N_file * weight, the official ``sample_proportional``), ``rl.prompt_source`` (the shapes
-    world)."""
+    world: ``count`` captions and ``edits`` editing tasks).
+
+    An item with an ``image`` (a path or a PIL image) is an edit prompt: the rollout reads that image (VLM and
+    reference latents) and ``text`` is the instruction. ``reward_prompt`` (default ``text``) is what the rewards
+    score the image against; for a shapes edit it is the caption of the scene the edit should produce. Editing
+    prompts in stage 3 are our extension: DeepGen's MR-GRPO draws text-to-image prompts only."""
 
     def __init__(self, rl: RLConfig, image_size: int) -> None:
         items = [dict(p) for p in rl.prompts]
@@ -129,11 +139,23 @@ class PromptPool:
             kind = source.pop("kind", None)
             if kind != "shapes":
                 raise ValueError(f"rl.prompt_source.kind must be 'shapes', got {kind!r}")
-            from deepgen_components.shapes import ShapesWorld
+            from deepgen_components.shapes import ShapesWorld, caption
 
+            unknown = set(source) - {"seed", "count", "category", "edits", "edit_category", "edit_weight"}
+            if unknown:
+                raise ValueError(f"rl.prompt_source: unknown keys {sorted(unknown)}; accepted: seed, count, category, "
+                                 "edits, edit_category, edit_weight")
             world = ShapesWorld(image_size=image_size, seed=int(source.get("seed", 0)))
-            count = int(source.get("count", 512))
-            items += [{"text": world.t2i_sample(i)[1], "category": source.get("category", "general")} for i in range(count)]
+            count, edits = int(source.get("count", 512)), int(source.get("edits", 0))
+            if count < 0 or edits < 0 or count + edits == 0:
+                raise ValueError(f"rl.prompt_source: count and edits must be >= 0 and not both 0, got {count}, {edits}")
+            category = source.get("category", "general")
+            items += [{"text": world.t2i_sample(i)[1], "category": category} for i in range(count)]
+            for i in range(edits):  # training-composition sources and targets (held-out ones are never drawn)
+                scene, instruction, target = world.edit_triplet(i)
+                items.append({"text": instruction, "image": world.render(scene), "reward_prompt": caption(target),
+                              "category": source.get("edit_category", category),
+                              "weight": float(source.get("edit_weight", 1.0))})
         if not items:
             raise ValueError("rl: give prompts (rl.prompts, rl.prompt_files) or a prompt source (rl.prompt_source)")
         for i, item in enumerate(items):
@@ -162,13 +184,43 @@ def rollout_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63)
 
 
+def _edit_images(drawn: list[dict]) -> list | None:
+    """The images of the drawn prompts (a path is opened as RGB), or None when none of them is an edit."""
+    if all(d.get("image") is None for d in drawn):
+        return None
+    from PIL import Image
+
+    out = []
+    for d in drawn:
+        image = d.get("image")
+        if isinstance(image, (str, Path)):
+            if not Path(image).is_file():
+                raise FileNotFoundError(f"rl prompt {d['text']!r}: image {image} does not exist")
+            with Image.open(image) as opened:
+                image = opened.convert("RGB")
+        out.append(image)
+    return out
+
+
+def _reference_rows(model: DeepGenModel, images: list | None, group_size: int, generator) -> list | None:
+    """Per rollout row, the clean reference latents of its prompt's image ([] for a text-to-image prompt; the
+    DiT takes a per-sample list), encoded once per prompt; None without edit prompts."""
+    if images is None:
+        return None
+    per_prompt = []
+    for pixels in model._reference_pixels(images):
+        latents = model.encode_images(pixels, generator) if pixels else []
+        per_prompt.append([z.to(model.dtype) for z in latents])
+    return [refs for refs in per_prompt for _ in range(group_size)]
+
+
 def _reference_velocity(reference_dit, model: DeepGenModel, latents, timestep, condition: BridgeOutput,
-                        negative: BridgeOutput | None, guidance_scale: float):
+                        negative: BridgeOutput | None, guidance_scale: float, reference_latents=None):
     """The frozen reference DiT's velocity, guided exactly as the policy's is (CFG off by default)."""
 
     def velocity(x, t, cond):
         mask = cond.mask if model.bridge.config.mask_padding else None
-        return reference_dit(x, t, cond.context, cond.pooled, context_mask=mask)
+        return reference_dit(x, t, cond.context, cond.pooled, reference_latents, context_mask=mask)
 
     v = velocity(latents, timestep, condition)
     if guidance_scale != 1.0:
@@ -288,19 +340,21 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
         # 2. Prompts and the frozen condition (computed once per step).
         drawn = prompts.draw(rl.prompts_per_step, cfg.trainer.seed, step, info.rank)
         texts = [d["text"] for d in drawn]
-        with torch.no_grad(), autocast():
-            condition = model.encode_condition(texts).repeat_interleave(rl.group_size)
-            negative = None
-            if rl.guidance_scale != 1.0:
-                negative = model.encode_condition([""] * len(texts)).repeat_interleave(rl.group_size)
-        # 3. Rollouts (no gradient), seeded by (seed, step, rank).
+        sources = _edit_images(drawn)  # None without edit prompts, else one entry (None or an image) per prompt
         generator = torch.Generator().manual_seed(rollout_seed(cfg.trainer.seed, step, info.rank))
+        with torch.no_grad(), autocast():
+            condition = model.encode_condition(texts, sources).repeat_interleave(rl.group_size)
+            negative = None
+            if rl.guidance_scale != 1.0:  # the negative of an edit keeps its image, as in the pipeline
+                negative = model.encode_condition([""] * len(texts), sources).repeat_interleave(rl.group_size)
+            references = _reference_rows(model, sources, rl.group_size, generator)
+        # 3. Rollouts (no gradient), seeded by (seed, step, rank).
         with autocast():
             trajectory = rollout(
                 model, condition, height=height, width=width, num_steps=rl.num_steps, group_size=rl.group_size,
                 eta=rl.eta, sampler=rl.sampler, logprob=rl.logprob, noise_level=rl.noise_level,
                 same_noise_in_group=rl.same_noise_in_group, generator=generator, micro_batch=rl.micro_batch,
-                negative_condition=negative, guidance_scale=rl.guidance_scale,
+                negative_condition=negative, guidance_scale=rl.guidance_scale, reference_latents=references,
             )
         # 4. Rewards: every reward on every image.
         count = condition.context.shape[0]
@@ -308,7 +362,7 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
         with torch.no_grad(), autocast():
             images = [im for rows in chunks
                       for im in pixels_to_pil(model.decode_latents(trajectory.final[rows].to(model.dtype)).float())]
-        image_prompts = [t for t in texts for _ in range(rl.group_size)]
+        image_prompts = [d.get("reward_prompt", d["text"]) for d in drawn for _ in range(rl.group_size)]
         image_categories = [d["category"] for d in drawn for _ in range(rl.group_size)]
         scores = torch.stack([rewards[name].score(images, image_prompts).float().cpu() for name in reward_names], dim=1)
         weights = reward_weights(categories, image_categories, reward_names)
@@ -334,16 +388,17 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
                 x_next = trajectory.latents[rows, i + 1].to(device)
                 cond = condition.select(rows)
                 neg = negative.select(rows) if negative is not None else None
+                refs = references[rows] if references is not None else None
                 with autocast():
                     log_prob, velocity = policy_step_log_prob(
                         model, x, x_next, i, trajectory.sigmas, trajectory.timesteps, cond,
                         eta=rl.eta, sampler=rl.sampler, logprob=rl.logprob, noise_level=rl.noise_level,
-                        negative_condition=neg, guidance_scale=rl.guidance_scale,
+                        negative_condition=neg, guidance_scale=rl.guidance_scale, reference_latents=refs,
                     )
                     with torch.no_grad():
                         t = trajectory.timesteps[i].expand(x.shape[0]).to(model.dtype)
                         ref_velocity = _reference_velocity(reference_dit, model, x.to(model.dtype), t, cond, neg,
-                                                           rl.guidance_scale)
+                                                           rl.guidance_scale, refs)
                 terms = loss_fn(
                     log_prob, trajectory.log_probs[rows, i].to(device), advantages[rows],
                     velocity=velocity, reference_velocity=ref_velocity, sigma_next=trajectory.sigmas[i + 1],

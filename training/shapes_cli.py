@@ -91,8 +91,8 @@ def _stage_config(name: str, out: Path, base_pipeline: Path, previous: Path | No
 
 
 def _table(results: dict) -> str:
-    head = ("| model | color | shape | position | background | all 4 (T2I) | held-out all | edit success | reward |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+    head = ("| model | color | shape | position | background | all 4 (T2I) | held-out all | edit success | reward "
+            "| edit reward |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for name, s in results.items():
         t = s["t2i"]
@@ -100,7 +100,7 @@ def _table(results: dict) -> str:
         lines.append(
             f"| {name} | {100 * t['color']:.1f} | {100 * t['shape']:.1f} | {100 * t['position']:.1f} | "
             f"{100 * t['background']:.1f} | {100 * t['all']:.1f} | {100 * s['heldout']['all']:.1f} | {edit} | "
-            f"{s['reward']:.3f} |"
+            f"{s['reward']:.3f} | {'—' if s.get('edit_reward') is None else format(s['edit_reward'], '.3f')} |"
         )
     first = next(iter(results.values()))
     lines.append(f"\nn = {first['n_t2i']} T2I prompts ({first['n_heldout']} held-out compositions, the rest seen "
@@ -117,7 +117,7 @@ def run_shapes(
     configs: str | Path | None = None,
     eval_steps: int = 20,
     guidance: float = 4.0,
-    edit_guidance: float | None = None,
+    edit_guidance: float | None = 1.0,
     grid_rows: int = 8,
     device: str | None = None,
     sets: list[str] | None = None,
@@ -294,7 +294,8 @@ def add_commands(sub) -> None:
     p.add_argument("--configs", default=None, help="folder with {align,sft,rl}_shapes.yaml (default: packaged)")
     p.add_argument("--eval-steps", type=int, default=20, help="Euler steps of the evaluations (default: 20)")
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale of the T2I evaluations (default: 4)")
-    p.add_argument("--edit-guidance", type=float, default=None, help="CFG scale of the edit evaluations")
+    p.add_argument("--edit-guidance", type=float, default=1.0,
+                   help="CFG scale of the edit evaluations (default: 1, no CFG, the preset's edit default)")
     p.add_argument("--device", default=None, help="where to train and evaluate, e.g. cuda (default: the CPU)")
     p.add_argument("--set", action="append", default=[], metavar="PART.KEY=VALUE",
                    help="override a budget: base.FIELD=V (ShapesBaseConfig), align./sft./rl.KEY=V (stage config); "

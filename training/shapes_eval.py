@@ -55,7 +55,8 @@ class ShapesScores:
     seen: dict[str, float]
     edit_success: float | None
     edit_by_kind: dict[str, float] = field(default_factory=dict)
-    reward: float = 0.0  # mean ShapesEval.reward over the T2I prompts (the stage-3 reward)
+    reward: float = 0.0  # mean ShapesEval.reward over the T2I prompts (the stage-3 reward of T2I prompts)
+    edit_reward: float | None = None  # mean ShapesEval.reward of the edited images against the target scenes
     n_t2i: int = 0
     n_heldout: int = 0
     n_edits: int = 0
@@ -109,13 +110,15 @@ def evaluate_pipeline(pipe, evals: EvalSet, *, steps: int = 20, guidance: float 
     held = rows[: len(evals.heldout_prompts)]
     seen = rows[len(evals.heldout_prompts):]
     keys = ATTRIBUTES + ("count", "all")
-    edit_success, by_kind, sources, edited = None, {}, [], []
+    edit_success, edit_reward, by_kind, sources, edited = None, None, {}, [], []
     if evals.edits:
         sources, edited = generate_edits(pipe, evals.edits, steps=steps, guidance=edit_guidance, seed=seed,
                                          image_size=evals.image_size)
         results = [evaluator.score_edit(src, task.instruction, out, task.source_caption)
                    for src, task, out in zip(sources, evals.edits, edited)]
         edit_success = _mean(results, "success")
+        # The stage-3 reward of an edit prompt: the output scored against the scene the edit should produce.
+        edit_reward = sum(evaluator.reward(out, task.target) for task, out in zip(evals.edits, edited)) / len(edited)
         from deepgen_components.shapes import parse_instruction
 
         kinds: dict[str, list] = {}
@@ -129,6 +132,7 @@ def evaluate_pipeline(pipe, evals: EvalSet, *, steps: int = 20, guidance: float 
         edit_success=edit_success,
         edit_by_kind=by_kind,
         reward=sum(rewards) / len(rewards) if rewards else float("nan"),
+        edit_reward=edit_reward,
         n_t2i=len(rows),
         n_heldout=len(held),
         n_edits=len(evals.edits),
