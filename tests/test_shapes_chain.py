@@ -86,6 +86,30 @@ def test_the_cli_resumes_the_chain_and_prints_the_table(quick_run, capsys):
     assert "| after stage 3 (rl) |" in printed and "[eval] after stage 1 (align)" in printed
 
 
+def test_install_copies_the_final_pipeline_with_the_scales_it_was_measured_at(quick_run, tmp_path):
+    """``--install`` puts run/rl/pipeline into the package folder as deepgen-shapes with the run's results; the
+    preset's default CFG scales are those of the final evaluation (T2I 4, edits 1 by default)."""
+    from deepgen_components.training.shapes_cli import install_preset
+
+    from deepgen_components.pipeline import DeepGenPipeline
+
+    out, report = quick_run
+    settings = report["results"]["after stage 3 (rl)"]["settings"]
+    assert (settings["guidance"], settings["edit_guidance"]) == (4.0, 1.0)
+    target = install_preset(out, package_dir=tmp_path)
+    assert target == tmp_path / "deepgen-shapes" and not (tmp_path / "deepgen-shapes.tmp").exists()
+    # A resumed run re-evaluates (new seconds): compare with the report on disk.
+    installed = json.loads((target / "training_report.json").read_text())
+    assert installed["results"] == json.loads((out / "report.json").read_text())["results"]
+    assert list(installed["results"]) == ROWS
+    model = DeepGenPipeline.from_pretrained(target).model
+    assert (model.config.guidance_scale, model.config.edit_guidance_scale) == (4.0, 1.0)
+    final = DeepGenPipeline.from_pretrained(out / "rl" / "pipeline").model.state_dict()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in final.items())
+    with pytest.raises(FileNotFoundError, match="no final pipeline"):
+        install_preset(tmp_path / "not_a_run", package_dir=tmp_path)
+
+
 def test_the_prompt_encoders_null_condition_is_what_a_zero_head_bridge_gives():
     """"" -> all-zero context and pooled vector: a fresh SCB (zero heads) hands the base DiT exactly the
     unconditional input it was pretrained with, so stage 1 starts from the unconditional model."""

@@ -249,7 +249,9 @@ def _write_grids(folder: Path, evals, images: dict, rows: int) -> None:
 
 def install_preset(run: str | Path, package_dir: str | Path | None = None) -> Path:
     """Copy a finished run's final pipeline (``run/rl/pipeline``) into the package as the ``deepgen-shapes`` preset
-    (``deepgen_components/presets/deepgen-shapes``), with the run's per-stage results beside it."""
+    (``deepgen_components/presets/deepgen-shapes``), with the run's per-stage results beside it. The preset's
+    default CFG scales (``guidance_scale``, ``edit_guidance_scale`` in model_index.json) become those of the run's
+    final evaluation, so that a user samples the way the reported numbers were measured."""
     import shutil
 
     import deepgen_components
@@ -266,6 +268,14 @@ def install_preset(run: str | Path, package_dir: str | Path | None = None) -> Pa
         data = json.loads(report.read_text())
         keep = {k: data[k] for k in ("results", "seconds", "sets", "device", "base_from") if k in data}
         (staging / "training_report.json").write_text(json.dumps(keep, indent=2))
+        final = data.get("results", {}).get(f"after stage {len(STAGES)} ({STAGES[-1]})")
+        if final is not None:
+            index_path = staging / "model_index.json"
+            index = json.loads(index_path.read_text())
+            settings = final["settings"]
+            index["config"].update(guidance_scale=float(settings["guidance"]),
+                                   edit_guidance_scale=float(settings["edit_guidance"]))
+            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
