@@ -6,11 +6,17 @@
 #   big        base DiT 3000 steps x batch 128 (6x the samples), stages 1-2 2000 steps x batch 64 (8x / 10x)
 #   cpubase    the CPU run's base models (carried in .exp/base_cpu) + the `big` stage budgets, stage 3 150 steps
 #   bigbase    base DiT 6000 x 128 (12x); its stages keep the committed budgets (it is stopped at the deadline)
+# RUNSET=cpu_chain instead asks how short the 2-core CPU chain can be: three runs on the CPU run's base models
+# (carried in .exp/base_cpu) with the committed stage configs:
+#   s1500      as committed (stage 1 1,500 steps, stage 3 40 steps)
+#   s1000      stage 1 1,000 steps
+#   s1000_rl20 stage 1 1,000 steps and stage 3 20 steps
 # Every run writes report.json after each evaluation, so a run stopped at the deadline still reports what it
 # reached. Results: OUTDIR/summary.md (every run's table so far), OUTDIR/results.tgz (reports, logs, grids),
 # OUTDIR/big_pipeline_fp16.tgz (the last pipeline of `big`, weights cast to fp16 to fit the transfer limit).
 #
 #   bash benchmarks/shapes_gpu.sh OUTDIR                     # on the GPU machine (wheels in .whl, base in .exp)
+#   RUNSET=cpu_chain bash benchmarks/shapes_gpu.sh OUTDIR
 #   SHAPES_GPU_QUICK=1 DEVICE=cpu bash benchmarks/shapes_gpu.sh /tmp/sg   # smoke test of the script on a CPU
 set -u
 OUTDIR="${1:?usage: bash benchmarks/shapes_gpu.sh OUTDIR}"
@@ -40,11 +46,20 @@ timeout 60 "$PY" -c "import torch, diffusers, transformers; print('torch', torch
 
 BIG_STAGES="--set align.trainer.max_steps=2000 --set align.data.batch_size=64 --set align.trainer.checkpoint_every=1000 \
  --set sft.trainer.max_steps=2000 --set sft.data.batch_size=64 --set sft.trainer.checkpoint_every=1000"
-if [ -n "${SHAPES_GPU_QUICK:-}" ]; then  # smoke test: the same runs at toy budgets
+RUNSET="${RUNSET:-scaling}"
+if [ "$RUNSET" = cpu_chain ]; then
+    RUNS="s1500 s1000 s1000_rl20"
+    S1K="--set align.trainer.max_steps=1000 --set align.trainer.checkpoint_every=500"
+    declare -A SETS=([s1500]="" [s1000]="$S1K" [s1000_rl20]="$S1K --set rl.trainer.max_steps=20 --set rl.trainer.checkpoint_every=20")
+    [ -n "${SHAPES_GPU_QUICK:-}" ] && SETS=([s1500]="" [s1000]="--set align.trainer.max_steps=2" [s1000_rl20]="--set align.trainer.max_steps=2 --set rl.trainer.max_steps=1")
+    QUICK=""; [ -n "${SHAPES_GPU_QUICK:-}" ] && QUICK="--quick"
+elif [ -n "${SHAPES_GPU_QUICK:-}" ]; then  # smoke test: the same runs at toy budgets
+    RUNS="committed big cpubase bigbase"
     QUICK="--quick"
     BIG_STAGES="--set align.trainer.max_steps=3 --set sft.trainer.max_steps=3"
     declare -A SETS=([committed]="" [big]="--set base.dit_steps=5 $BIG_STAGES" [cpubase]="$BIG_STAGES --set rl.trainer.max_steps=4" [bigbase]="--set base.dit_steps=6")
 else
+    RUNS="committed big cpubase bigbase"
     QUICK=""
     declare -A SETS=(
         [committed]=""
@@ -53,13 +68,16 @@ else
         [bigbase]="--set base.dit_steps=6000 --set base.dit_batch=128"
     )
 fi
-if [ -d "$REPO/.exp/base_cpu/pipeline" ]; then
-    mkdir -p "$WORK/cpubase" && cp -r "$REPO/.exp/base_cpu" "$WORK/cpubase/base"
-else
-    note "- cpubase: no carried base in .exp/base_cpu; it builds its own (committed sizes)"
-fi
+for name in $RUNS; do
+    [ "$RUNSET" = scaling ] && [ "$name" != cpubase ] && continue
+    if [ -d "$REPO/.exp/base_cpu/pipeline" ]; then
+        mkdir -p "$WORK/$name" && cp -r "$REPO/.exp/base_cpu" "$WORK/$name/base"
+    else
+        note "- $name: no carried base in .exp/base_cpu; it builds its own (committed sizes)"
+    fi
+done
 
-for name in committed big cpubase bigbase; do
+for name in $RUNS; do
     # shellcheck disable=SC2086
     (cd "$SHIM" && timeout "$RUN_TIMEOUT" "$PY" -m deepgen_components.cli shapes --out "$WORK/$name" --device "$DEVICE" \
         --threads "$THREADS" $QUICK ${SETS[$name]} >"$WORK/$name.log" 2>&1; echo "exit $?" >>"$WORK/$name.log") &
@@ -72,12 +90,12 @@ wait
 [ -f "$WORK/pytest_gpu.log" ] && note "- gpu test: $(tail -n 2 "$WORK/pytest_gpu.log" | tr '\n' ' ')"
 note "- all runs ended after $(( $(date +%s) - START )) s"
 
-"$PY" - "$WORK" "$OUTDIR" <<'EOF' 2>&1 | tee -a "$OUTDIR/summary.md"
+"$PY" - "$WORK" "$OUTDIR" $RUNS <<'EOF' 2>&1 | tee -a "$OUTDIR/summary.md"
 import json, shutil, sys, tarfile, tempfile
 from pathlib import Path
 
-work, outdir = Path(sys.argv[1]), Path(sys.argv[2])
-for run in ("committed", "big", "cpubase", "bigbase"):
+work, outdir, runs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+for run in runs:
     path = work / run / "report.json"
     log = (work / f"{run}.log").read_text(errors="replace") if (work / f"{run}.log").exists() else ""
     print(f"\n## {run} ({log.strip().splitlines()[-1] if log.strip() else 'no log'})")
@@ -86,15 +104,18 @@ for run in ("committed", "big", "cpubase", "bigbase"):
         continue
     report = json.loads(path.read_text())
     print("sets:", " ".join(report.get("sets", [])) or "(committed)")
-    print("| model | color | shape | position | background | all | edit | reward | eval s |\n|---|---|---|---|---|---|---|---|---|")
+    print("| model | color | shape | position | background | all | edit | reward | edit reward | eval s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for name, s in report["results"].items():
         t = s["t2i"]
         edit = "-" if s["edit_success"] is None else f"{100 * s['edit_success']:.1f}"
+        edit_reward = "-" if s.get("edit_reward") is None else f"{s['edit_reward']:.3f}"
         print(f"| {name} | {100*t['color']:.1f} | {100*t['shape']:.1f} | {100*t['position']:.1f} | "
-              f"{100*t['background']:.1f} | {100*t['all']:.1f} | {edit} | {s['reward']:.3f} | {s['seconds']:.0f} |")
+              f"{100*t['background']:.1f} | {100*t['all']:.1f} | {edit} | {s['reward']:.3f} | {edit_reward} | "
+              f"{s['seconds']:.0f} |")
     print("seconds:", json.dumps({k: round(v, 1) for k, v in report["seconds"].items()}))
 with tarfile.open(outdir / "results.tgz", "w:gz") as tar:
-    for run in ("committed", "big", "cpubase", "bigbase"):
+    for run in runs:
         for rel in ("report.json", "report.md", "base/report.json", "images"):
             if (work / run / rel).exists():
                 tar.add(work / run / rel, arcname=f"{run}/{rel}")
@@ -108,7 +129,7 @@ with tarfile.open(outdir / "results.tgz", "w:gz") as tar:
 # the last pipeline of `big`, fp16 weights (an fp32 pipeline is over the 16 MB transfer limit)
 import torch
 from safetensors.torch import load_file, save_file
-for stage in ("rl", "sft", "align", "base"):
+for stage in ("rl", "sft", "align", "base") if "big" in runs else ():
     src = work / "big" / stage / "pipeline"
     if (src / "model_index.json").exists():
         tmp = Path(tempfile.mkdtemp()) / f"big_{stage}"
