@@ -11,6 +11,11 @@
 #   s1500      as committed (stage 1 1,500 steps, stage 3 40 steps)
 #   s1000      stage 1 1,000 steps
 #   s1000_rl20 stage 1 1,000 steps and stage 3 20 steps
+# RUNSET=base_budget compares base DiTs of the committed CPU cost (each run is meant to be cut off by RUN_TIMEOUT
+# after its base-DiT evaluation):
+#   b_committed  as committed (2,000 steps x batch 32, lr 1e-3)
+#   b_lr2e-3     lr 2e-3
+#   b_b64        1,000 steps x batch 64 (the same samples in half the steps)
 # Every run writes report.json after each evaluation, so a run stopped at the deadline still reports what it
 # reached. Results: OUTDIR/summary.md (every run's table so far), OUTDIR/results.tgz (reports, logs, grids),
 # OUTDIR/big_pipeline_fp16.tgz (the last pipeline of `big`, weights cast to fp16 to fit the transfer limit).
@@ -53,6 +58,10 @@ if [ "$RUNSET" = cpu_chain ]; then
     declare -A SETS=([s1500]="" [s1000]="$S1K" [s1000_rl20]="$S1K --set rl.trainer.max_steps=20 --set rl.trainer.checkpoint_every=20")
     [ -n "${SHAPES_GPU_QUICK:-}" ] && SETS=([s1500]="" [s1000]="--set align.trainer.max_steps=2" [s1000_rl20]="--set align.trainer.max_steps=2 --set rl.trainer.max_steps=1")
     QUICK=""; [ -n "${SHAPES_GPU_QUICK:-}" ] && QUICK="--quick"
+elif [ "$RUNSET" = base_budget ]; then
+    RUNS="b_committed b_lr2e-3 b_b64"
+    declare -A SETS=([b_committed]="" [b_lr2e-3]="--set base.dit_lr=2e-3" [b_b64]="--set base.dit_steps=1000 --set base.dit_batch=64")
+    QUICK=""; [ -n "${SHAPES_GPU_QUICK:-}" ] && QUICK="--quick"
 elif [ -n "${SHAPES_GPU_QUICK:-}" ]; then  # smoke test: the same runs at toy budgets
     RUNS="committed big cpubase bigbase"
     QUICK="--quick"
@@ -69,7 +78,7 @@ else
     )
 fi
 for name in $RUNS; do
-    [ "$RUNSET" = scaling ] && [ "$name" != cpubase ] && continue
+    { [ "$RUNSET" = base_budget ] || { [ "$RUNSET" = scaling ] && [ "$name" != cpubase ]; }; } && continue
     if [ -d "$REPO/.exp/base_cpu/pipeline" ]; then
         mkdir -p "$WORK/$name" && cp -r "$REPO/.exp/base_cpu" "$WORK/$name/base"
     else
