@@ -240,9 +240,8 @@ def test_edit_prompts_roll_out_on_their_image(tmp_path):
     """A prompt with an image is an edit: its rows get the image's clean latents as DiT references (a text prompt's
     rows none) and the VLM reads the image; rollout and update see the same function (first ratio exactly 1, KL 0)
     and the rewards score ``reward_prompt``."""
-    from PIL import Image
-
     from deepgen_components.training.rl import _edit_images, _reference_rows
+    from PIL import Image
 
     from deepgen_components import deepgen_tiny
 
@@ -267,8 +266,11 @@ def test_edit_prompts_roll_out_on_their_image(tmp_path):
     (pixels,), _ = model._reference_pixels(images)
     assert torch.equal(rows[0][0], model.encode_images([pixels], torch.Generator().manual_seed(0))[0])
     assert rows[0][0].shape == (16, 8, 8) and rows[2][0] is rows[0][0]  # encoded once per prompt
-    train_rl(_config(*SMALL, "trainer.max_steps=1", f"rl.prompt_files=[{{path: {tmp_path / 'edits.jsonl'}}}]",
-                     "rl.prompts=[]"), out=tmp_path / "run")
+    # Seed 1 draws one text and one edit prompt in its first step: the DiT batch mixes rows with and without a
+    # reference (padded joint attention).
+    assert sorted("image" in d for d in pool.draw(2, 1, 0, 0)) == [False, True]
+    train_rl(_config(*SMALL, "trainer.max_steps=1", "trainer.seed=1", "rl.prompts_per_step=2",
+                     f"rl.prompt_files=[{{path: {tmp_path / 'edits.jsonl'}}}]", "rl.prompts=[]"), out=tmp_path / "run")
     (record,) = read_metrics(tmp_path / "run")
     assert record["ratio_mean"] == 1.0 and record["clip_fraction"] == 0.0 and record["kl"] == 0.0
     assert math.isfinite(record["loss"])

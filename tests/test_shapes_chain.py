@@ -38,7 +38,7 @@ ROWS = [
 def quick_run(tmp_path_factory):
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     out = tmp_path_factory.mktemp("shapes")
-    report = run_shapes(out, quick=True)
+    report = run_shapes(out, quick=True, eval_start=True)
     return out, report
 
 
@@ -167,6 +167,7 @@ def test_set_overrides_reach_the_base_models_and_the_stage_configs(tmp_path):
                                                     "sft.optim.lr=0.001"])
     assert report["sets"] == ["base.dit_steps=3", "align.trainer.max_steps=3", "sft.optim.lr=0.001"]
     assert report["device"] == "cpu"
+    assert "stage-1 start (zero heads)" not in report["results"]  # evaluated only with --eval-start
     assert report["base"]["config"]["dit_steps"] == 3 and report["base"]["dit"]["step"] == 3
     align = (tmp_path / "align" / "config.yaml").read_text()
     assert "max_steps: 3\n" in align
@@ -176,8 +177,8 @@ def test_set_overrides_reach_the_base_models_and_the_stage_configs(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_quick_chain_runs_on_cuda(tmp_path):
-    report = run_shapes(tmp_path, quick=True, device="cuda")
-    assert list(report["results"]) == ROWS and report["device"] == "cuda"
+    report = run_shapes(tmp_path, quick=True, device="cuda")  # without --eval-start: no stage-1 start row
+    assert list(report["results"]) == [r for r in ROWS if "start" not in r] and report["device"] == "cuda"
     assert "device: cuda" in (tmp_path / "align" / "config.yaml").read_text()
 
 

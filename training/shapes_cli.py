@@ -122,14 +122,16 @@ def run_shapes(
     device: str | None = None,
     sets: list[str] | None = None,
     base_from: str | Path | None = None,
+    eval_start: bool = False,
 ) -> dict:
     """Run (or resume) the whole shapes-world chain into ``out``; returns the report.
 
     ``device`` (default: the CPU) runs the base models, the stages and the evaluations there (random draws of
     the base models and the evaluation noise stay on the CPU); ``sets`` are ``--set`` overrides (see
     :func:`parse_sets`); ``base_from`` copies the base models of another run (its ``base`` folder, or the run
-    folder holding it) instead of making them. The overrides, the device and the base's origin are recorded in
-    ``report.json``."""
+    folder holding it) instead of making them; ``eval_start`` also evaluates the stage-1 start (the base DiT
+    behind a fresh, zero-head SCB: the null condition for every prompt, about 1 min on 2 cores). The overrides,
+    the device and the base's origin are recorded in ``report.json``."""
     import torch
     from deepgen_components.training import shapes_eval
     from deepgen_components.training.rl import train_rl
@@ -198,7 +200,8 @@ def run_shapes(
         return DeepGenPipeline.from_pretrained(path, device=device).optimize("eager")
 
     evaluate("base DiT (own prompt encoder)", PromptEncoderPipeline.from_base(base_dir).to(device or "cpu"))
-    evaluate("stage-1 start (zero heads)", load(base_pipeline))
+    if eval_start:
+        evaluate("stage-1 start (zero heads)", load(base_pipeline))
 
     # 2. Stages 1-3 with our recipes.
     previous = None
@@ -289,7 +292,7 @@ def cmd_shapes(args) -> int:
     if not args.install_only:
         run_shapes(args.out, quick=args.quick, configs=args.configs, eval_steps=args.eval_steps,
                    guidance=args.guidance, edit_guidance=args.edit_guidance, device=args.device, sets=args.set,
-                   base_from=args.base_from)
+                   base_from=args.base_from, eval_start=args.eval_start)
     if args.install or args.install_only:
         target = install_preset(args.out)
         size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
@@ -310,6 +313,8 @@ def add_commands(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="PART.KEY=VALUE",
                    help="override a budget: base.FIELD=V (ShapesBaseConfig), align./sft./rl.KEY=V (stage config); "
                         "repeatable, e.g. --set base.dit_steps=8000 --set align.trainer.max_steps=3000")
+    p.add_argument("--eval-start", action="store_true",
+                   help="also evaluate the stage-1 start (zero-head SCB: every prompt is the null condition)")
     p.add_argument("--base-from", default=None, metavar="DIR",
                    help="copy the base models of another run (its folder or its base/ folder) instead of making them")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test of the chain (numbers meaningless)")
