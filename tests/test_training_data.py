@@ -372,3 +372,37 @@ def test_shapes_source_edit_kinds_restricts_the_edits():
     assert len({parse_instruction(every[i].text).kind for i in range(40)}) > 1
     with pytest.raises(ValueError, match="edit_kinds must be a subset"):
         ShapesSource("edit", 64, edit_kinds=["rotate"])
+
+
+def test_prepare_batch_encodes_the_batch_at_once_and_draws_each_sample_as_one_image_calls_would():
+    """The batched VAE pass gives every sample the latents, noise and reference latents that encoding it alone
+    (``encode_images``, one image at a time, from the sample's own generator) gives, and a sample's draws do
+    not depend on the samples around it."""
+    from deepgen_components.training.sampler import MicroBatchPlan
+    from deepgen_components.training.trainer import prepare_batch, sample_seed
+
+    from deepgen_components import deepgen_tiny
+
+    model = deepgen_tiny()
+    batch = collate([ShapesSource("edit", 64, seed=1)[i] for i in range(3)])
+    plan = MicroBatchPlan(0, "edit", (0, 1, 2), 0)
+    prepared = prepare_batch(model, batch, plan, seed=5)
+    for j in range(3):
+        gen = torch.Generator().manual_seed(sample_seed(5, plan.position, plan.global_offset + j, plan.source))
+        torch.rand((), generator=gen), torch.rand((), generator=gen)  # condition dropout, u
+        x = model.encode_images(batch["pixels"][j][None], gen, mode="sample")[0]
+        torch.testing.assert_close(prepared["latents"][j], x, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(prepared["noise"][j], torch.randn(x.shape, generator=gen))
+        refs = [model.encode_images(r[None], gen, mode="sample")[0] for r in batch["reference_pixels"][j]]
+        assert len(refs) == len(prepared["reference_latents"][j]) == 1
+        torch.testing.assert_close(prepared["reference_latents"][j][0], refs[0], rtol=1e-5, atol=1e-5)
+    alone = prepare_batch(model, collate([ShapesSource("edit", 64, seed=1)[1]]),
+                          MicroBatchPlan(0, "edit", (1,), 1), seed=5)
+    torch.testing.assert_close(alone["latents"][0], prepared["latents"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_encode_posteriors_rejects_batched_pixels():
+    from deepgen_components import deepgen_tiny
+
+    with pytest.raises(ValueError, match=r"images\[0\]: expected \(3, H, W\)"):
+        deepgen_tiny().encode_posteriors([torch.zeros(1, 3, 64, 64)])

@@ -117,16 +117,22 @@ def prepare_batch(model: DeepGenModel, batch: dict, plan: MicroBatchPlan, seed: 
     pixels = batch["pixels"]
     references = batch.get("reference_pixels")
     dropout = model.config.condition_dropout if batch["task"] == "t2i" else 0.0
+    # One batched VAE pass over every image of the micro-batch (targets and references); each sample then draws
+    # from its own generator in a fixed order, so what a sample gets does not depend on the batch around it.
+    count = len(batch["prompts"])
+    refs = [list(references[j]) for j in range(count)] if references is not None else [[] for _ in range(count)]
+    posteriors = iter(model.encode_posteriors([pixels[j] for j in range(count)] + [r for rs in refs for r in rs]))
+    targets = [next(posteriors) for _ in range(count)]
     for j, prompt in enumerate(batch["prompts"]):
         gen = torch.Generator().manual_seed(sample_seed(seed, plan.position, plan.global_offset + j, plan.source))
         drop = bool(torch.rand((), generator=gen) < dropout)
         prompts.append("" if drop else prompt)
         u.append(torch.rand((), generator=gen))
-        x = model.encode_images(pixels[j][None].to(device), gen, mode="sample")[0]
+        x = model.sample_posterior(targets[j], gen)
         latents.append(x)
         noise.append(torch.randn(x.shape, generator=gen).to(device, x.dtype))
         if references is not None:
-            ref_latents.append([model.encode_images(r[None].to(device), gen, mode="sample")[0] for r in references[j]])
+            ref_latents.append([model.sample_posterior(next(posteriors), gen) for _ in refs[j]])
     same = len({tuple(x.shape) for x in latents}) == 1
     out = {
         "prompts": prompts,
