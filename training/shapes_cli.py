@@ -7,7 +7,7 @@
 
 Status (docs/shapes.md): with a base DiT at 6x the committed budget (made on a GPU), the chain meets every target
 (edits evaluated without CFG) and its result ships as the ``deepgen-shapes`` preset; from scratch on 2 CPU cores
-it meets the text-to-image targets but edits 43 % in about 40 minutes.
+it meets the text-to-image targets but edits 48 %, in about 33 minutes.
 
 Top to bottom: base models (``shapes_base``: world tokenizer, VAE, DiT pretrained under its own prompt encoder,
 VLM LM) -> stage 1 ``align`` and stage 2 ``sft`` with OUR recipe (``trainer.train``) from
