@@ -267,22 +267,21 @@ class DeepGenModel(nn.Module):
     def encode_images(self, pixels, generator: torch.Generator | None = None, mode: str | None = None):
         """[-1, 1] pixels (B, 3, H, W) or a list of (3, H, W) -> latents ((z - shift) * scale)."""
         mode = mode or self.config.reference_latents
-        cfg = self.vae.config
-        shift = cfg.shift_factor or 0.0
-
-        def encode(x: torch.Tensor) -> torch.Tensor:
-            dist = self.vae.encode(x.to(self.device, self.vae.dtype)).latent_dist
-            z = dist.mean if mode == "mean" else dist.sample(generator)
-            return (z - shift) * cfg.scaling_factor
-
         if isinstance(pixels, torch.Tensor):
-            return encode(pixels)
-        return [encode(p[None])[0] for p in pixels]
+            dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+            return self._scaled(dist.mean if mode == "mean" else dist.sample(generator))
+        # a list: one encoder pass per image size, then one draw per image in order (as one call per image would)
+        return [self.sample_posterior(p, generator, mode) for p in self.encode_posteriors(list(pixels))]
+
+    def _scaled(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the DiT's latent space: (z - shift) * scale."""
+        cfg = self.vae.config
+        return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
     def encode_posteriors(self, images: list[torch.Tensor]) -> list:
         """The VAE posterior of each [-1, 1] image (3, H, W), from one batched encoder pass per image size.
 
-        The distributions are those ``encode_images`` samples from one image at a time (equal up to floating-point
+        The distributions are those a one-image ``encode_images`` call samples from (equal up to floating-point
         rounding), at a fraction of the cost on a CPU; draw from one with ``sample_posterior``."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
@@ -302,9 +301,7 @@ class DeepGenModel(nn.Module):
     def sample_posterior(self, posterior, generator: torch.Generator | None = None, mode: str = "sample"):
         """One latent (C, h, w) from a posterior of ``encode_posteriors``: its sample (drawn from ``generator``
         exactly as ``encode_images`` draws it) or its mean, as ``(z - shift) * scale``."""
-        cfg = self.vae.config
-        z = posterior.mean if mode == "mean" else posterior.sample(generator)
-        return ((z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor)[0]
+        return self._scaled(posterior.mean if mode == "mean" else posterior.sample(generator))[0]
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> pixels in about [-1, 1] (not clamped)."""

@@ -175,10 +175,15 @@ class ShapesData:
         return torch.cat([self.t2i_pixels, self.edit_sources, self.edit_targets])
 
 
+def _t2i_world(cfg: ShapesBaseConfig) -> ShapesWorld:
+    """The world of the base models' T2I data (the tokenizer learns its text)."""
+    return ShapesWorld(cfg.image_size, seed=cfg.data_seed, second_shape_prob=cfg.t2i_second_shape_prob)
+
+
 def make_shapes_data(cfg: ShapesBaseConfig) -> ShapesData:
-    t2i_world = ShapesWorld(cfg.image_size, seed=cfg.data_seed, second_shape_prob=cfg.t2i_second_shape_prob)
+    world = _t2i_world(cfg)
     edit_world = ShapesWorld(cfg.image_size, seed=cfg.data_seed + 1)
-    t2i = [t2i_world.t2i_sample(i) for i in range(cfg.t2i_images)]
+    t2i = [world.t2i_sample(i) for i in range(cfg.t2i_images)]
     edits = [edit_world.edit_sample(i) for i in range(cfg.edit_triplets)]
     return ShapesData(
         t2i_pixels=torch.stack([pil_to_pixels(image) for image, _ in t2i]),
@@ -699,8 +704,7 @@ def build_base(cfg: ShapesBaseConfig, out: str | Path, log=None, device: str | t
     torch.manual_seed(cfg.seed)
 
     start = time.perf_counter()
-    tokenizer = shapes_tokenizer(ShapesWorld(cfg.image_size, seed=cfg.data_seed,
-                                             second_shape_prob=cfg.t2i_second_shape_prob))
+    tokenizer = shapes_tokenizer(_t2i_world(cfg))
     data = make_shapes_data(cfg)
     report["seconds"]["data"] = time.perf_counter() - start
     report["tokenizer_vocab"] = len(tokenizer)

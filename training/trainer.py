@@ -120,9 +120,9 @@ def prepare_batch(model: DeepGenModel, batch: dict, plan: MicroBatchPlan, seed: 
     # One batched VAE pass over every image of the micro-batch (targets and references); each sample then draws
     # from its own generator in a fixed order, so what a sample gets does not depend on the batch around it.
     count = len(batch["prompts"])
-    refs = [list(references[j]) for j in range(count)] if references is not None else [[] for _ in range(count)]
-    posteriors = iter(model.encode_posteriors([pixels[j] for j in range(count)] + [r for rs in refs for r in rs]))
-    targets = [next(posteriors) for _ in range(count)]
+    posteriors = model.encode_posteriors([pixels[j] for j in range(count)]
+                                         + [r for refs in (references or []) for r in refs])
+    targets, reference_posteriors = posteriors[:count], iter(posteriors[count:])
     for j, prompt in enumerate(batch["prompts"]):
         gen = torch.Generator().manual_seed(sample_seed(seed, plan.position, plan.global_offset + j, plan.source))
         drop = bool(torch.rand((), generator=gen) < dropout)
@@ -132,7 +132,7 @@ def prepare_batch(model: DeepGenModel, batch: dict, plan: MicroBatchPlan, seed: 
         latents.append(x)
         noise.append(torch.randn(x.shape, generator=gen).to(device, x.dtype))
         if references is not None:
-            ref_latents.append([model.sample_posterior(next(posteriors), gen) for _ in refs[j]])
+            ref_latents.append([model.sample_posterior(next(reference_posteriors), gen) for _ in references[j]])
     same = len({tuple(x.shape) for x in latents}) == 1
     out = {
         "prompts": prompts,
