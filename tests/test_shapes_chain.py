@@ -17,6 +17,7 @@ from deepgen_components.training.shapes_base import (
     PromptEncoder,
     ShapesBaseConfig,
     latent_foreground,
+    make_shapes_data,
     shapes_tokenizer,
 )
 from deepgen_components.training.shapes_cli import QUICK_OVERRIDES, STAGES, parse_sets, run_shapes
@@ -140,6 +141,23 @@ def test_latent_foreground_marks_the_cells_a_shape_covers():
     cells = latent_foreground(pixels, 4)
     assert cells.shape == (1, 1, 16, 16)
     assert 0 < float((cells > 0).float().mean()) < 0.5  # the shape, dilated by a cell, not the background
+
+
+def test_edit_add_share_draws_that_share_of_the_base_triplets_from_add_alone():
+    from deepgen_components.shapes import parse_instruction
+
+    def kinds(share):
+        cfg = ShapesBaseConfig(t2i_images=2, edit_triplets=40, edit_add_share=share)
+        data = make_shapes_data(cfg)
+        assert data.edit_sources.shape[0] == data.edit_targets.shape[0] == len(data.instructions) == 40
+        return [parse_instruction(text).kind for text in data.instructions]
+
+    plain, mixed = kinds(0.0), kinds(0.5)
+    assert mixed[:20] == plain[:20]  # the uniform part is the same stream
+    assert all(kind == "add" for kind in mixed[20:])
+    assert len(set(plain)) > 2  # uniform over the kinds
+    with pytest.raises(ValueError, match="edit_add_share"):
+        make_shapes_data(ShapesBaseConfig(t2i_images=1, edit_triplets=2, edit_add_share=1.5))
 
 
 def test_set_overrides_are_typed_and_routed_to_their_part():

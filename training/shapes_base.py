@@ -78,6 +78,7 @@ class ShapesBaseConfig:
     t2i_images: int = 4000
     edit_triplets: int = 2000
     t2i_second_shape_prob: float = 0.0  # T2I scenes with a second shape ("... and a blue square on the right ...")
+    edit_add_share: float = 0.0  # share of the edit triplets drawn from "add" alone (the rest: uniform over kinds)
     # VAE: 4x down (3 blocks): 64 px -> 16x16x16 latents
     vae_channels: tuple[int, ...] = (8, 16, 32)
     vae_norm_groups: int = 1
@@ -184,7 +185,13 @@ def make_shapes_data(cfg: ShapesBaseConfig) -> ShapesData:
     world = _t2i_world(cfg)
     edit_world = ShapesWorld(cfg.image_size, seed=cfg.data_seed + 1)
     t2i = [world.t2i_sample(i) for i in range(cfg.t2i_images)]
-    edits = [edit_world.edit_sample(i) for i in range(cfg.edit_triplets)]
+    if not 0.0 <= cfg.edit_add_share <= 1.0:
+        raise ValueError(f"edit_add_share must be in [0, 1], got {cfg.edit_add_share}")
+    n_add = int(round(cfg.edit_add_share * cfg.edit_triplets))
+    edits = [edit_world.edit_sample(i) for i in range(cfg.edit_triplets - n_add)]
+    if n_add:
+        add_world = ShapesWorld(cfg.image_size, seed=cfg.data_seed + 2, edit_kinds=("add",))
+        edits += [add_world.edit_sample(i) for i in range(n_add)]
     return ShapesData(
         t2i_pixels=torch.stack([pil_to_pixels(image) for image, _ in t2i]),
         captions=[text for _, text in t2i],
