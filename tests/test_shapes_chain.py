@@ -24,7 +24,7 @@ from deepgen_components.training.shapes_cli import QUICK_OVERRIDES, STAGES, pars
 from deepgen_components.training.shapes_eval import eval_set
 
 from deepgen_components.cli import main
-from deepgen_components.shapes import ShapesWorld
+from deepgen_components.shapes import ShapesWorld, parse_instruction
 
 ROWS = [
     "base DiT (own prompt encoder)",
@@ -144,8 +144,6 @@ def test_latent_foreground_marks_the_cells_a_shape_covers():
 
 
 def test_edit_add_share_draws_that_share_of_the_base_triplets_from_add_alone():
-    from deepgen_components.shapes import parse_instruction
-
     def kinds(share):
         cfg = ShapesBaseConfig(t2i_images=2, edit_triplets=40, edit_add_share=share)
         data = make_shapes_data(cfg)

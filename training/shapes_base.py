@@ -182,11 +182,11 @@ def _t2i_world(cfg: ShapesBaseConfig) -> ShapesWorld:
 
 
 def make_shapes_data(cfg: ShapesBaseConfig) -> ShapesData:
+    if not 0.0 <= cfg.edit_add_share <= 1.0:
+        raise ValueError(f"edit_add_share must be in [0, 1], got {cfg.edit_add_share}")
     world = _t2i_world(cfg)
     edit_world = ShapesWorld(cfg.image_size, seed=cfg.data_seed + 1)
     t2i = [world.t2i_sample(i) for i in range(cfg.t2i_images)]
-    if not 0.0 <= cfg.edit_add_share <= 1.0:
-        raise ValueError(f"edit_add_share must be in [0, 1], got {cfg.edit_add_share}")
     n_add = int(round(cfg.edit_add_share * cfg.edit_triplets))
     edits = [edit_world.edit_sample(i) for i in range(cfg.edit_triplets - n_add)]
     if n_add:
