@@ -265,3 +265,48 @@ def test_the_teachers_feature_loss_compares_the_bridge_at_the_prompts_words(quic
                            mask=condition.mask)
     assert teacher.feature_loss(matched, batch.input_ids, prompts).item() < 1e-10
     assert teacher.feature_loss(condition, batch.input_ids, [""] * 3).item() == 0.0
+    # whole: every other real token of a prompt is pulled to the encoder's start token for it, all of "" to zero
+    rest = condition.mask.clone()
+    for row, prompt in enumerate(prompts[:2]):
+        n = len(teacher.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ids = batch.input_ids[row].tolist()
+        first = next(j for j in range(len(ids)) if teacher.tokenizer.decode(ids[j:j + n]).strip() == prompt)
+        rest[row, first : first + n] = False
+    starts = torch.zeros_like(context)
+    starts[:2] = target[:, :1]  # row 2 is "": zero
+    expected = (matched.context - starts)[rest].square().mean().item()
+    assert expected > 0.5  # the random other tokens
+    assert teacher.feature_loss(matched, batch.input_ids, prompts, whole=True).item() == pytest.approx(expected, rel=1e-5)
+    cleared = BridgeOutput(context=torch.where(rest[..., None], starts, context), pooled=matched.pooled,
+                           mask=condition.mask)
+    assert teacher.feature_loss(cleared, batch.input_ids, prompts, whole=True).item() < 1e-10
+    empty = BridgeOutput(context=condition.context, pooled=torch.ones(3, pooled.shape[1]), mask=condition.mask)
+    assert teacher.feature_loss(empty, batch.input_ids, [""] * 3, whole=True).item() == pytest.approx(
+        1.0 + condition.context[condition.mask].square().mean().item())
+
+
+def test_stage1_on_the_feature_loss_alone_trains_the_bridge_without_running_the_dit(quick_run, tmp_path):
+    """model.flow_weight=0: stage 1 on the teacher's feature loss alone. The bridge and think tokens move, the
+    DiT is never run (its weights are bit-identical, and with DeepGen's loss at 0 nothing reads the latents)."""
+    from pathlib import Path
+
+    import deepgen_components.training as training_package
+    from deepgen_components.training.config import load_config
+    from deepgen_components.training.trainer import train
+
+    from deepgen_components.pipeline import DeepGenPipeline
+
+    out, _ = quick_run
+    cfg = load_config(
+        Path(training_package.__file__).parent / "configs" / "align_shapes.yaml",
+        [f"model.pipeline={out / 'base' / 'pipeline'}", f"model.teacher={out / 'base'}", "model.flow_weight=0",
+         "trainer.max_steps=4", "data.batch_size=4", "trainer.checkpoint_every=4", f"out={tmp_path / 'fo'}"],
+    )
+    result = train(cfg)
+    assert result.steps == 4 and math.isfinite(result.final_loss) and result.final_loss > 0
+    before = DeepGenPipeline.from_pretrained(out / "base" / "pipeline").model
+    after = DeepGenPipeline.from_pretrained(result.pipeline).model
+    for name, weight in before.dit.state_dict().items():
+        assert torch.equal(weight, after.dit.state_dict()[name]), name
+    moved = [n for n, w in before.bridge.state_dict().items() if not torch.equal(w, after.bridge.state_dict()[n])]
+    assert moved and any("head" in n or "proj" in n for n in moved)

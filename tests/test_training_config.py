@@ -137,3 +137,12 @@ def test_the_stage1_teacher_settings_are_checked():
         load_config(CONFIGS / "align_tiny.yaml", ["model.teacher_features=1.0"])
     with pytest.raises(ValueError, match="model.teacher_features must be >= 0"):
         load_config(CONFIGS / "align_shapes.yaml", ["model.teacher_features=-1"])
+    assert load_config(CONFIGS / "align_shapes.yaml").model.flow_weight == 0.0  # the feature loss alone
+    assert load_config(CONFIGS / "align_tiny.yaml").model.flow_weight == 1.0  # DeepGen's loss by default
+    with pytest.raises(ValueError, match="model.flow_weight must be >= 0"):
+        load_config(CONFIGS / "align_shapes.yaml", ["model.flow_weight=-0.5"])
+    with pytest.raises(ValueError, match="model.flow_weight: 0 leaves no loss"):
+        load_config(CONFIGS / "align_shapes.yaml", ["model.teacher_features=0"])
+    with pytest.raises(ValueError, match="for stage 'align' only"):
+        load_config(CONFIGS / "sft_shapes.yaml", ["model.flow_weight=0", "model.teacher=runs/shapes/base",
+                                                 "model.teacher_features=1"])

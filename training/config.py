@@ -43,6 +43,7 @@ class ModelSpec:
     teacher: str | None = None  # a shapes base folder: distil its DiT under its own prompt encoder (shapes_base)
     teacher_target: bool = True  # the teacher's velocity replaces the target eps - x0
     teacher_features: float = 0.0  # weight of the SCB-context-to-prompt-encoder feature loss (0 = off)
+    flow_weight: float = 1.0  # weight of DeepGen's flow-matching loss; 0 = the feature loss alone (no DiT pass)
     condition_dropout: float = 0.1
     image_size: int | None = None
 
@@ -158,6 +159,13 @@ class TrainConfig:
             raise ValueError(f"model.teacher_features must be >= 0, got {self.model.teacher_features}")
         if self.model.teacher_features > 0 and not self.model.teacher:
             raise ValueError("model.teacher_features needs model.teacher (a shapes base folder with prompt_encoder.pt)")
+        if self.model.flow_weight < 0:
+            raise ValueError(f"model.flow_weight must be >= 0, got {self.model.flow_weight}")
+        if self.model.flow_weight == 0 and self.model.teacher_features == 0:
+            raise ValueError("model.flow_weight: 0 leaves no loss; it needs model.teacher_features > 0 (the feature "
+                             "loss alone)")
+        if self.model.flow_weight == 0 and self.stage != "align":
+            raise ValueError(f"model.flow_weight: 0 (no DiT pass) is for stage 'align' only, got stage {self.stage!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -94,25 +94,57 @@ def sample_seed(seed: int, position: int, stream_position: int, source: str) -> 
 
 
 class FlowMatchingObjective(nn.Module):
-    """What DDP / FSDP wrap: ``forward(batch) -> loss`` (batch already holds latents, noise, timesteps)."""
+    """What DDP / FSDP wrap: ``forward(batch) -> loss`` (batch already holds latents, noise, timesteps).
 
-    def __init__(self, model: DeepGenModel) -> None:
+    ``flow_weight`` scales DeepGen's flow-matching loss; at 0 the DiT is not run at all and the loss is the
+    feature teacher's alone over the whole context (``batch["feature_teacher"]``, ``feature_loss(whole=True)``:
+    the bridge's context and pooled vector against the base prompt encoder's), a stage-1 alignment that costs
+    the VLM and the bridge only."""
+
+    def __init__(self, model: DeepGenModel, flow_weight: float = 1.0) -> None:
         super().__init__()
         self.model = model
+        self.flow_weight = flow_weight
 
     def forward(self, batch: dict) -> torch.Tensor:
-        out = self.model.flow_matching_loss(batch, condition_dropout=0.0)
         teacher = batch.get("feature_teacher")
+        if self.flow_weight == 0:
+            if teacher is None:
+                raise ValueError("flow_weight 0 needs batch['feature_teacher'] (model.teacher_features > 0)")
+            references = batch.get("reference_pixels")
+            editing = references is not None and any(len(r or []) for r in references)
+            prompt_batch = self.model.prepare_prompts(batch["prompts"], references if editing else None)
+            condition, _ = self.model.encode_tokens(prompt_batch)
+            features = teacher.feature_loss(condition, prompt_batch.input_ids, batch["prompts"], whole=True)
+            return teacher.feature_weight * features
+        out = self.model.flow_matching_loss(batch, condition_dropout=0.0)
+        loss = out.loss if self.flow_weight == 1 else self.flow_weight * out.loss
         if teacher is not None:
             features = teacher.feature_loss(out.condition, out.input_ids, batch["prompts"])
-            return out.loss + teacher.feature_weight * features
-        return out.loss
+            return loss + teacher.feature_weight * features
+        return loss
 
 
 @torch.no_grad()
-def prepare_batch(model: DeepGenModel, batch: dict, plan: MicroBatchPlan, seed: int, teacher=None) -> dict:
-    """Draw every random quantity of a micro-batch from per-sample generators; encode images with the VAE."""
+def prepare_batch(model: DeepGenModel, batch: dict, plan: MicroBatchPlan, seed: int, teacher=None,
+                  latents: bool = True) -> dict:
+    """Draw every random quantity of a micro-batch from per-sample generators; encode images with the VAE.
+
+    ``latents=False`` (an objective that runs no DiT): only the prompts (with caption dropout, drawn first from
+    each sample's generator as always) and the reference pixels, no VAE pass."""
     device = model.device
+    if not latents:
+        dropout = model.config.condition_dropout if batch["task"] == "t2i" else 0.0
+        prompts = []
+        for j, prompt in enumerate(batch["prompts"]):
+            gen = torch.Generator().manual_seed(sample_seed(seed, plan.position, plan.global_offset + j, plan.source))
+            prompts.append("" if bool(torch.rand((), generator=gen) < dropout) else prompt)
+        out = {"prompts": prompts}
+        if batch.get("reference_pixels") is not None:
+            out["reference_pixels"] = [[r.to(device) for r in refs] for refs in batch["reference_pixels"]]
+        if teacher is not None and teacher.feature_weight > 0:
+            out["feature_teacher"] = teacher
+        return out
     prompts, latents, noise, u, ref_latents = [], [], [], [], []
     pixels = batch["pixels"]
     references = batch.get("reference_pixels")
@@ -235,7 +267,7 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
             cfg.model.teacher, target=cfg.model.teacher_target, feature_weight=cfg.model.teacher_features
         ).to(device)
 
-    objective: nn.Module = FlowMatchingObjective(model)
+    objective: nn.Module = FlowMatchingObjective(model, cfg.model.flow_weight)
     mode = cfg.trainer.distributed
     if mode == "auto":
         mode = "ddp" if info.enabled else "none"
@@ -297,7 +329,8 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
         losses, samples = [], 0
         for micro in range(accum):
             batch, plan = _next_batch(plans, sources)
-            prepared = prepare_batch(model, batch, plan, cfg.trainer.seed, teacher)
+            prepared = prepare_batch(model, batch, plan, cfg.trainer.seed, teacher,
+                                     latents=cfg.model.flow_weight > 0)
             sync = nullcontext()
             if micro < accum - 1 and hasattr(objective, "no_sync"):
                 sync = objective.no_sync()
