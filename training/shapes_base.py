@@ -99,7 +99,8 @@ class ShapesBaseConfig:
     pooled_dim: int = 64  # pooled_projection_dim
     scheduler_shift: float = 3.0  # DeepGen / SD3.5: high noise levels, where the layout is decided, get more steps
     # (shift 1 measured worse here: base shape 38.9 % vs 51.9 %, and stage 1 learned less; docs/shapes.md)
-    dit_steps: int = 2600  # shape 99.1 % and edit success 70.4 %, against 92.6 % and 51.9 % at 2,000 (experiment 31)
+    dit_steps: int = 2800  # edits grow steeply with these steps: base edit success 51.9 / 55.6 / 61.1 / 64.8 % at
+    # 2,000 / 2,300 / 2,600 / 2,800 steps; at 2,800 the one-command run ends at 70.4 % (docs/shapes.md)
     dit_batch: int = 32
     dit_lr: float = 3e-3  # at 2,000 steps on 2 CPU cores: shape 92.6 % of 108 prompts and edit success 51.9 % of 54,
     # against 78.7 % and 42.6 % at 2e-3, and 2e-3 beat 1e-3 on a GPU (docs/shapes.md, experiments 17 and 19)
