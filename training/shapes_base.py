@@ -601,10 +601,11 @@ class PromptEncoderTeacher:
         token and the pooled vector of "" zero, the encoder's null condition. Their mean squares are added."""
         device = condition.context.device
         tokens, mask = self.encoder.tokenize(self.tokenizer, list(prompts))  # one tokenization: words and encoder
-        rows = [i for i in range(len(prompts)) if int(mask[i].sum()) >= 2]
+        words = mask.sum(1)
+        rows = [i for i in range(len(prompts)) if int(words[i]) >= 2]
         rest, rest_target = None, None
         if whole:  # "" rows and, below, the non-word tokens of matched rows; one-word prompts are left alone
-            rest = condition.mask & (mask.sum(1) == 0).to(device)[:, None]
+            rest = condition.mask & (words == 0).to(device)[:, None]
             rest_target = torch.zeros_like(condition.context)
         if rows:
             with torch.no_grad():
@@ -631,7 +632,7 @@ class PromptEncoderTeacher:
         if rest is not None:
             if bool(rest.any()):
                 loss = loss + (condition.context[rest] - rest_target[rest]).square().mean()
-            empty = [i for i in range(len(prompts)) if int(mask[i].sum()) == 0]
+            empty = [i for i in range(len(prompts)) if int(words[i]) == 0]
             if empty:
                 loss = loss + condition.pooled[empty].square().mean()
         return loss

@@ -118,7 +118,7 @@ class FlowMatchingObjective(nn.Module):
             features = teacher.feature_loss(condition, prompt_batch.input_ids, batch["prompts"], whole=True)
             return teacher.feature_weight * features
         out = self.model.flow_matching_loss(batch, condition_dropout=0.0)
-        loss = out.loss if self.flow_weight == 1 else self.flow_weight * out.loss
+        loss = self.flow_weight * out.loss
         if teacher is not None:
             features = teacher.feature_loss(out.condition, out.input_ids, batch["prompts"])
             return loss + teacher.feature_weight * features
@@ -127,38 +127,35 @@ class FlowMatchingObjective(nn.Module):
 
 @torch.no_grad()
 def prepare_batch(model: DeepGenModel, batch: dict, plan: MicroBatchPlan, seed: int, teacher=None,
-                  latents: bool = True) -> dict:
+                  with_latents: bool = True) -> dict:
     """Draw every random quantity of a micro-batch from per-sample generators; encode images with the VAE.
 
-    ``latents=False`` (an objective that runs no DiT): only the prompts (with caption dropout, drawn first from
-    each sample's generator as always) and the reference pixels, no VAE pass."""
+    ``with_latents=False`` (an objective that runs no DiT): only the prompts (caption dropout, the first draw of
+    each sample's generator either way) and the reference pixels, no VAE pass."""
     device = model.device
-    if not latents:
-        dropout = model.config.condition_dropout if batch["task"] == "t2i" else 0.0
-        prompts = []
-        for j, prompt in enumerate(batch["prompts"]):
-            gen = torch.Generator().manual_seed(sample_seed(seed, plan.position, plan.global_offset + j, plan.source))
-            prompts.append("" if bool(torch.rand((), generator=gen) < dropout) else prompt)
+    references = batch.get("reference_pixels")
+    dropout = model.config.condition_dropout if batch["task"] == "t2i" else 0.0
+    gens, prompts = [], []
+    for j, prompt in enumerate(batch["prompts"]):
+        gen = torch.Generator().manual_seed(sample_seed(seed, plan.position, plan.global_offset + j, plan.source))
+        prompts.append("" if bool(torch.rand((), generator=gen) < dropout) else prompt)
+        gens.append(gen)
+    if not with_latents:
         out = {"prompts": prompts}
-        if batch.get("reference_pixels") is not None:
-            out["reference_pixels"] = [[r.to(device) for r in refs] for refs in batch["reference_pixels"]]
+        if references is not None:
+            out["reference_pixels"] = [[r.to(device) for r in refs] for refs in references]
         if teacher is not None and teacher.feature_weight > 0:
             out["feature_teacher"] = teacher
         return out
-    prompts, latents, noise, u, ref_latents = [], [], [], [], []
+    latents, noise, u, ref_latents = [], [], [], []
     pixels = batch["pixels"]
-    references = batch.get("reference_pixels")
-    dropout = model.config.condition_dropout if batch["task"] == "t2i" else 0.0
     # One batched VAE pass over every image of the micro-batch (targets and references); each sample then draws
     # from its own generator in a fixed order, so what a sample gets does not depend on the batch around it.
     count = len(batch["prompts"])
     posteriors = model.encode_posteriors([pixels[j] for j in range(count)]
                                          + [r for refs in (references or []) for r in refs])
     targets, reference_posteriors = posteriors[:count], iter(posteriors[count:])
-    for j, prompt in enumerate(batch["prompts"]):
-        gen = torch.Generator().manual_seed(sample_seed(seed, plan.position, plan.global_offset + j, plan.source))
-        drop = bool(torch.rand((), generator=gen) < dropout)
-        prompts.append("" if drop else prompt)
+    for j, gen in enumerate(gens):
         u.append(torch.rand((), generator=gen))
         x = model.sample_posterior(targets[j], gen)
         latents.append(x)
@@ -330,7 +327,7 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
         for micro in range(accum):
             batch, plan = _next_batch(plans, sources)
             prepared = prepare_batch(model, batch, plan, cfg.trainer.seed, teacher,
-                                     latents=cfg.model.flow_weight > 0)
+                                     with_latents=cfg.model.flow_weight > 0)
             sync = nullcontext()
             if micro < accum - 1 and hasattr(objective, "no_sync"):
                 sync = objective.no_sync()
