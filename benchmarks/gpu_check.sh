@@ -105,7 +105,7 @@ if [ "$HAS_CUDA" = "1" ]; then
 else
     BENCH_ARGS=(--device cpu --quick)
 fi
-timeout -k 10 "$T_BENCH" "$PY" "$REPO/benchmarks/kernels.py" "${BENCH_ARGS[@]}" --out "$OUT" >"$OUT/bench.log" 2>&1
+timeout -k 10 "$T_BENCH" "$PY" "$REPO/benchmarks/kernel_bench.py" "${BENCH_ARGS[@]}" --out "$OUT" >"$OUT/bench.log" 2>&1
 rc=$?
 note "- benchmarks (${BENCH_ARGS[*]}): exit $rc$([ $rc = 124 ] && echo " (timed out after $T_BENCH s)")"
 if [ -f "$OUT/kernels.md" ]; then

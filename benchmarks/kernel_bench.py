@@ -1,6 +1,6 @@
 """Benchmark the Triton kernels of ``deepgen_components.triton_kernels`` against their baselines at DeepGen shapes.
 
-    python benchmarks/kernels.py [--device cuda|cpu] [--quick] [--dtype bf16|fp16|fp32] [--out DIR] [--only NAME]
+    python benchmarks/kernel_bench.py [--device cuda|cpu] [--quick] [--dtype bf16|fp16|fp32] [--out DIR] [--only NAME]
 
 Cases (GPU, full):
 * stack_project B=2, L=430, K=6, D=2048 → 2048 vs ``torch.cat`` + ``F.linear`` (forward; forward + backward);
