@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "lora_modules",
     "merge_lora",
     "trainable_state",
+    "unread_decoder_layers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,22 +70,46 @@ def _lm_target_regex(model: DeepGenModel, targets: list[str]) -> str:
     return rf"{scope}(.*\.)?({names})$"
 
 
+def unread_decoder_layers(model: DeepGenModel) -> list[int]:
+    """Indices of the VLM decoder layers that cannot reach the loss: those after the deepest hidden state the
+    bridge stacks. ``hidden_states[i]`` (0 < i < N) is the output of decoder layer i - 1 and ``hidden_states[N]``
+    the final-norm output of layer N - 1, so with deepest selected index k < N, layers k .. N - 1 are run but
+    never read. DeepGen 1.0 selects (35, 29, ..., 5) of 36: layer 35; the tiny preset (3, 2, 1) of 4: layer 3."""
+    deepest = max(model.encoder.layers.indices)
+    return list(range(deepest, model.encoder.num_layers)) if deepest < model.encoder.num_layers else []
+
+
 def apply_lora(model: DeepGenModel, spec: LoraConfigSpec) -> list[str]:
     """Inject a peft LoRA into the VLM's language model (official: r 64, alpha 128, dropout 0.05, Gaussian
-    init, on the LM linears). Returns the names of the wrapped modules."""
+    init, on the LM linears). Returns the names of the wrapped modules.
+
+    Deliberate difference from the official code, which wraps every matching linear of the LM: the decoder
+    layers after the deepest stacked hidden state (:func:`unread_decoder_layers`, official layer 35) get no
+    LoRA. Their output never reaches the bridge, so their LoRA never receives a gradient and, with lora_B
+    initialised to zero, never changes the function: dead weight in the official model (3.3M parameters at
+    r 64). Leaving it out trains exactly the same model, and it lets DDP run with
+    ``find_unused_parameters=False`` (a DDP-wrapped module whose parameters get no gradient fails at step 2).
+    A LoRA checkpoint of the official layout loads through ``model.init_from`` (those zero adapters are
+    dropped, see :func:`load_init_weights`)."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    vlm = model.encoder.vlm
+    pattern = re.compile(_lm_target_regex(model, spec.targets))
+    unread = {id(m) for i in unread_decoder_layers(model) for m in model.encoder.decoder.layers[i].modules()}
+    targets = [name for name, module in vlm.named_modules() if pattern.fullmatch(name) and id(module) not in unread]
+    if not targets:
+        raise ValueError(f"lora.targets {spec.targets} matched no module of the VLM's language model")
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         init_lora_weights=spec.init if spec.init != "default" else True,
-        target_modules=_lm_target_regex(model, spec.targets),
+        target_modules=targets,  # full module names: peft matches a name or a dotted suffix of one
     )
-    inject_adapter_in_model(config, model.encoder.vlm)
-    wrapped = lora_modules(model.encoder.vlm)
-    if not wrapped:
-        raise ValueError(f"lora.targets {spec.targets} matched no module of the VLM's language model")
+    inject_adapter_in_model(config, vlm)
+    wrapped = lora_modules(vlm)
+    if sorted(wrapped) != sorted(targets):  # pragma: no cover - a peft change in name matching
+        raise RuntimeError(f"peft wrapped {len(wrapped)} modules, expected {len(targets)}")
     return wrapped
 
 
@@ -129,6 +155,8 @@ def load_init_weights(model: nn.Module, init_from: str | Path) -> int:
     if checkpoint is None:
         raise FileNotFoundError(f"model.init_from: no complete checkpoint in {init_from}")
     weights = load_checkpoint(checkpoint)["trainable"]
+    if isinstance(model, DeepGenModel):  # a checkpoint from before the unread layers lost their LoRA
+        weights = _drop_unread_lora(model, weights)
     _, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected:
         hint = " (a stage-2 checkpoint with a LoRA needs the same lora: section)" if any(
@@ -136,6 +164,19 @@ def load_init_weights(model: nn.Module, init_from: str | Path) -> int:
         raise ValueError(f"model.init_from: {len(unexpected)} tensors do not fit the model{hint}, e.g. {unexpected[:5]}")
     logger.info("initialised %d tensors from %s", len(weights), checkpoint)
     return len(weights)
+
+
+def _drop_unread_lora(model: DeepGenModel, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Without the LoRA tensors of decoder layers no stacked hidden state reads (official layout, or ours before
+    :func:`apply_lora` left them out) when this model has none there: they cannot change the bridge's input."""
+    unread = {id(model.encoder.decoder.layers[i]) for i in unread_decoder_layers(model)}
+    prefixes = tuple(f"{name}." for name, m in model.named_modules() if id(m) in unread)
+    present = {name for name, _ in model.named_parameters()}
+    dropped = [k for k in weights if "lora_" in k and k.startswith(prefixes) and k not in present] if prefixes else []
+    if dropped:
+        logger.info("model.init_from: ignoring %d LoRA tensors of VLM layers the bridge never reads", len(dropped))
+    dropped = set(dropped)
+    return {k: v for k, v in weights.items() if k not in dropped}
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
