@@ -1,7 +1,8 @@
 """The inference fast path (``pipe.optimize``) and the latency benchmark suite, on the CPU.
 
 Each mode must give images matching eager within a stated tolerance; on a CPU ``kernels`` dispatches to the torch
-references (identical to eager) and ``compile+graphs`` falls back to ``compile`` (CUDA graphs need a GPU).
+references, so it equals eager bit for bit (``torch.equal``, no tolerance), and ``compile+graphs`` falls back to
+``compile`` (CUDA graphs need a GPU).
 """
 
 from __future__ import annotations
@@ -53,15 +54,19 @@ def test_eager_fast_path_equals_the_plain_loop(pipe):
     assert np.array_equal(plain, fast)
 
 
-def test_kernels_mode_matches_eager_on_cpu(pipe):
+def test_kernels_mode_equals_eager_bit_for_bit_on_cpu(pipe):
+    """On a CPU every kernel falls back to its torch reference, so the ``kernels`` fast path (precomputing runner
+    with the kernel switch on) must reproduce the plain eager loop exactly: latents and images, no tolerance."""
     pipe.optimize("eager")
-    eager = _generate(pipe)
+    eager_latents, eager = _generate(pipe, output_type="latent"), _generate(pipe)
     pipe.optimize("kernels")
     try:
-        kernels = _generate(pipe)
+        assert pipe.kernels_active() is True and pipe._runner.mode == "kernels"
+        kernels_latents, kernels = _generate(pipe, output_type="latent"), _generate(pipe)
     finally:
         pipe.optimize("eager")
-    assert psnr(eager, kernels) >= 60.0
+    assert torch.equal(eager_latents, kernels_latents)
+    assert np.array_equal(eager, kernels)
 
 
 def test_fast_path_handles_editing_references(pipe):
@@ -91,8 +96,8 @@ def test_bf16_weights_keep_fp32_latents_and_stay_close_to_fp32():
            callback_on_step_end=lambda i, t, x, vu, vc: captured.append(x.dtype))
     assert captured == [torch.float32, torch.float32]
     low = _generate(pipe16)
-    # bf16 weights: images differ by bf16 noise only (stated tolerance: PSNR >= 30 dB on the tiny preset).
-    assert psnr(reference, low) >= 30.0
+    # bf16 weights: images differ by bf16 noise only. Measured 48.0 dB on the tiny preset (x86 CPU); asked >= 40 dB.
+    assert psnr(reference, low) >= 40.0
 
 
 @pytest.mark.slow
@@ -105,8 +110,8 @@ def test_compile_modes_match_eager_within_tolerance(pipe):
             out = _generate(pipe, num_inference_steps=4)
         finally:
             pipe.optimize("eager")
-        # Inductor reorders float math: stated tolerance PSNR >= 45 dB (fp32 on the tiny preset).
-        assert psnr(eager, out) >= 45.0, mode
+        # Inductor reorders float math: measured 89.0 dB (fp32 on the tiny preset, x86 CPU); asked >= 70 dB.
+        assert psnr(eager, out) >= 70.0, mode
 
 
 def test_fast_path_reports_non_finite_latents(pipe):
@@ -123,10 +128,25 @@ def test_modes_are_the_documented_four():
     assert MODES == ("eager", "kernels", "compile", "compile+graphs")
 
 
-def test_time_fn_reports_median_and_spread():
+def test_time_fn_reports_median_and_spread_in_milliseconds(monkeypatch):
+    """A clock that each call advances by a known amount (seconds, like ``time.perf_counter``): 2 warm-up calls
+    are not timed; the 5 timed calls take 5, 1, 3, 2, 4 ms, so the median is 3 ms and p90 - p10 = 5 - 1 = 4 ms."""
+    from types import SimpleNamespace
+
+    from deepgen_components import bench
+
+    clock = [100.0]
+    durations = iter([0.050, 0.070, 0.005, 0.001, 0.003, 0.002, 0.004])  # the first two are the warm-up calls
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     calls = []
-    median, spread = time_fn(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=5)
-    assert len(calls) == 7 and median >= 0 and spread >= 0
+
+    def fn():
+        calls.append(1)
+        clock[0] += next(durations)
+
+    median, spread = time_fn(fn, torch.device("cpu"), warmup=2, repeats=5)
+    assert len(calls) == 7
+    assert median == pytest.approx(3.0) and spread == pytest.approx(4.0)
 
 
 def test_scaling_fit_recovers_a_known_quadratic():
@@ -149,7 +169,14 @@ def test_bench_suite_runs_on_cpu_and_writes_json_markdown_and_plots(tmp_path):
             ("eager", "end_to_end"), ("kernels", "end_to_end")} <= stages
     step = next(r for r in result.rows if r.mode == "eager" and r.stage == "dit_step")
     assert step.flops and step.flops > 0 and step.ratio_vs_eager == pytest.approx(1.0)
-    assert result.environment["tensorrt"]["import"] in (True, False)
+    try:  # the environment record must say what an `import tensorrt` here actually does
+        import tensorrt
+
+        expected_trt = {"import": True, "version": tensorrt.__version__, "error": None}
+    except ImportError as err:
+        expected_trt = {"import": False, "version": None, "error": f"{type(err).__name__}: {err}"}
+    trt = result.environment["tensorrt"]
+    assert {k: trt[k] for k in expected_trt} == expected_trt
     paths = write_outputs(result, tmp_path)
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["rows"]) == len(result.rows)
