@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -92,6 +94,12 @@ class DeepGenPipeline:
         self._runner = None if mode in ("eager", "auto") else DenoiseRunner(self.model, mode)
         return self
 
+    @property
+    def max_image_side(self) -> int:
+        """The largest height / width (px) the DiT's position table covers: pos_embed_max_size x patch x VAE factor."""
+        config = self.model.dit.transformer.config
+        return config.pos_embed_max_size * config.patch_size * self.model.vae_scale_factor
+
     def kernels_active(self) -> bool:
         """Whether this pipeline's calls run with the Triton kernels switched on."""
         return self.mode == "kernels" or (self.mode == "auto" and self.model.device.type == "cuda")
@@ -118,7 +126,10 @@ class DeepGenPipeline:
                     pixels.append(ref.float())
                     continue
                 if not hasattr(ref, "convert"):
-                    raise ValueError(f"image: expected PIL images or (3, H, W) tensors, got {type(ref).__name__}")
+                    hint = " (open files with deepgen_components.processing.load_image)" if isinstance(ref, (str, os.PathLike)) else ""
+                    raise ValueError(f"image: expected PIL images or (3, H, W) tensors, got {type(ref).__name__}{hint}")
+                if ref.width < 1 or ref.height < 1:
+                    raise ValueError(f"image: a reference is {ref.width}x{ref.height} px; give a non-empty image")
                 size = limit_long_side_size(ref.height, ref.width, target)
                 log_reference_resize(ref, size, target)
                 pixels.append(pil_to_pixels(ref, size))
@@ -158,6 +169,12 @@ class DeepGenPipeline:
         list of precomputed clean reference latents (C, h, w) used instead of VAE-encoding ``image`` for the DiT
         (the VLM still reads ``image``); ``callback_on_step_end(step, timestep, latents, velocity_uncond,
         velocity_cond)`` is called after every Euler step (``velocity_uncond`` is None without CFG).
+
+        Accepted (checked before any model work; docs/pipeline.md, "Bad input"): ``prompt`` a non-blank str or a
+        non-empty list of them; ``height`` / ``width`` positive multiples of 32 up to :attr:`max_image_side`;
+        ``num_inference_steps`` and ``num_images_per_prompt`` ints >= 1; ``guidance_scale`` a finite number >= 0;
+        ``generator`` a ``torch.Generator``. A wrong kind of value raises TypeError, a value out of range ValueError,
+        both naming the argument.
         """
         from deepgen_components.triton_kernels import use_kernels
 
@@ -174,19 +191,23 @@ class DeepGenPipeline:
     ) -> DeepGenPipelineOutput:
         model = self.model
         device = model.device
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt: give at least one prompt")
+        prompts, negatives = _check_prompts(prompt, negative_prompt)
         batch = len(prompts)
-        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != batch:
-            raise ValueError(f"negative_prompt: got {len(negatives)} for {batch} prompts")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        _check_call_arguments(
+            height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+            output_type=output_type, callback_on_step_end=callback_on_step_end, max_side=self.max_image_side,
+        )
+        num_inference_steps, num_images_per_prompt = int(num_inference_steps), int(num_images_per_prompt)
+        height, width = (None if v is None else int(v) for v in (height, width))  # numpy ints welcome
+        guidance_scale = None if guidance_scale is None else float(guidance_scale)
         references = self._references(image, batch)
         height, width = self._output_size(height, width, references)
+        if max(height, width) > self.max_image_side:  # a reference's processed size may exceed it too
+            raise ValueError(
+                f"height/width: {height}x{width} exceeds what this model's DiT can place ({self.max_image_side} px "
+                "per side)"
+            )
         if guidance_scale is None:
             config = model.config
             guidance_scale = config.guidance_scale if references is None else config.edit_guidance_scale
@@ -392,6 +413,73 @@ class DeepGenPipeline:
         if device is not None:
             model = model.to(device)
         return cls(model.eval())
+
+
+def _check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
+    """``prompt``: a non-empty str or a non-empty list of them; ``negative_prompt``: a str (may be empty) or one per
+    prompt."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+    if not prompts:
+        raise ValueError("prompt: give at least one prompt (got an empty list)")
+    for i, text in enumerate(prompts):
+        where = "prompt" if isinstance(prompt, str) else f"prompt[{i}]"
+        if not isinstance(text, str):
+            raise TypeError(f"{where} must be a str, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError(f"{where} is empty; describe the image (or the edit) in words")
+    batch = len(prompts)
+    negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt
+    if not isinstance(negatives, (list, tuple)):
+        raise TypeError(f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}")
+    if len(negatives) != batch:
+        raise ValueError(f"negative_prompt: got {len(negatives)} for {batch} prompts")
+    for i, text in enumerate(negatives):
+        if not isinstance(text, str):
+            raise TypeError(f"negative_prompt[{i}] must be a str, got {type(text).__name__}")
+    return list(prompts), list(negatives)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_call_arguments(
+    *, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, generator, latents, output_type,
+    callback_on_step_end, max_side: int,
+) -> None:
+    """The documented ranges of ``__call__`` (docs/pipeline.md, "Bad input"): TypeError for a wrong kind of value,
+    ValueError for a value out of range, each naming the argument, before any model work."""
+    for name, value in (("height", height), ("width", width)):
+        if value is None:
+            continue
+        if not _is_int(value):
+            raise TypeError(f"{name} must be an int (a positive multiple of 32) or None, got {type(value).__name__}")
+        if value > max_side:
+            raise ValueError(f"{name} must be at most {max_side} (this model's DiT position table), got {value}")
+    if not _is_int(num_inference_steps):
+        raise TypeError(f"num_inference_steps must be an int >= 1, got {type(num_inference_steps).__name__}")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    if not _is_int(num_images_per_prompt):
+        raise TypeError(f"num_images_per_prompt must be an int >= 1, got {type(num_images_per_prompt).__name__}")
+    if num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+    if guidance_scale is not None:
+        if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool):
+            raise TypeError(f"guidance_scale must be a number >= 0 (1 = no CFG) or None, got {type(guidance_scale).__name__}")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no CFG), got {guidance_scale}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        hint = f"; e.g. torch.Generator().manual_seed({generator})" if _is_int(generator) else ""
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}{hint}")
+    if latents is not None and not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a torch.Tensor or None, got {type(latents).__name__}")
+    if output_type not in ("pil", "np", "pt", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+    if callback_on_step_end is not None and not callable(callback_on_step_end):
+        raise TypeError(f"callback_on_step_end must be callable or None, got {type(callback_on_step_end).__name__}")
 
 
 def _plain_vlm(vlm: torch.nn.Module) -> torch.nn.Module:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ __all__ = [
     "edit_prompt",
     "fix_pixels_size",
     "limit_long_side_size",
+    "load_image",
     "pil_to_pixels",
     "pixels_to_pil",
     "t2i_prompt",
@@ -44,6 +46,25 @@ __all__ = [
     "vision_patches",
     "vit_resize",
 ]
+
+
+def load_image(path):
+    """A PIL image from a file, decoded now (not lazily): FileNotFoundError when ``path`` does not exist, ValueError
+    naming the file when it is a folder or not an image PIL can read (unknown format, truncated)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder, not an image file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not a readable image (PIL cannot identify its format)") from None
+    except (OSError, SyntaxError) as err:  # truncated or corrupt data; PIL raises SyntaxError for some broken headers
+        raise ValueError(f"{path}: not a readable image ({err})") from None
 
 
 def pil_to_pixels(image, size: tuple[int, int] | None = None) -> torch.Tensor:
