@@ -12,6 +12,7 @@ from deepgen_components.training.checkpoint import (
     capture_rng,
     latest_checkpoint,
     load_checkpoint,
+    restore_rank_rng,
     restore_rng,
     save_checkpoint,
 )
@@ -110,8 +111,56 @@ def test_the_checkpoint_restores_the_rng_of_the_moment_it_was_saved(tmp_path):
     save_checkpoint(tmp_path, 1, trainable=weights())
     expected = torch.rand(3)
     torch.manual_seed(6)
-    restore_rng(*load_checkpoint(tmp_path / "step_00000001")["rng"])
+    (state,) = load_checkpoint(tmp_path / "step_00000001")["rng"]  # one process: one rank's states
+    restore_rng(*state)
     assert torch.equal(torch.rand(3), expected)
+
+
+def _states_of_seeds(*seeds: int) -> tuple[list, list[torch.Tensor]]:
+    """One capture_rng() per seed (as ranks 0, 1, ... would send them) and the first draw after each."""
+    states, draws = [], []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        states.append(capture_rng())
+        draws.append(torch.rand(4))
+    return states, draws
+
+
+def test_every_rank_gets_its_own_rng_states_back(tmp_path):
+    states, draws = _states_of_seeds(10, 11, 12)
+    save_checkpoint(tmp_path, 1, trainable=weights(), rng_states=states)
+    loaded = load_checkpoint(tmp_path / "step_00000001")["rng"]
+    assert len(loaded) == 3
+    for rank in (2, 0, 1):
+        torch.manual_seed(99)
+        assert restore_rank_rng(loaded, rank)
+        assert torch.equal(torch.rand(4), draws[rank]), rank
+    torch.manual_seed(99)
+    fresh = torch.get_rng_state()
+    assert not restore_rank_rng(loaded, 3)  # saved by 3 processes, resumed by 4: rank 3 keeps its fresh stream
+    assert torch.equal(torch.get_rng_state(), fresh)
+
+
+def test_a_checkpoint_with_the_old_single_rng_state_still_loads(tmp_path):
+    # The format before per-rank states: unprefixed tensors and the metadata directly under "rng".
+    import json
+
+    from safetensors.torch import save_file
+
+    save_checkpoint(tmp_path, 1, trainable=weights())
+    folder = tmp_path / "step_00000001"
+    [(tensors, meta)], _ = _states_of_seeds(7)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "rng.safetensors"))
+    state = json.loads((folder / "state.json").read_text())
+    state["rng"] = meta
+    (folder / "state.json").write_text(json.dumps(state))
+    loaded = load_checkpoint(folder)["rng"]
+    assert len(loaded) == 1
+    torch.manual_seed(99)
+    assert restore_rank_rng(loaded, 0) and torch.equal(torch.rand(4), _states_of_seeds(7)[1][0])
+    assert not restore_rank_rng(loaded, 1)
 
 
 def test_keep_last_prunes_the_oldest_and_latest_names_the_newest(tmp_path):

@@ -2,14 +2,17 @@
 
 A checkpoint is a folder ``step_XXXXXXXX/`` holding ``trainable.safetensors`` (the trainable weights, LoRA
 included, by parameter name), ``optimizer.safetensors`` + ``state.json`` (optimizer param groups, LR schedule,
-sampler position, step, config), and ``rng.safetensors``. It is written into a temporary folder and renamed
-into place (atomic on one filesystem), then ``latest`` is replaced atomically; older checkpoints beyond
-``keep_last`` are removed. A run killed at any moment resumes from the last complete checkpoint.
+sampler position, step, config), and ``rng.safetensors`` (the RNG states of *every* rank, ``rank{r}.*``:
+under torchrun each process draws its own LoRA dropout masks, so each must get its own stream back). The main
+process writes it all into a temporary folder that is renamed into place (atomic on one filesystem), then
+``latest`` is replaced atomically; older checkpoints beyond ``keep_last`` are removed. A run killed at any
+moment resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,7 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture_rng", "latest_checkpoint", "load_checkpoint", "restore_rng", "save_checkpoint"]
+__all__ = ["capture_rng", "latest_checkpoint", "load_checkpoint", "restore_rank_rng", "restore_rng", "save_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+RngState = tuple[dict[str, torch.Tensor], dict]  # (tensors, JSON metadata) of one process
 
 
 def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
@@ -47,6 +54,18 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((name, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = meta["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def restore_rank_rng(states: list[RngState], rank: int) -> bool:
+    """Restore this rank's own RNG states from a checkpoint's per-rank list; False (nothing restored) when the
+    checkpoint has none for ``rank`` (saved with fewer processes, or in the old single-state format, which
+    held the main process's states only). Exact resume needs the world size the checkpoint was saved with."""
+    if rank < len(states):
+        restore_rng(*states[rank])
+        return True
+    logger.warning("checkpoint: no RNG state for rank %d (saved by %d process(es)); this rank keeps a fresh "
+                   "stream, so the run continues validly but not bit-identically", rank, len(states))
+    return False
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -86,8 +105,12 @@ def save_checkpoint(
     sampler_state: dict | None = None,
     extra: dict | None = None,
     keep_last: int = 2,
+    rng_states: list[RngState] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically into ``directory`` and prune old ones; returns its folder."""
+    """Write checkpoint ``step`` atomically into ``directory`` and prune old ones; returns its folder.
+
+    ``rng_states``: one ``capture_rng()`` per rank, in rank order (gathered to the main process); default:
+    this process's states as the only rank."""
     from safetensors.torch import save_file
 
     if keep_last < 1:  # 0 would delete the checkpoint just written and leave ``latest`` dangling
@@ -104,9 +127,10 @@ def save_checkpoint(
         opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         state["optimizer"] = opt_meta
-    rng_tensors, rng_meta = capture_rng()
-    save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
-    state["rng"] = rng_meta
+    rng_states = rng_states if rng_states is not None else [capture_rng()]
+    rng_tensors = {f"rank{r}.{k}": v.contiguous() for r, (tensors, _) in enumerate(rng_states) for k, v in tensors.items()}
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    state["rng"] = {"ranks": [meta for _, meta in rng_states]}
     _write_json(tmp / "state.json", state)
     for f in tmp.iterdir():  # make the data durable before the rename publishes it
         with f.open("rb") as handle:
@@ -136,7 +160,8 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint folder: trainable weights, optimizer/scheduler/sampler state, RNG, extra."""
+    """Read a checkpoint folder: trainable weights, optimizer/scheduler/sampler state, extra, and ``rng``: a list
+    of (tensors, metadata) per rank (one entry for a checkpoint of the old single-state format)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -155,5 +180,13 @@ def load_checkpoint(path: str | Path) -> dict:
     if "optimizer" in state and (path / "optimizer.safetensors").is_file():
         out["optimizer"] = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     if (path / "rng.safetensors").is_file():
-        out["rng"] = (load_file(str(path / "rng.safetensors")), state["rng"])
+        tensors, meta = load_file(str(path / "rng.safetensors")), state["rng"]
+        if "ranks" not in meta:  # the old format: the main process's states only, unprefixed
+            out["rng"] = [(tensors, meta)]
+        else:
+            per_rank: list[dict[str, torch.Tensor]] = [{} for _ in meta["ranks"]]
+            for key, value in tensors.items():
+                rank, name = key.split(".", 1)
+                per_rank[int(rank.removeprefix("rank"))][name] = value
+            out["rng"] = list(zip(per_rank, meta["ranks"]))
     return out

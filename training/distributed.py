@@ -13,7 +13,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "all_gather_cat", "all_reduce_mean", "apply_fsdp", "barrier", "cleanup", "init_distributed", "wrap_ddp"]
+__all__ = [
+    "DistInfo",
+    "all_gather_cat",
+    "all_reduce_mean",
+    "apply_fsdp",
+    "barrier",
+    "cleanup",
+    "gather_to_main",
+    "init_distributed",
+    "seed_rank_rng",
+    "wrap_ddp",
+]
 
 
 @dataclass
@@ -80,11 +91,33 @@ def all_gather_cat(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def gather_to_main(value, info: DistInfo) -> list | None:
+    """Every rank's picklable ``value`` as a list in rank order on the main process (None on the others);
+    ``[value]`` with one process. A collective: every rank must call it."""
+    if not info.enabled:
+        return [value]
+    gathered = [None] * info.world_size if info.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def seed_rank_rng(seed: int, info: DistInfo) -> None:
+    """Under torchrun, give each rank its own global torch RNG stream, seeded by (seed, rank), once the model
+    has been built identically on every rank (FSDP2 shards each rank's own copy, so the initialisation, LoRA
+    included, must not differ). Only LoRA dropout draws from it in training: with one shared seed every rank
+    would draw the same masks whenever the shapes agree. One process keeps its stream as it is."""
+    if info.enabled:
+        torch.manual_seed((seed * 1_000_003 + info.rank * 7_919 + 1) % (2**63))
+
+
 def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
+    """DDP with ``find_unused_parameters=False`` (no extra graph walk each step): every trainable parameter
+    must reach the loss on every step. That holds by construction: ``apply_lora`` leaves out the VLM layers
+    the bridge never reads (the one place the official model has trainable weights without a gradient)."""
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False, find_unused_parameters=False)
 
 
 def apply_fsdp(module: nn.Module, shard_units: list[nn.Module], info: DistInfo, *, param_dtype=None,

@@ -4,8 +4,13 @@ One iteration, top to bottom: draw prompts -> encode them once (frozen VLM + bri
 (group of G images per prompt, shared initial noise) -> decode and score with every reward -> GDPO advantages
 (normalised over all ranks) -> for a random subset of timesteps, recompute the step log-probs with gradients,
 clipped-ratio loss + velocity-space KL to a frozen reference DiT -> SFT auxiliary flow-matching loss ->
-clip and step (one optimizer step per rollout by default; ``update_mode: per_timestep`` steps after every
-timestep as the official code effectively does).
+clip and step (``update_mode: per_timestep``, the official cadence: one optimizer step after every trained
+timestep and one for the SFT gradient; ``per_rollout``: one step per rollout).
+
+Distributed: ``ddp`` (or ``auto`` under torchrun) keeps a whole DiT on every rank and averages the gradients
+after the backward passes of an update (a rollout, its re-evaluated timesteps and the SFT batch are not one
+forward, so the DiT is not DDP-wrapped); ``fsdp`` shards the policy DiT with FSDP2 (each block a unit), whose
+reduce-scatter averages the gradients. The frozen reference DiT stays whole on every rank.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from pathlib import Path
 
 import torch
 from deepgen_components.training.checkpoint import (
+    capture_rng,
     latest_checkpoint,
     load_checkpoint,
-    restore_rng,
+    restore_rank_rng,
     save_checkpoint,
 )
 from deepgen_components.training.common import (
@@ -39,16 +45,22 @@ from deepgen_components.training.config import RLConfig, TrainConfig
 from deepgen_components.training.distributed import (
     all_gather_cat,
     all_reduce_mean,
+    apply_fsdp,
     barrier,
     cleanup,
+    gather_to_main,
     init_distributed,
+    seed_rank_rng,
 )
 from deepgen_components.training.metrics import MetricsLogger
 from deepgen_components.training.sampler import TaskBatchSampler
 from deepgen_components.training.trainer import (
     _autocast,
+    _full_state,
+    _load_optimizer,
     _load_trainable,
     _next_batch,
+    _optimizer_state,
     build_sources,
     prepare_batch,
 )
@@ -249,6 +261,20 @@ def _sync_gradients(params: list[torch.nn.Parameter], info) -> None:
         offset += g.numel()
 
 
+def _unsharded_policy(model: DeepGenModel, cfg: TrainConfig, info) -> DeepGenModel | None:
+    """FSDP: the full weights (a collective) in a fresh, unsharded model on the main process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not info.is_main:
+        return None
+    whole = build_model(cfg.model)
+    if cfg.lora is not None:
+        apply_lora(whole, cfg.lora)
+    whole.load_state_dict(state)
+    return whole
+
+
 def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | None = None) -> RLResult:
     """Run MR-GRPO as configured; resumes from the newest checkpoint in ``out``."""
     if cfg.stage != "rl" or cfg.rl is None:
@@ -258,9 +284,8 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
         raise ValueError(f"rl.update_mode must be 'per_rollout' or 'per_timestep', got {rl.update_mode!r}")
     if rl.advantages not in ("gdpo", "grpo"):
         raise ValueError(f"rl.advantages must be 'gdpo' or 'grpo', got {rl.advantages!r}")
-    if cfg.trainer.distributed not in ("auto", "none", "ddp"):
-        raise ValueError(f"rl: trainer.distributed must be auto, none or ddp (gradients are averaged over ranks), "
-                         f"got {cfg.trainer.distributed!r}")
+    if cfg.trainer.distributed not in ("auto", "none", "ddp", "fsdp"):
+        raise ValueError(f"rl: trainer.distributed must be auto, none, ddp or fsdp, got {cfg.trainer.distributed!r}")
     out = Path(out or cfg.out)
     total_steps = max_steps if max_steps is not None else cfg.trainer.max_steps
     info = init_distributed(cfg.trainer.device)
@@ -278,6 +303,9 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
     reference_dit = copy.deepcopy(model.dit).requires_grad_(False).eval()
     if cfg.trainer.activation_checkpointing:
         model.dit.transformer.enable_gradient_checkpointing()  # recomputation is exact: ratios stay 1 on-policy
+    sharded = cfg.trainer.distributed == "fsdp" and info.enabled
+    if sharded:  # after the reference copy; the policy's parameters become DTensor shards
+        apply_fsdp(model.dit, list(model.dit.transformer.transformer_blocks), info)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     trainable = [p for _, p in params]
     rewards = {name: build_reward(spec) for name, spec in rl.rewards.items()}
@@ -301,18 +329,19 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
 
     optimizer = build_optimizer(params, cfg.optim)
     schedule = build_schedule(optimizer, cfg.optim, total_steps)
+    seed_rank_rng(cfg.trainer.seed, info)  # everything is built: from here on each rank has its own RNG
     start_step = 0
     ckpt_dir = out / "checkpoints"
     resume = latest_checkpoint(ckpt_dir)
     if resume is not None:
         state = load_checkpoint(resume)
         _load_trainable(model, model, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer(model, optimizer, state["optimizer"], sharded)
         schedule.load_state_dict(state["scheduler"])
         if sft_sampler is not None and state["sampler"]:
             sft_sampler.load_state_dict(state["sampler"])
         if state["rng"] is not None:
-            restore_rng(*state["rng"])
+            restore_rank_rng(state["rng"], info.rank)
         start_step = state["step"]
         # The reference DiT stays the initial (init_from) policy: it was copied before the resumed weights loaded.
         logger.warning("resuming from %s (step %d)", resume, start_step)
@@ -329,7 +358,8 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
 
     def optimizer_step(norms: list[float]) -> None:
         """Average the gradients over ranks, clip, one AdamW step; records the pre-clip gradient norm."""
-        _sync_gradients(trainable, info)
+        if not sharded:  # FSDP2's reduce-scatter has already averaged them
+            _sync_gradients(trainable, info)
         norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -446,23 +476,29 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
         if not math.isfinite(record["loss"]):
             raise FloatingPointError(f"loss became non-finite at step {step + 1}")
         if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == total_steps:
+            weights = _full_state(model, model)  # collectives under FSDP: every rank takes part
+            optimizer_state = _optimizer_state(model, optimizer, sharded)
+            rng_states = gather_to_main(capture_rng(), info)
             if info.is_main:
                 last_ckpt = save_checkpoint(
                     ckpt_dir, step + 1,
-                    trainable={n: p.detach() for n, p in params},
-                    optimizer_state=optimizer.state_dict(),
+                    trainable=weights,
+                    optimizer_state=optimizer_state,
                     scheduler_state=schedule.state_dict(),
                     sampler_state=sft_sampler.state_dict() if sft_sampler is not None else None,
                     extra={"stage": "rl", "model": cfg.to_dict()["model"]},
                     keep_last=cfg.trainer.keep_last,
+                    rng_states=rng_states,
                 )
             barrier(info)
     metrics.close()
     pipeline_dir = None
-    if cfg.trainer.save_pipeline and info.is_main and total_steps > start_step:
+    if cfg.trainer.save_pipeline and total_steps > start_step:
         from deepgen_components.training.trainer import save_training_pipeline
 
-        pipeline_dir = save_training_pipeline(model, out / "pipeline")
+        whole = _unsharded_policy(model, cfg, info) if sharded else model
+        if info.is_main:
+            pipeline_dir = save_training_pipeline(whole, out / "pipeline")
     barrier(info)
     cleanup(info)
     return RLResult(out=out, steps=total_steps, final_loss=last_loss, checkpoint=last_ckpt, pipeline=pipeline_dir)

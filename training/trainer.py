@@ -6,7 +6,9 @@ micro-batches, clip, step) with metrics and atomic checkpoints -> save the final
 
 Randomness that shapes a sample (caption dropout, VAE posterior sample, noise, timestep) is drawn from a
 generator seeded by (seed, micro-batch position, sample position in the source stream), so a run gives the
-same numbers with any number of processes and after any resume.
+same numbers with any number of processes and after any resume. Only the LoRA dropout masks come from the global
+torch RNG: under torchrun each rank has its own stream (seeded by (seed, rank)), and checkpoints save and restore
+every rank's own states.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from deepgen_components.training.checkpoint import (
+    capture_rng,
     latest_checkpoint,
     load_checkpoint,
-    restore_rng,
+    restore_rank_rng,
     save_checkpoint,
 )
 from deepgen_components.training.common import (
@@ -41,7 +44,9 @@ from deepgen_components.training.distributed import (
     apply_fsdp,
     barrier,
     cleanup,
+    gather_to_main,
     init_distributed,
+    seed_rank_rng,
     wrap_ddp,
 )
 from deepgen_components.training.metrics import MetricsLogger
@@ -292,6 +297,7 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
     # 3. Optimizer and schedule.
     optimizer = build_optimizer(params, cfg.optim)
     schedule = build_schedule(optimizer, cfg.optim, total_steps)
+    seed_rank_rng(cfg.trainer.seed, info)  # everything is built: from here on each rank has its own RNG
 
     # 4. Resume.
     start_step = 0
@@ -304,7 +310,7 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
         schedule.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         if state["rng"] is not None:
-            restore_rng(*state["rng"])
+            restore_rank_rng(state["rng"], info.rank)  # each rank its own streams (its LoRA dropout masks)
         start_step = state["step"]
         if info.is_main:
             logger.warning("resuming from %s (step %d)", resume, start_step)
@@ -438,6 +444,7 @@ def _load_optimizer(objective: nn.Module, optimizer: torch.optim.Optimizer, stat
 def _checkpoint(ckpt_dir, step, objective, model, optimizer, schedule, sampler, cfg, info, sharded) -> Path | None:
     state = _full_state(objective, model)
     optimizer_state = _optimizer_state(objective, optimizer, sharded)
+    rng_states = gather_to_main(capture_rng(), info)  # every rank's RNG, written by the main process
     if not info.is_main:
         barrier(info)
         return None
@@ -449,6 +456,7 @@ def _checkpoint(ckpt_dir, step, objective, model, optimizer, schedule, sampler, 
         sampler_state=sampler.state_dict(),
         extra={"stage": cfg.stage, "model": cfg.to_dict()["model"], "lora": cfg.to_dict()["lora"]},
         keep_last=cfg.trainer.keep_last,
+        rng_states=rng_states,
     )
     barrier(info)
     return path
