@@ -8,9 +8,20 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
-from deepgen_components.cli import _add_model_args, _load_pipeline
+from deepgen_components.cli import (
+    _add_model_args,
+    _load_pipeline,
+    check_output_path,
+    image_side,
+    int_at_least,
+    positive_int,
+)
 
 __all__ = ["add_commands", "cmd_export"]
 
@@ -28,13 +39,13 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
-    p.add_argument("--min-size", type=int, default=None, help="smallest image side in px, multiple of 32 (default: min(256, image_size))")
-    p.add_argument("--max-size", type=int, default=1024, help="largest image side in px, multiple of 32 (default: 1024)")
-    p.add_argument("--max-batch", type=int, default=4, help="images per call; the CFG batch is twice that (default: 4)")
-    p.add_argument("--max-prompt-tokens", type=int, default=None,
+    p.add_argument("--min-size", type=image_side, default=None, help="smallest image side in px, multiple of 32 (default: min(256, image_size))")
+    p.add_argument("--max-size", type=image_side, default=1024, help="largest image side in px, multiple of 32 (default: 1024)")
+    p.add_argument("--max-batch", type=positive_int, default=4, help="images per call; the CFG batch is twice that (default: 4)")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=None,
                    help="tokens of one chat text incl. image tokens (default: max_length + one reference's image tokens)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
-    p.add_argument("--fallback-opset", type=int, default=FALLBACK_OPSET,
+    p.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--fallback-opset", type=int_at_least(0), default=FALLBACK_OPSET,
                    help=f"opset retried for a stage that fails at --opset; 0 disables (default: {FALLBACK_OPSET})")
     p.add_argument("--no-parity", action="store_true", help="skip the ONNX Runtime vs PyTorch gate (not recommended)")
     p.add_argument("--trtexec", action="store_true", help="print the trtexec command that builds each stage's engine")
@@ -57,9 +68,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     from deepgen_components.export.parity import ParityError
     from deepgen_components.export.tensorrt import profiles_for, trtexec_command
 
+    from deepgen_components.export.exporter import SUPPORTED_OPSETS
+    from deepgen_components.export.specs import STAGES
+
     if args.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"--dtype: export supports {' and '.join(SUPPORTED_DTYPES)}, got {args.dtype}")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f"--stages: unknown stage(s) {', '.join(unknown) or '(none given)'}; stages: {', '.join(STAGES)}")
+    for flag, opset in (("--opset", args.opset), ("--fallback-opset", args.fallback_opset or None)):
+        if opset is not None and opset not in SUPPORTED_OPSETS:
+            raise ValueError(f"{flag}: must be in {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {opset}")
+    if args.min_size is not None and args.min_size > args.max_size:
+        raise ValueError(f"--min-size {args.min_size} must be <= --max-size {args.max_size}")
+    out = check_output_path(args.out, folder=True)
     pipe = _load_pipeline(args)
     model = pipe.model
     ranges = _ranges(args, model.config.image_size)
@@ -67,10 +90,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not source:
         source = {"preset": args.default_preset}
     source["seed"] = args.seed
+    # Exported into a temporary folder beside --out, moved in only when every stage passed: a failed export leaves
+    # neither partial .onnx files nor a manifest describing them.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         manifest = export_model(
             model,
-            args.out,
+            staging,
             stages=stages,
             ranges=ranges,
             opset=args.opset,
@@ -80,9 +107,12 @@ def cmd_export(args: argparse.Namespace) -> int:
             source=source,
             seed=args.seed,
         )
+        _move_into(staging, out)
     except (ExportError, ParityError) as err:
-        print(f"error: export failed: {err}", file=sys.stderr)
+        print(f"deepgen export: error: export failed: {err}", file=sys.stderr)
         return 1
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {args.out}/manifest.json ({manifest['dtype']}, {len(manifest['stages'])} stages)")
     print(f"{'stage':<18} {'file':<24} {'opset':>5}  {'parity (max relative error)':<30}")
     for stage, entry in manifest["stages"].items():
@@ -95,3 +125,16 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(f"# {stage}")
             print(trtexec_command(f"{args.out}/{entry['file']}", profiles_for(entry), timing_cache=f"{args.out}/timing.cache"))
     return 0
+
+
+def _move_into(staging: Path, out: Path) -> None:
+    """Move an export from ``staging`` into ``out``: the whole folder when ``out`` does not exist, else entry by
+    entry, replacing same-named files of an earlier export and keeping anything else the folder holds."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    for entry in staging.iterdir():
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
