@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,10 +174,110 @@ class TrainConfig:
         return asdict(self)
 
 
-def _build(cls, data: Any, where: str):
-    """Instantiate a (nested) dataclass from plain data, naming unknown keys."""
-    if not is_dataclass(cls):
-        return data
+# Values a key accepts beyond its type (checked when a config is loaded, so a typo fails before any model is built).
+CHOICES = {
+    "optim.schedule": ("cosine", "constant"),
+    "trainer.precision": ("auto", "fp32", "bf16"),
+    "trainer.distributed": ("auto", "none", "ddp", "fsdp"),
+    "rl.logprob": ("mean_squared", "gaussian"),
+    "rl.sampler": ("cps", "flow_grpo"),
+    "rl.advantages": ("gdpo", "grpo"),
+    "rl.update_mode": ("per_rollout", "per_timestep"),
+}  # data.sources.*.kind / task: checked by training.data.build_sources
+AT_LEAST_ONE = ("data.batch_size", "optim.grad_accum", "trainer.checkpoint_every", "trainer.log_every", "rl.group_size",
+                "rl.prompts_per_step", "rl.num_steps", "rl.micro_batch", "rl.sft_batch_size", "data.sources.*.repeat")
+NON_NEGATIVE = ("optim.lr", "optim.weight_decay", "optim.grad_clip", "optim.warmup_ratio", "model.condition_dropout")
+
+
+def _type_name(hint) -> str:
+    """A type hint in words, for error messages: float -> 'a number', list[str] -> 'a list of text', ..."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"a list of {_type_name(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is tuple:
+        return f"a list of {len(args)} numbers" if all(a is float for a in args) else f"a list of {len(args)} values"
+    if origin is dict or is_dataclass(hint):
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+class _ConfigTypeError(ValueError):
+    """A value of the wrong type; ``key`` is its dotted path (e.g. ``optim.lr``)."""
+
+    def __init__(self, key: str, hint, value) -> None:
+        self.key = key
+        super().__init__(f"{key}: expected {_type_name(hint)}, got {value!r} ({_yaml_type(value)})")
+
+
+def _yaml_type(value) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "text", list: "list", dict: "mapping",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _coerce(value, hint, key: str, where: str):
+    """``value`` checked against the type hint ``hint`` (numbers written as text, such as 1e-4 which YAML reads as a
+    string, become numbers); nested dataclasses are built with :func:`_build`."""
+    if hint is Any:
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            try:
+                return _coerce(value, options[0], key, where)
+            except _ConfigTypeError as err:
+                if err.key == key:  # name the whole union ("a number or null"), not its one option
+                    raise _ConfigTypeError(key, hint, value) from None
+                raise
+        raise TypeError(f"config: unsupported type hint {hint} for {key}")  # pragma: no cover - not in our dataclasses
+    if is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise _ConfigTypeError(key, hint, value)
+        return _build(hint, value, where, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _ConfigTypeError(key, hint, value)
+        if origin is list:
+            return [_coerce(v, args[0], f"{key}.{i}", f"{where}[{i}]") for i, v in enumerate(value)]
+        if len(value) != len(args):
+            raise _ConfigTypeError(key, hint, value)
+        return tuple(_coerce(v, a, f"{key}.{i}", where) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _ConfigTypeError(key, hint, value)
+        return {k: _coerce(v, args[1], f"{key}.{k}", where) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _ConfigTypeError(key, hint, value)
+        return value
+    if hint in (int, float):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise _ConfigTypeError(key, hint, value) from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise _ConfigTypeError(key, hint, value)
+        if hint is int:
+            if isinstance(number, float) and not number.is_integer():
+                raise _ConfigTypeError(key, hint, value)
+            return int(number)
+        return float(number)
+    if hint is str:
+        if not isinstance(value, str):
+            raise _ConfigTypeError(key, hint, value)
+        return value
+    return value  # pragma: no cover - every hint of our dataclasses is handled above
+
+
+def _build(cls, data: Any, where: str, key: str = ""):
+    """Instantiate a (nested) dataclass from plain data, naming unknown keys and values of the wrong type."""
     if data is None:
         return None
     if not isinstance(data, dict):
@@ -183,27 +286,67 @@ def _build(cls, data: Any, where: str):
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
-    hints = {
-        "model": ModelSpec, "data": DataConfig, "optim": OptimConfig, "lora": LoraConfigSpec,
-        "trainer": TrainerConfig, "rl": RLConfig,
-    }
+    hints = typing.get_type_hints(cls)
     kwargs = {}
-    for key, value in data.items():
-        if cls is TrainConfig and key in hints:
-            kwargs[key] = _build(hints[key], value, f"{where}.{key}")
-        elif cls is DataConfig and key == "sources":
-            if not isinstance(value, list):
-                raise ValueError(f"{where}.sources: expected a list")
-            kwargs[key] = [_build(SourceConfig, v, f"{where}.sources[{i}]") for i, v in enumerate(value)]
-        elif cls is OptimConfig and key == "betas":
-            kwargs[key] = tuple(float(b) for b in value)
-        else:
-            kwargs[key] = value
+    for name, value in data.items():
+        path = f"{key}.{name}" if key else name
+        if value is None and is_dataclass(_optional_inner(hints[name])) and known[name].default is MISSING:
+            continue  # an empty section ("model:" with nothing under it) keeps its defaults
+        kwargs[name] = _coerce(value, hints[name], path, f"{where}.{name}")
     return cls(**kwargs)
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+def _optional_inner(hint):
+    """``X | None`` -> X; anything else unchanged."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """The :data:`CHOICES`, :data:`AT_LEAST_ONE` and :data:`NON_NEGATIVE` rules, each error naming its key."""
+    data = cfg.to_dict()
+
+    def values(pattern: str) -> list[tuple[str, Any]]:
+        """(dotted key, value) of every set value matching ``pattern``; ``*`` stands for each list index."""
+        nodes = [("", data)]
+        for part in pattern.split("."):
+            found = []
+            for key, node in nodes:
+                if part == "*" and isinstance(node, list):
+                    found += [(f"{key}.{i}", item) for i, item in enumerate(node)]
+                elif isinstance(node, dict) and node.get(part) is not None:
+                    found.append((f"{key}.{part}" if key else part, node[part]))
+            nodes = found
+        return nodes
+
+    for pattern, choices in CHOICES.items():
+        for key, value in values(pattern):
+            if value not in choices:
+                raise _ConfigValueError(key, f"must be one of {', '.join(choices)}, got {value!r}")
+    for pattern in AT_LEAST_ONE:
+        for key, value in values(pattern):
+            if value < 1:
+                raise _ConfigValueError(key, f"must be >= 1, got {value}")
+    for pattern in NON_NEGATIVE:
+        for key, value in values(pattern):
+            if value < 0:
+                raise _ConfigValueError(key, f"must be >= 0, got {value}")
+
+
+class _ConfigValueError(ValueError):
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+def _parse_value(text: str, item: str) -> Any:
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"override {item!r}: the value is not valid YAML ({problem})") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -213,40 +356,100 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-4)")
         key, value = item.split("=", 1)
-        node = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        if not all(parts):
+            raise ValueError(f"override {item!r}: the key {key!r} has an empty part; expected e.g. optim.lr=1e-4")
+        node = data
+        for depth, part in enumerate(parts):
+            here = ".".join(parts[: depth + 1])
+            last = depth == len(parts) - 1
             if isinstance(node, list):
-                node = node[int(part)]
+                if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                    raise ValueError(f"override {item!r}: {here.rpartition('.')[0]} is a list of {len(node)}; "
+                                     f"{part!r} is not an index into it")
+                if last:
+                    node[int(part)] = _parse_value(value, item)
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = _parse_value(value, item)
+                else:
+                    if node.get(part) is None:  # a new section, or an empty one in the file
+                        node[part] = {}
+                    node = node[part]
             else:
-                node = node.setdefault(part, {})
-        last = parts[-1]
-        if isinstance(node, list):
-            node[int(last)] = _parse_value(value)
-        else:
-            node[last] = _parse_value(value)
+                raise ValueError(f"override {item!r}: {here.rpartition('.')[0]} is {_yaml_type(node)} "
+                                 f"{node!r}, not a section with keys")
     return data
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Dotted key (``optim.lr``, ``data.sources.0.kind``) -> its 1-based line in a YAML document."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[f"{prefix}.{i}"] = item.start_mark.line + 1
+                walk(item, f"{prefix}.{i}")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:  # pragma: no cover - the text has already been parsed
+        pass
+    return lines
+
+
+def _override_keys(overrides: list[str]) -> dict[str, str]:
+    return {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **data_defaults) -> TrainConfig:
     """Read a YAML config (or start empty), apply overrides, validate into a :class:`TrainConfig`."""
     data: dict = dict(data_defaults)
+    lines: dict[str, int] = {}
+    overrides = list(overrides or [])
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            context = getattr(err, "context", None)
+            raise ValueError(f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")) from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a config must be a YAML mapping")
         data.update(loaded)
-    data = apply_overrides(data, overrides or [])
-    # YAML reads 1e-4 as a string: coerce the float fields.
-    for section, keys in (("optim", ("lr", "eps", "weight_decay", "warmup_ratio", "warmup_start_factor", "grad_clip")),
-                          ("rl", ("clip_range", "adv_clip", "adv_eps", "kl_beta", "sft_lambda", "eta", "timestep_fraction",
-                                  "guidance_scale")),
-                          ("lora", ("alpha", "dropout")),
-                          ("model", ("condition_dropout",))):
-        for key in keys:
-            if isinstance(data.get(section), dict) and isinstance(data[section].get(key), str):
-                data[section][key] = float(data[section][key])
-    return _build(TrainConfig, data, str(path) if path else "config")
+        lines = _key_lines(text)
+    data = apply_overrides(data, overrides)
+    from_override = _override_keys(overrides)
+
+    def located(err: ValueError) -> ValueError:
+        """Prefix an error about ``err.key`` with where the value came from: its override, or FILE:LINE."""
+        key = err.key
+        parents = [key.rsplit(".", n)[0] for n in range(key.count(".") + 1)]
+        for candidate in parents:
+            if candidate in from_override:
+                return ValueError(f"override {from_override[candidate]!r}: {err}")
+        for candidate in parents:
+            if candidate in lines:
+                return ValueError(f"{path}:{lines[candidate]}: {err}")
+        return ValueError(f"{path or 'config'}: {err}")
+
+    try:
+        cfg = _build(TrainConfig, data, str(path) if path else "config")
+        _check_values(cfg)
+    except (_ConfigTypeError, _ConfigValueError) as err:
+        raise located(err) from None
+    return cfg
