@@ -8,10 +8,13 @@ __all__ = ["add_commands"]
 
 
 def cmd_train(args) -> int:
+    from deepgen_components.cli import check_output_path
     from deepgen_components.training.config import load_config
 
     overrides = list(args.overrides)
     cfg = load_config(args.config, overrides)
+    if not args.dry_run:
+        check_output_path(args.out or cfg.out, folder=True, flag="--out" if args.out else "out (config)")
     if args.dry_run:
         from deepgen_components.training.trainer import dry_run
 
@@ -44,12 +47,14 @@ def cmd_train(args) -> int:
 
 
 def add_commands(sub) -> None:
+    from deepgen_components.cli import positive_int
+
     p = sub.add_parser("train", help="train a stage (align / sft / rl) from a YAML config")
     p.add_argument("--config", required=True, help="YAML config, e.g. training/configs/align_tiny.yaml")
-    p.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="override trainer.max_steps (>= 1)")
     p.add_argument("--out", default=None, help="output folder (checkpoints, metrics.jsonl, pipeline)")
     p.add_argument("--dry-run", action="store_true", help="print parameter counts and memory per GPU, then exit")
-    p.add_argument("--world-size", type=int, default=8, help="GPUs assumed by --dry-run for FSDP sharding")
+    p.add_argument("--world-size", type=positive_int, default=8, help="GPUs assumed by --dry-run for FSDP sharding")
     p.add_argument("--json", action="store_true", help="with --dry-run: machine-readable output")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-5 data.batch_size=2")
     p.set_defaults(func=cmd_train)

@@ -66,7 +66,8 @@ def parse_sets(items: list[str] | None) -> tuple[dict, dict[str, list[str]]]:
                 try:
                     base[key] = kind(value)
                 except ValueError:
-                    raise ValueError(f"--set base.{key}: {value!r} is not a {kind.__name__}") from None
+                    expected = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+                    raise ValueError(f"--set base.{key}: expected {expected}, got {value!r}") from None
         elif part in stages:
             stages[part].append(f"{key}={value}")
         else:
@@ -141,15 +142,15 @@ def run_shapes(
     from deepgen_components.pipeline import DeepGenPipeline
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     configs = Path(configs) if configs else CONFIGS
+    base_sets, stage_sets = parse_sets(sets)  # bad --set values fail before anything is written
+    base_cfg = ShapesBaseConfig(**{**(QUICK_OVERRIDES["base"] if quick else {}), **base_sets})
+    out.mkdir(parents=True, exist_ok=True)
     report_path = out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {"seconds": {}, "results": {}}
     save = lambda: report_path.write_text(json.dumps(report, indent=2))  # noqa: E731
     started = time.perf_counter()
 
-    base_sets, stage_sets = parse_sets(sets)
-    base_cfg = ShapesBaseConfig(**{**(QUICK_OVERRIDES["base"] if quick else {}), **base_sets})
     stage_extra = list(QUICK_OVERRIDES["stage"] if quick else [])
     if device is not None:
         stage_extra.append(f"trainer.device={device}")
@@ -287,6 +288,29 @@ def install_preset(run: str | Path, package_dir: str | Path | None = None) -> Pa
 def cmd_shapes(args) -> int:
     import torch
 
+    from deepgen_components.cli import check_device, check_output_path
+
+    if not args.install_only:  # every flag checked before the run folder is made
+        check_output_path(args.out, folder=True)
+        if args.device is not None:
+            check_device(args.device)
+        configs = Path(args.configs) if args.configs else CONFIGS
+        missing = [f"{name}_shapes.yaml" for name in STAGES if not (configs / f"{name}_shapes.yaml").is_file()]
+        if missing:
+            raise FileNotFoundError(f"--configs {configs}: missing {', '.join(missing)}")
+        _, stage_sets = parse_sets(args.set)
+        from deepgen_components.training.config import load_config
+
+        for name in STAGES:  # a bad stage override fails now, not after the base models are made
+            try:
+                load_config(configs / f"{name}_shapes.yaml", stage_sets[name])
+            except ValueError as err:
+                message = str(err)  # "override 'KEY=VALUE': ..." -> "--set 'STAGE.KEY=VALUE': ..."
+                prefix = "override '"
+                raise ValueError(f"--set '{name}.{message[len(prefix):]}" if message.startswith(prefix)
+                                 else f"--set {name}.*: {message}") from None
+        if args.base_from is not None and not Path(args.base_from).is_dir():
+            raise FileNotFoundError(f"--base-from {args.base_from}: no such folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.install_only:
@@ -301,13 +325,15 @@ def cmd_shapes(args) -> int:
 
 
 def add_commands(sub) -> None:
+    from deepgen_components.cli import non_negative_float, positive_int
+
     p = sub.add_parser("shapes", help="shapes world: base models + stages 1-3 + held-out evals, one command")
     p.add_argument("--out", default="runs/shapes", help="run folder (default: runs/shapes); resumes")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--configs", default=None, help="folder with {align,sft,rl}_shapes.yaml (default: packaged)")
-    p.add_argument("--eval-steps", type=int, default=20, help="Euler steps of the evaluations (default: 20)")
-    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale of the T2I evaluations (default: 4)")
-    p.add_argument("--edit-guidance", type=float, default=1.0,
+    p.add_argument("--eval-steps", type=positive_int, default=20, help="Euler steps of the evaluations (default: 20)")
+    p.add_argument("--guidance", type=non_negative_float, default=4.0, help="CFG scale of the T2I evaluations (default: 4)")
+    p.add_argument("--edit-guidance", type=non_negative_float, default=1.0,
                    help="CFG scale of the edit evaluations (default: 1, no CFG, the preset's edit default)")
     p.add_argument("--device", default=None, help="where to train and evaluate, e.g. cuda (default: the CPU)")
     p.add_argument("--set", action="append", default=[], metavar="PART.KEY=VALUE",
