@@ -601,16 +601,46 @@ def write_outputs(result: SuiteResult, out: str | Path) -> list[Path]:
     return paths
 
 
-def _parse_ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip()) if text else ()
+def _parse_ints(text: str, flag: str = "--resolutions") -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip()) if text else ()
+    except ValueError:
+        raise ValueError(f"{flag} {text}: expected a comma list of integers, e.g. 256,512") from None
+
+
+def _check_args(args) -> None:
+    """Every flag of ``deepgen bench`` before the (minutes-long) suite starts, each error naming its flag."""
+    from deepgen_components.builders import PRESETS
+    from deepgen_components.cli import check_device, check_output_path
+
+    if args.preset not in PRESETS:
+        raise ValueError(f"--preset: unknown preset {args.preset!r}; presets: {', '.join(sorted(PRESETS))}")
+    check_device(args.device)
+    if args.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype: must be float32, bfloat16 or float16, got {args.dtype!r}")
+    for flag, modes in (("--modes", args.modes.split(",")), ("--sweep-mode", [args.sweep_mode])):
+        unknown = [m.strip() for m in modes if m.strip() not in MODES]
+        if unknown:
+            raise ValueError(f"{flag}: unknown mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)}")
+    for flag, sizes in (("--resolution", [args.resolution]), ("--resolutions", _parse_ints(args.resolutions))):
+        bad = [r for r in sizes if r < 32 or r % 32]
+        if bad:
+            raise ValueError(f"{flag}: sizes must be positive multiples of 32, got {', '.join(map(str, bad))}")
+    if any(b < 1 for b in _parse_ints(args.batches, "--batches")):
+        raise ValueError(f"--batches {args.batches}: every batch must be >= 1")
+    if args.out:
+        check_output_path(args.out, folder=True)
+    if args.export_dir:
+        check_output_path(args.export_dir, folder=True, flag="--export-dir")
 
 
 def cmd_bench(args) -> int:
+    _check_args(args)
     cfg = BenchConfig(
         preset=args.preset, device=args.device, dtype=args.dtype, modes=tuple(m.strip() for m in args.modes.split(",")),
         resolution=args.resolution, batch=args.batch, steps=args.steps, guidance_scale=args.guidance,
         prompt_tokens=args.prompt_tokens, repeats=args.repeats, warmup=args.warmup,
-        resolutions=_parse_ints(args.resolutions), batches=_parse_ints(args.batches), sweep_mode=args.sweep_mode,
+        resolutions=_parse_ints(args.resolutions), batches=_parse_ints(args.batches, "--batches"), sweep_mode=args.sweep_mode,
         e2e=not args.no_e2e, threads=args.threads, export_dir=args.export_dir,
     )
     result = run_suite(cfg)
@@ -626,6 +656,8 @@ def cmd_bench(args) -> int:
 
 
 def add_commands(sub) -> None:
+    from deepgen_components.cli import image_side, int_at_least, non_negative_float, positive_int
+
     p = sub.add_parser("bench", help="latency per stage and end to end, per mode (eager / kernels / compile / graphs)")
     p.add_argument("--preset", default="tiny", help="tiny | small | deepgen-1.0 (random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -633,18 +665,18 @@ def add_commands(sub) -> None:
     p.add_argument("--modes", default="eager,compile", help=f"comma list of {', '.join(MODES)} (the last two run "
                    "the model exported to ONNX; a backend missing here gets a 'not available' row)")
     p.add_argument("--export-dir", default=None, help="keep the exported modes' ONNX files here (default: a temp dir)")
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=20, help="denoising steps for the end-to-end rows")
-    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale; 1 = CFG off")
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--resolution", type=image_side, default=64, help="image side in px, multiple of 32")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--steps", type=positive_int, default=20, help="denoising steps for the end-to-end rows")
+    p.add_argument("--guidance", type=non_negative_float, default=4.0, help="CFG scale >= 0; 1 = CFG off")
+    p.add_argument("--prompt-tokens", type=positive_int, default=32)
+    p.add_argument("--repeats", type=positive_int, default=10)
+    p.add_argument("--warmup", type=int_at_least(0), default=3)
     p.add_argument("--resolutions", default="", help="comma list for the resolution sweep of one DiT step")
     p.add_argument("--batches", default="", help="comma list for the batch sweep of one DiT step")
     p.add_argument("--sweep-mode", default="eager")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end rows")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="folder for bench.json, bench.md and plots")
     p.set_defaults(func=cmd_bench)
 
