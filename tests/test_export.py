@@ -3,7 +3,8 @@
 Specification: every stage exports with the dynamo exporter at opset 23 with dynamic batch / resolution / context
 length and external data; the parity gate compares ONNX Runtime with PyTorch at three shapes other than the
 traced one and records the errors in manifest.json; ``OnnxDeepGenPipeline`` reproduces ``DeepGenPipeline``
-(PSNR >= 40 dB with the same initial noise) without importing torch; bad input gets a clear error.
+with the same initial noise without importing torch (fp32: measured 127-130 dB PSNR, max |diff| 1e-5 on [-1, 1]
+pixels; asked >= 100 dB); bad input gets a clear error.
 
 The export runs once for the module (about a minute on a 2-core CPU).
 """
@@ -37,6 +38,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.clip(a, -1, 1), np.clip(b, -1, 1)
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return 10 * np.log10(4.0 / max(mse, 1e-30))
+
+
+# fp32 ONNX Runtime vs PyTorch, same noise: measured 127.1 dB (t2i), 129.5 dB (edit), 128.7 dB (unmasked mode).
+PIPELINE_PSNR_DB = 100.0
 
 
 def picture(width: int, height: int, seed: int) -> Image.Image:
@@ -108,9 +113,10 @@ def test_every_stage_passed_parity_at_three_shapes_other_than_the_traced_one(exp
         assert parity["passed"] and parity["tolerance"] == 1e-4
         assert len(parity["shapes"]) >= 3
         example = entry["example_dims"]
-        for name, dim in entry["dims"].items():
-            if dim["max"] - dim["min"] >= 2:
-                assert all(shape["dims"][name] != example[name] for shape in parity["shapes"]), (stage, name)
+        dynamic = [name for name, dim in entry["dims"].items() if dim["max"] - dim["min"] >= 2]
+        assert dynamic, stage  # every stage has a dynamic batch or size, so the check below is never empty
+        for name in dynamic:
+            assert all(shape["dims"][name] != example[name] for shape in parity["shapes"]), (stage, name)
         for shape in parity["shapes"]:
             for output in shape["outputs"].values():
                 assert output["relative"] <= 1e-4 and output["compared"] > 0
@@ -145,7 +151,7 @@ def test_onnx_pipeline_matches_pytorch_text_to_image_with_cfg(torch_pipe, onnx_p
     expected = torch_pipe(prompts, latents=latents, output_type="pt", **kwargs).images.numpy()
     got = onnx_pipe(prompts, latents=latents.numpy(), output_type="float", **kwargs)
     assert got.images.shape == expected.shape == (2, 3, 64, 96)
-    assert psnr(got.images, expected) >= 40
+    assert psnr(got.images, expected) >= PIPELINE_PSNR_DB
     assert set(got.timings) == {"condition", "denoise", "decode", "total"}
 
 
@@ -156,7 +162,7 @@ def test_onnx_pipeline_matches_pytorch_editing_with_the_posterior_mean(torch_pip
     expected = torch_pipe("make it green", image=reference, latents=latents, output_type="pt", **kwargs).images.numpy()
     got = onnx_pipe("make it green", image=reference, latents=latents.numpy(), output_type="float", **kwargs).images
     assert got.shape == expected.shape == (1, 3, 64, 64)
-    assert psnr(got, expected) >= 40
+    assert psnr(got, expected) >= PIPELINE_PSNR_DB
 
 
 def test_onnx_pipeline_pil_output_and_numpy_generator(onnx_pipe):
@@ -326,8 +332,18 @@ def test_bfloat16_export_is_checked_gets_fp32_softmax_and_is_recorded_as_not_run
     assert precision["nodes_by_output_dtype"]["BFLOAT16"] > precision["nodes_by_output_dtype"].get("FLOAT", 0)
     inputs = {t["name"]: t["dtype"] for t in entry["inputs"]}
     assert inputs["hidden_states"] == "bfloat16" and inputs["timestep"] == "float32"
-    if not entry["runnable_on_cpu_ep"]:  # ONNX Runtime 1.32's CPU EP has no bf16 Conv
-        assert "not runnable on the CPU EP" in entry["parity"]["skipped"]
+    try:  # ask this ONNX Runtime's CPU EP directly (1.32 has no bf16 Conv: NOT_IMPLEMENTED at session creation)
+        ort.InferenceSession(str(tmp_path / "dit.onnx"), providers=["CPUExecutionProvider"])
+        cpu_error = None
+    except Exception as err:  # noqa: BLE001 - whatever ORT raises means "not runnable"
+        cpu_error = str(err)
+    assert entry["runnable_on_cpu_ep"] is (cpu_error is None), cpu_error
+    if cpu_error is None:
+        assert entry["parity"] == {"skipped": "no tolerance defined for bfloat16"}
+        assert OnnxDeepGenPipeline(tmp_path).session("dit") is not None
+    else:
+        assert entry["parity"]["skipped"].startswith("not runnable on the CPU EP")
+        assert entry["cpu_ep_error"] and entry["cpu_ep_error"].split(": ", 1)[-1] in cpu_error
         with pytest.raises(ValueError, match="CPU execution provider cannot run"):
             OnnxDeepGenPipeline(tmp_path).session("dit")
 
@@ -345,7 +361,7 @@ def test_official_unmasked_mode_pipeline_matches_pytorch_with_left_padding(tmp_p
     latents = noise(2, 16, 8, 8, seed=5)
     expected = torch_pipe(prompts, latents=latents, output_type="pt", num_inference_steps=STEPS).images.numpy()
     got = onnx_pipe(prompts, latents=latents.numpy(), output_type="float", num_inference_steps=STEPS, progress=False)
-    assert psnr(got.images, expected) >= 40
+    assert psnr(got.images, expected) >= PIPELINE_PSNR_DB
 
 
 def test_bench_exported_modes_time_onnx_runtime_and_record_tensorrt_availability(exported, tmp_path):
@@ -367,10 +383,18 @@ def test_bench_exported_modes_time_onnx_runtime_and_record_tensorrt_availability
         assert row.ms > 0 and row.ratio_vs_eager is not None and row.ratio_vs_eager > 0
         assert row.note == "CPUExecutionProvider"
     assert "export_seconds" not in result.environment  # reused, not re-exported
-    trt = [r for r in result.rows if r.mode == "tensorrt"]
-    if not result.environment["tensorrt"]["import"]:
-        assert len(trt) == 1 and trt[0].note.startswith("not available: import tensorrt failed")
-        assert "not available" in markdown_table(result)
+    try:  # whether TensorRT imports here, asked directly
+        import tensorrt  # noqa: F401
+
+        trt_imports = True
+    except ImportError:
+        trt_imports = False
+    assert result.environment["tensorrt"]["import"] is trt_imports
+    # On a CPU run TensorRT gets one "not available" row either way; the note says why.
+    why = "TensorRT needs a CUDA device" if trt_imports else "import tensorrt failed"
+    (trt,) = [r for r in result.rows if r.mode == "tensorrt"]
+    assert trt.note.startswith(f"not available: {why}") and np.isnan(trt.ms)
+    assert f"not available: {why}" in markdown_table(result)
     with pytest.raises(ValueError, match="modes: 'onnx' is not one of"):
         run_suite(BenchConfig(modes=("eager", "onnx")), progress=False)
 
