@@ -1,6 +1,6 @@
 """Numerical parity with the official DeepGen 1.0 implementation, on a golden set.
 
-    python benchmarks/fidelity.py --golden ../shared/golden/deepgen_tiny_a [--json fidelity.json]
+    python benchmarks/fidelity.py --golden tests/data/golden/deepgen_tiny_a [--json fidelity.json]
 
 Loads the golden set's weights through our official-weights import (official parity mode), reproduces
 every recorded tensor through the public API (``deepgen_components.fidelity.compare_golden``, the code

@@ -457,7 +457,7 @@ def deepgen_shapes(
     folder, 4.4M parameters, 64 px), trained from scratch by ``deepgen shapes``: base VAE / DiT / VLM (made on a
     GPU), then DeepGen's stages 1-3 (on 2 CPU cores). It follows shapes-world prompts ("a red circle on the left
     on a gray background"): all four attributes right in 97 % of its evaluation prompts, and 78 % of its held-out
-    edits ("make the circle green") succeed at its own edit scale (no CFG). docs/shapes.md has the numbers, and
+    edits ("turn the circle into a square") succeed at its own edit scale (no CFG). docs/shapes.md has the numbers, and
     ``training_report.json`` in the folder has the run's. Loads offline in about 3 s on 2 CPU cores;
     ``device="meta"`` builds the same modules from the folder's configs without reading any weights."""
     from deepgen_components.pipeline import DeepGenPipeline
