@@ -117,7 +117,7 @@ def test_info_reports_the_deepgen_1_0_parameter_counts_from_the_meta_device(runs
 
 def test_info_with_an_unknown_preset_fails_listing_the_presets(runs):
     code, stdout, stderr, _ = runs["info_unknown"]
-    assert code != 0
+    assert code == 2 and stderr.count("\n") == 1
     assert "unknown preset 'nope'" in stderr and "presets: deepgen-1.0, deepgen-shapes, small, tiny" in stderr
 
 
@@ -153,28 +153,27 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_bad_sizes_fail_with_the_nearest_valid_sizes(tmp_path, capsys):
-    code = main(
-        ["generate", "a cat", "--height", "100", "--steps", "1", "--quiet", "--out", str(tmp_path / "x.png")]
-    )
-    assert code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a cat", "--height", "100", "--steps", "1", "--quiet", "--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2
     assert (
-        "height must be a positive multiple of 32, got 100; nearest valid: 96 or 128"
+        "argument --height: must be a positive multiple of 32, got 100; nearest valid: 96 or 128"
         in capsys.readouterr().err
     )
     assert not (tmp_path / "x.png").exists()
 
 
-def test_a_missing_reference_image_is_named(tmp_path):
-    with pytest.raises(SystemExit, match="no_such.png: no such file"):
-        main(["edit", str(tmp_path / "no_such.png"), "-i", "x", "--quiet"])
+def test_a_missing_reference_image_is_named(tmp_path, capsys):
+    assert main(["edit", str(tmp_path / "no_such.png"), "-i", "x", "--quiet"]) == 2
+    assert f"deepgen edit: error: image {tmp_path / 'no_such.png'}: no such file" in capsys.readouterr().err
 
 
 def test_model_sources_are_exclusive():
     args = build_parser().parse_args(["generate", "x", "--preset", "tiny", "--pipeline", "somewhere"])
-    with pytest.raises(SystemExit, match="choose one model source"):
+    with pytest.raises(ValueError, match="choose one model source"):
         args.func(args)
     args = build_parser().parse_args(["generate", "x", "--vlm", "somewhere"])
-    with pytest.raises(SystemExit, match="--vlm and --weights go together"):
+    with pytest.raises(ValueError, match="--vlm and --weights go together"):
         args.func(args)
 
 
