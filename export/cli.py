@@ -64,12 +64,15 @@ def _ranges(args, image_size: int):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from deepgen_components.export.exporter import SUPPORTED_DTYPES, ExportError, export_model
+    from deepgen_components.export.exporter import (
+        SUPPORTED_DTYPES,
+        SUPPORTED_OPSETS,
+        ExportError,
+        export_model,
+    )
     from deepgen_components.export.parity import ParityError
-    from deepgen_components.export.tensorrt import profiles_for, trtexec_command
-
-    from deepgen_components.export.exporter import SUPPORTED_OPSETS
     from deepgen_components.export.specs import STAGES
+    from deepgen_components.export.tensorrt import profiles_for, trtexec_command
 
     if args.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"--dtype: export supports {' and '.join(SUPPORTED_DTYPES)}, got {args.dtype}")

@@ -8,8 +8,9 @@ __all__ = ["add_commands"]
 
 
 def cmd_train(args) -> int:
-    from deepgen_components.cli import check_output_path
     from deepgen_components.training.config import load_config
+
+    from deepgen_components.cli import check_output_path
 
     overrides = list(args.overrides)
     cfg = load_config(args.config, overrides)
