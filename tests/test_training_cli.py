@@ -66,7 +66,7 @@ def test_a_bad_config_key_is_a_clear_error_naming_it(tmp_path, capsys, override,
     code = main(["train", "--config", str(CONFIGS / "align_tiny.yaml"), "--out", str(tmp_path), override])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("error: ") and named in err and "Traceback" not in err
+    assert err.startswith("deepgen train: error: ") and named in err and "Traceback" not in err
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
