@@ -10,6 +10,9 @@ official key names, in both released layouts:
     SCB weights in other safetensors files, keyed relative to a module folder or by the full official names.
 
 ``deepgen_from_official`` must rebuild a model whose condition and velocity are identical to the original.
+Because those checkpoints are written with ``to_official_state_dict`` (the inverse of the mapping under test), a
+consistent mistake in both directions would pass them; layout (b) is therefore also built by hand from
+docs/weights.md, every SCB key spelled out in this file, and each weight must land where the docs say.
 The official layer rule ``range(num_layers - 1, 0, -6)`` picks one hidden state (index 3) of the 4-layer
 tiny VLM, so the reference model here stacks one layer (``deepgen_tiny`` stacks three, uniformly).
 """
@@ -272,6 +275,130 @@ def test_both_layouts_read_the_same_official_tensors(files, official):
             "transformer.pos_embed.pos_embed"
         }
         assert all(torch.equal(state[k], official[k]) for k in state), name
+
+
+# -- layout (b) built by hand from docs/weights.md ------------------------------------------------------------
+#
+# The release folder below is written from the documented layout alone: every SCB key is spelled out here, and
+# nothing goes through to_official_state_dict / map_official_key (the mapping under test). transformer/, vae/,
+# scheduler/ and tokenizer/ are plain diffusers / transformers folders. Sizes: a 4-layer 64-wide VLM (the
+# official rule selects one layer), 8 think tokens, a 48-wide 2-layer connector (4 heads, FFN 96), pooled 32,
+# context 64 (the tiny DiT's pooled_projection_dim / joint_attention_dim).
+
+# official key -> (our key, shape), both as docs/weights.md ("Key mapping") spells them.
+DOCUMENTED_SCB = {
+    "meta_queries": ("encoder.think_tokens.weight", (8, 64)),
+    "projector_1.weight": ("bridge.projector.weight", (48, 64)),
+    "projector_1.bias": ("bridge.projector.bias", (48,)),
+    "projector_2.weight": ("bridge.pooled_head.weight", (32, 48)),
+    "projector_2.bias": ("bridge.pooled_head.bias", (32,)),
+    "projector_3.weight": ("bridge.context_head.weight", (64, 48)),
+    "projector_3.bias": ("bridge.context_head.bias", (64,)),
+}
+CONNECTOR_LAYER = {  # connector.layers.N.<name> -> bridge.connector.layers.N.<name>
+    "self_attn.q_proj.weight": (48, 48),
+    "self_attn.q_proj.bias": (48,),
+    "self_attn.k_proj.weight": (48, 48),
+    "self_attn.k_proj.bias": (48,),
+    "self_attn.v_proj.weight": (48, 48),
+    "self_attn.v_proj.bias": (48,),
+    "self_attn.out_proj.weight": (48, 48),
+    "self_attn.out_proj.bias": (48,),
+    "layer_norm1.weight": (48,),
+    "layer_norm1.bias": (48,),
+    "layer_norm2.weight": (48,),
+    "layer_norm2.bias": (48,),
+    "mlp.fc1.weight": (96, 48),
+    "mlp.fc1.bias": (96,),
+    "mlp.fc2.weight": (48, 96),
+    "mlp.fc2.bias": (48,),
+}
+for _n in (0, 1):
+    for _name, _shape in CONNECTOR_LAYER.items():
+        DOCUMENTED_SCB[f"connector.layers.{_n}.{_name}"] = (f"bridge.connector.layers.{_n}.{_name}", _shape)
+
+
+def documented_scb_tensors(seed: int = 11) -> dict[str, torch.Tensor]:
+    """Distinct random values for every documented SCB key (so a weight landing in the wrong place shows)."""
+    g = torch.Generator().manual_seed(seed)
+    return {key: torch.randn(shape, generator=g) * 0.1 for key, (_, shape) in DOCUMENTED_SCB.items()}
+
+
+@pytest.fixture(scope="module")
+def hand_built(tmp_path_factory):
+    """Two release folders written by hand (full official names in one file; module-relative names in
+    per-module sub-folders), the diffusers / transformers components they hold, and the VLM folder."""
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("hand_built")
+    tokenizer = tiny_tokenizer()
+    tiny_vlm(tokenizer, seed=3).save_pretrained(root / "qwen2_5_vl")
+    transformer, vae = tiny_transformer(seed=4), tiny_vae(seed=5)
+    scheduler = tiny_scheduler()
+    scheduler.register_to_config(shift=2.0)  # not the built-in default (3), to see it is read from the folder
+    scb = documented_scb_tensors()
+
+    def release(name: str, relative: bool):
+        folder = root / name
+        transformer.save_pretrained(folder / "transformer")
+        vae.save_pretrained(folder / "vae")
+        scheduler.save_pretrained(folder / "scheduler")
+        tokenizer.save_pretrained(folder / "tokenizer")
+        # Documented as never searched for SCB weights: a decoy there must not replace projector_1.
+        (folder / "vlm").mkdir()
+        save_file({"projector_1.weight": torch.zeros(48, 64)}, str(folder / "vlm" / "decoy.safetensors"))
+        if relative:
+            for module in ("connector", "projector_1", "projector_2", "projector_3"):
+                (folder / module).mkdir()
+                part = {k[len(module) + 1 :]: v for k, v in scb.items() if k.startswith(module + ".")}
+                save_file(part, str(folder / module / "diffusion_pytorch_model.safetensors"))
+            save_file({"meta_queries": scb["meta_queries"]}, str(folder / "meta_queries.safetensors"))
+        else:
+            save_file(scb, str(folder / "deepgen_scb.safetensors"))
+        return folder
+
+    return {
+        "vlm": root / "qwen2_5_vl",
+        "scb": scb,
+        "transformer": load_file(str(release("full", False) / "transformer" / "diffusion_pytorch_model.safetensors")),
+        "vae": vae.state_dict(),
+        "full": root / "full",
+        "relative": release("relative", True),
+    }
+
+
+def test_hand_built_relative_folder_uses_the_documented_module_relative_names(hand_built):
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(hand_built["relative"] / "projector_1" / "diffusion_pytorch_model.safetensors"))) == {
+        "weight",
+        "bias",
+    }
+    connector = load_file(str(hand_built["relative"] / "connector" / "diffusion_pytorch_model.safetensors"))
+    assert "layers.0.mlp.fc1.weight" in connector and len(connector) == 2 * len(CONNECTOR_LAYER)
+
+
+@pytest.mark.parametrize("layout", ["full", "relative"])
+def test_layout_b_hand_built_from_the_docs_puts_every_weight_where_documented(hand_built, layout):
+    model = deepgen_from_official(hand_built["vlm"], hand_built[layout], connector_heads=4)
+    report = model.import_report
+    assert report.missing == [] and report.unexpected == [] and report.ignored == []
+    transformer = hand_built["transformer"]
+    assert len(report.loaded) == len(DOCUMENTED_SCB) + len(transformer)
+    ours = model.state_dict()
+    for official_key, (our_key, shape) in DOCUMENTED_SCB.items():
+        assert tuple(ours[our_key].shape) == shape, our_key
+        assert torch.equal(ours[our_key], hand_built["scb"][official_key]), (official_key, our_key)
+    for key, value in transformer.items():  # transformer/<key> -> dit.transformer.<key>
+        assert torch.equal(ours[f"dit.transformer.{key}"], value), key
+    # The other documented folders: vae/, scheduler/ (shift 2, not the default 3), tokenizer/; layers by the
+    # official rule on the 4-layer VLM; the connector sizes from the tensors.
+    assert all(torch.equal(model.vae.state_dict()[k], v) for k, v in hand_built["vae"].items())
+    assert model.scheduler.config.shift == 2.0
+    assert model.layers.indices == (3,)
+    assert model.think_tokens.num_tokens == 8
+    assert len(model.bridge.connector.layers) == 2
+    assert model.bridge.config.mask_padding is False and model.bridge.config.tokens == "all"
 
 
 # -- strictness and reporting -------------------------------------------------------------------------------
