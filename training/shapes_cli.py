@@ -66,8 +66,7 @@ def parse_sets(items: list[str] | None) -> tuple[dict, dict[str, list[str]]]:
                 try:
                     base[key] = kind(value)
                 except ValueError:
-                    expected = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
-                    raise ValueError(f"--set base.{key}: expected {expected}, got {value!r}") from None
+                    raise ValueError(f"--set base.{key}: {value!r} is not a {kind.__name__}") from None
         elif part in stages:
             stages[part].append(f"{key}={value}")
         else:
