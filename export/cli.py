@@ -112,7 +112,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
         _move_into(staging, out)
     except (ExportError, ParityError) as err:
-        print(f"deepgen export: error: export failed: {err}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"deepgen export: error: export failed: {message}", file=sys.stderr)
         return 1
     finally:
         shutil.rmtree(staging, ignore_errors=True)
