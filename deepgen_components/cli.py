@@ -432,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """Commands that live in the export / training / benchmark packages register themselves here."""
-    for module_name in ("deepgen_components.export.cli", "deepgen_components.training.cli", "deepgen_components.bench"):
+    for module_name in ("deepgen_components.export.cli", "deepgen_components.training.cli", "deepgen_components.bench",
+                        "deepgen_components.evaluation.cli"):
         try:
             module = __import__(module_name, fromlist=["add_commands"])
         except ModuleNotFoundError as err:
