@@ -207,6 +207,8 @@ def _merge(args, out, records, layout, settings, benchmark, model, gathered, eva
     write_text_atomic(out / "seeds.jsonl", "".join(
         json.dumps({"index": r.index, "id": r.id, "seeds": seeds[r.index]}) + "\n" for r in records))
     layout.finish(records, seeds)
+    shards = [{"rank": rank, "generated": g["ids"]} for rank, g in enumerate(gathered)]
+    write_text_atomic(out / "shards.json", json.dumps({"world_size": world_size, "ranks": shards}) + "\n")
     layout.clear_partial()
     seconds = max(g["seconds"] for g in gathered)
     generated = sum(g["images"] for g in gathered)
@@ -233,8 +235,8 @@ def _merge(args, out, records, layout, settings, benchmark, model, gathered, eva
         "prompts": len(records),
         "images": len(records) * settings.samples,
         "settings": settings.to_dict(),
-        "protocol_source": benchmark.official.source if settings.protocol == "official" else "deepgen-components "
-                           "defaults (model size and CFG, 30 steps)",
+        "protocol_source": benchmark.official.source if settings.protocol == "official" else "our defaults: the "
+                           "model's size and CFG, 30 steps",
         "seeds": {"base": settings.seed, "rule": rule, "file": "seeds.jsonl"},
         "model": model,
         "prompt_source": args.prompts or f"shipped ({benchmark.license})",

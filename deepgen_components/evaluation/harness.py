@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -126,6 +126,7 @@ class GenerationStats:
     images: int = 0
     seconds: float = 0.0  # wall time of this rank's generation loop (model calls + writing)
     skipped: int = 0  # already finished before this run
+    ids: list[str] = field(default_factory=list)  # the prompts this rank generated, in order
 
 
 def _load_reference(record: PromptRecord):
@@ -182,6 +183,7 @@ def generate(pipe, records: list[PromptRecord], layout: Layout, settings: Genera
             for j, record in enumerate(batch):
                 layout.write(record, outputs[j * settings.samples : (j + 1) * settings.samples])
             stats.prompts += len(batch)
+            stats.ids += [r.id for r in batch]
             stats.images += len(batch) * settings.samples
             if bar is not None:
                 bar.update(len(batch))
