@@ -341,7 +341,7 @@ class ScorerCommand:
         output = done.stdout + done.stderr
         (run_dir / "scorer_output.txt").write_text(output)
         if done.returncode != 0:
-            raise RuntimeError(f"--scorer-cmd exited {done.returncode}; see {run_dir / 'scorer_output.txt'}: "
+            raise ChildProcessError(f"--scorer-cmd exited {done.returncode}; see {run_dir / 'scorer_output.txt'}: "
                                f"{output.strip().splitlines()[-1] if output.strip() else ''}")
         results = run_dir / "results.jsonl"
         if results.is_file():
