@@ -131,6 +131,15 @@ RUN_GROUPS: list[list[str]] = [
     ["deepgen train --config training/configs/rl_deepgen1.yaml --dry-run"],
     # The README's quick tour (a Python block): the shapes preset and the tiny model, generate + edit.
     ['README.md: pipe = DeepGenPipeline.from_preset("deepgen-shapes")'],
+    # docs/eval.md: the smoke runs of `deepgen eval` (tiny model, a few prompts) and its torchrun form.
+    [
+        "deepgen eval --benchmark geneval --preset tiny --limit 8 --out runs/eval_geneval",
+        "deepgen eval --benchmark dpg --preset tiny --limit 4 --out runs/eval_dpg",
+    ],
+    [
+        "torchrun --standalone --nproc-per-node 2 -m deepgen_components.cli eval --benchmark geneval --preset tiny "
+        "--limit 8 --out runs/eval_geneval_2"
+    ],
 ]
 RUN = {key for group in RUN_GROUPS for key in group}
 
@@ -138,6 +147,20 @@ _WEIGHTS = "needs the official DeepGen 1.0 / Qwen2.5-VL weights (local folders a
 _GPU = "needs CUDA (the GPU tier; benchmarks/gpu_*.sh run it on the device machine)"
 _FRAGMENT = "an API fragment (names defined by the surrounding text); the same calls run in the test named"
 NOT_RUN: dict[str, str] = {
+    "deepgen eval --benchmark shapes --preset deepgen-shapes --protocol official --out runs/eval_shapes": "27 s of "
+    "generation; tests/test_eval_distributed.py runs it under torchrun and checks the documented numbers",
+    "torchrun --standalone --nproc-per-node 8 -m deepgen_components.cli eval --benchmark geneval --pipeline my_deepgen "
+    "--device cuda --dtype bfloat16 --protocol official --out runs/geneval": _GPU + " and a trained model",
+    "python evaluation/evaluate_images.py runs/geneval/images --outfile runs/geneval/results.jsonl --model-path "
+    "DETECTOR_DIR": "GenEval's own evaluator (mmdetection + a downloaded detector); tests/test_eval_scoring.py runs a "
+    "stand-in through --scorer-cmd",
+    "python evaluation/summary_scores.py runs/geneval/results.jsonl": "GenEval's own summary script, not installed here",
+    "deepgen eval --benchmark cvtg --prompts cvtg2k.jsonl --pipeline my_deepgen --device cuda --protocol official "
+    "--out runs/cvtg": _GPU + ", a trained model and the CVTG-2K prompts; tests/test_eval_scoring.py runs the OCR "
+    "evaluator on rendered text",
+    "deepgen eval --benchmark wise --prompts wise.jsonl --pipeline my_deepgen --device cuda --protocol official "
+    "--judge-url http://127.0.0.1:8000 --judge-model Qwen2.5-VL-72B-Instruct --out runs/wise": _GPU + " and a judge "
+    "server; tests/test_eval_scoring.py runs the judge evaluator against a loopback server",
     "python -m venv .venv && . .venv/bin/activate": "the set-up; .ci/run performs it on every CI run",
     'pip install torch==2.13.0 && pip install -e ".[test]"': "the set-up; .ci/run performs it on every CI run",
     "python -m pytest -q": "the suite this test belongs to",
@@ -341,7 +364,7 @@ def test_the_cli_has_the_documented_subcommands():
 HELP_COMMANDS = (
     [
         f"deepgen {name} --help"
-        for name in ("generate", "edit", "info", "demo", "export", "train", "bench", "shapes")
+        for name in ("generate", "edit", "info", "demo", "export", "train", "bench", "shapes", "eval")
     ]
     + [f"python benchmarks/{path.name} --help" for path in sorted((ROOT / "benchmarks").glob("[!_]*.py"))]
     + ["torchrun --nproc-per-node 1 -m deepgen_components.cli --help"]
