@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +139,37 @@ def test_bad_prompt_file_lines_name_file_and_line(tmp_path):
     path.write_text('{"prompt": "ok"}\n{"id": "x"}\n')
     with pytest.raises(ValueError, match=re.escape(f"--prompts {path}:2")):
         load_prompt_file(path)
+
+
+def test_batching_and_optimize_mode_change_images_by_rounding_only(tmp_path):
+    """The noise is per (prompt, sample): batch size and pipe.optimize mode change pixels by float rounding at most
+    (the tiny model masks padding, so a batch's longest prompt does not enter the others' condition)."""
+    runs = {}
+    for name, extra in (("b1", ["--batch-size", "1"]), ("b3", ["--batch-size", "3"]),
+                        ("kernels", ["--batch-size", "3", "--optimize", "kernels"])):
+        out = tmp_path / name
+        assert main(["eval", "--benchmark", "geneval", "--limit", "3", "--out", str(out), *extra, *TOY]) == 0
+        runs[name] = [np.asarray(Image.open(out / "images" / f"{n:05d}" / "samples" / f"{k:04d}.png"), dtype=int)
+                      for n in range(3) for k in range(4)]
+        assert json.loads((out / "run.json").read_text())["model"]["mode"] == ("kernels" if name == "kernels" else "auto")
+    for name in ("b3", "kernels"):
+        assert max(int(np.abs(a - b).max()) for a, b in zip(runs["b1"], runs[name])) <= 1, name
+    assert len({a.tobytes() for a in runs["b1"]}) == 12
+
+
+def test_editing_prompts_take_their_source_image(tmp_path):
+    from deepgen_components.shapes import ShapesWorld
+
+    source, caption = ShapesWorld(64).t2i_sample(0)
+    source.save(tmp_path / "source.png")
+    prompts = tmp_path / "edits.jsonl"
+    prompts.write_text(json.dumps({"id": "e0", "prompt": "make the background white", "image": "source.png"}) + "\n"
+                       + json.dumps({"id": "t0", "prompt": caption}) + "\n")
+    out = tmp_path / "edit"
+    assert main(["eval", "--benchmark", "custom", "--prompts", str(prompts), "--out", str(out), *TOY]) == 0
+    rows = [json.loads(line) for line in (out / "images" / "prompts.jsonl").read_text().splitlines()]
+    assert rows[0]["image"] == str(tmp_path / "source.png") and "image" not in rows[1]
+    assert {p.name for p in (out / "images").iterdir()} == {"e0.png", "t0.png", "prompts.jsonl"}
+    (tmp_path / "source.png").unlink()
+    assert main(["eval", "--benchmark", "custom", "--prompts", str(prompts), "--out", str(tmp_path / "again"),
+                 *TOY]) == 2

@@ -26,7 +26,13 @@ from deepgen_components.evaluation.harness import (
     shard,
 )
 from deepgen_components.evaluation.layouts import Layout, dpg_crop_boxes, make_layout
-from deepgen_components.evaluation.prompts import BENCHMARKS, Benchmark, PromptRecord, load_prompt_file, load_prompts
+from deepgen_components.evaluation.prompts import (
+    BENCHMARKS,
+    Benchmark,
+    PromptRecord,
+    load_prompt_file,
+    load_prompts,
+)
 from deepgen_components.evaluation.report import contact_sheet, write_summary
 
 __all__ = [

@@ -10,7 +10,6 @@ settings resumes: finished prompts are skipped. docs/eval.md has each benchmark 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
@@ -36,7 +35,7 @@ from deepgen_components.evaluation.report import contact_sheet, write_summary
 __all__ = ["add_commands", "cmd_eval"]
 
 MODES = ("auto", "eager", "kernels", "compile", "compile+graphs")
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_commands(sub) -> None:
@@ -77,7 +76,7 @@ def add_commands(sub) -> None:
     group.add_argument("--onnx", default=None, help="an export folder (`deepgen export`): generate on ONNX Runtime")
     group.add_argument("--optimize", choices=MODES, default="auto", help="pipe.optimize mode (default: auto)")
     group.add_argument("--device", default="cpu", help="cpu, cuda (under torchrun: each rank its local GPU), cuda:N")
-    group.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="weights dtype")
+    group.add_argument("--dtype", default="float32", choices=_DTYPES, help="weights dtype")
     group.add_argument("--seed", type=seed, default=0, help="base seed: sample k of prompt i uses seed + i*samples + k")
     p.set_defaults(func=cmd_eval, default_preset=DEFAULT_PRESET)
 
@@ -167,10 +166,11 @@ def cmd_eval(args) -> int:
     names = _evaluator_names(args, benchmark)
     options = {"clip_model": args.clip_model, "judge_url": args.judge_url, "judge_model": args.judge_model,
                "scorer_cmd": args.scorer_cmd, "device": args.device}
-    evaluators = [build_evaluator(name, **options) for name in names]  # bad flags fail before any generation
-
     info = init_distributed(args.device)
     try:
+        # Scoring runs on rank 0 only; bad scoring flags fail there before any model loads (torchrun then stops the
+        # other ranks).
+        evaluators = [build_evaluator(name, **options) for name in names] if info.is_main else []
         pipe, model = _load_generator(args, info.device)
         settings = resolve_settings(benchmark, pipe, protocol=args.protocol, set_size=len(all_records),
                                     samples=args.samples, height=args.height, width=args.width, steps=args.steps,

@@ -198,35 +198,30 @@ class OcrEvaluator:
                           "overall = word accuracy; ned = mean 1 - normalised edit distance")
 
 
-# -- CLIP: the reward, averaged ---------------------------------------------------------------
-class _RewardEvaluator:
-    name = ""
+# -- CLIP -----------------------------------------------------------------------------------------------------
+class ClipEvaluator:
+    """Mean CLIP score (:class:`~deepgen_components.rewards.ClipReward`: cosine, no x100) from local weights."""
 
-    def __init__(self, reward):
-        self.reward = reward
+    name = "clip"
+
+    def __init__(self, *, clip_model: str | None = None, device: str = "cpu", **_):
+        from deepgen_components.rewards import ClipReward
+
+        if not clip_model:
+            raise ValueError("--clip-model: the clip evaluator needs a local CLIP folder (nothing is downloaded)")
+        if not Path(clip_model).is_dir():
+            raise FileNotFoundError(f"--clip-model {clip_model}: no such folder")
+        self.reward = ClipReward(clip_model, device=device)
 
     def evaluate(self, samples, run_dir) -> EvalResult:
-        images = [image for s in samples for image in s.images]
-        prompts = [s.record.prompt for s in samples for _ in s.images]
-        categories = [s.record.category for s in samples for _ in s.images]
-        scores = self.reward.score(images, prompts).tolist() if images else []
-        per_prompt = [{"prompt": p, "score": v} for p, v in zip(prompts, scores)]
-        return EvalResult(self.name, _mean(scores), _by_category(list(zip(categories, scores))), {"mean": _mean(scores)},
-                          per_prompt)
+        rows = [(s.record, image) for s in samples for image in s.images]
+        scores = self.reward.score([i for _, i in rows], [r.prompt for r, _ in rows]).tolist() if rows else []
+        per_prompt = [{"id": r.id, "clip": v} for (r, _), v in zip(rows, scores)]
+        categories = _by_category([(r.category, v) for (r, _), v in zip(rows, scores)])
+        return EvalResult(self.name, _mean(scores), categories, {"mean": _mean(scores)}, per_prompt)
 
 
-def _clip(*, clip_model: str | None = None, device: str = "cpu", **_) -> Evaluator:
-    from deepgen_components.rewards import ClipReward
-
-    if not clip_model:
-        raise ValueError("--clip-model: the clip evaluator needs a local CLIP folder (nothing is downloaded)")
-    if not Path(clip_model).is_dir():
-        raise FileNotFoundError(f"--clip-model {clip_model}: no such folder")
-    evaluator = _RewardEvaluator(ClipReward(clip_model, device=device))
-    evaluator.name = "clip"
-    return evaluator
-
-
+# -- the judge ------------------------------------------------------------------------------------------------
 WISE_QUESTION = (
     "You are judging a generated image against the prompt it was made from.\n"
     "Prompt: {prompt}\n{explanation}"
@@ -354,6 +349,6 @@ class ScorerCommand:
 
 register_evaluator("shapes", ShapesEvaluator)
 register_evaluator("ocr", OcrEvaluator)
-register_evaluator("clip", _clip)
+register_evaluator("clip", ClipEvaluator)
 register_evaluator("judge", JudgeEvaluator)
 register_evaluator("scorer", ScorerCommand)

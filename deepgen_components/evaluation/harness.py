@@ -60,11 +60,13 @@ def model_facts(pipe) -> dict:
         config = model.config
         return {"image_size": config.image_size, "latent_channels": model.latent_channels,
                 "vae_scale_factor": model.vae_scale_factor, "guidance": config.guidance_scale,
-                "edit_guidance": config.edit_guidance_scale, "backend": "torch"}
+                "edit_guidance": config.edit_guidance_scale, "backend": "torch",
+                "mask_padding": model.bridge.config.mask_padding}
     config = pipe.config
     return {"image_size": config["image_size"], "latent_channels": config["latent_channels"],
             "vae_scale_factor": config["vae_scale_factor"], "guidance": config.get("guidance_scale", 4.0),
-            "edit_guidance": config.get("edit_guidance_scale", 4.0), "backend": "numpy"}
+            "edit_guidance": config.get("edit_guidance_scale", 4.0), "backend": "numpy",
+            "mask_padding": bool(config.get("mask_padding", True))}
 
 
 def resolve_settings(benchmark: Benchmark, pipe, *, protocol: str, set_size: int, samples: int | None = None,
@@ -154,6 +156,11 @@ def generate(pipe, records: list[PromptRecord], layout: Layout, settings: Genera
     scale = facts["vae_scale_factor"]
     latent_shape = (facts["latent_channels"], settings.height // scale, settings.width // scale)
     stats = GenerationStats(skipped=len(records) - len(pending))
+    if batch_size > 1 and not facts["mask_padding"] and rank == 0:
+        # Official parity: pads are not masked, so a prompt's condition depends on the longest prompt of its batch.
+        logger.warning("this model does not mask padding (official parity): with --batch-size %d a prompt's image "
+                       "depends on the other prompts of its batch; --batch-size 1 makes every image independent",
+                       batch_size)
     bar = None
     if progress and rank == 0 and mine:
         from tqdm.auto import tqdm
