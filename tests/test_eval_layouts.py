@@ -78,7 +78,11 @@ def test_dpg_grid_crops_back_into_the_four_samples_of_their_recorded_seeds(tmp_p
     for record in records:
         with Image.open(out / "images" / f"{record.id}.png") as grid:
             assert grid.size == (64, 64)  # --resolution 32, --pic-num 4
-            crops = [np.asarray(grid.convert("RGB").crop(box)) for box in dpg_crop_boxes(32)]
+            # The scorer's crops (benchmarks README: R x R each, top-left, top-right, bottom-left, bottom-right),
+            # written out here rather than taken from our writer.
+            boxes = [(0, 0, 32, 32), (32, 0, 64, 32), (0, 32, 32, 64), (32, 32, 64, 64)]
+            assert dpg_crop_boxes(32) == boxes
+            crops = [np.asarray(grid.convert("RGB").crop(box)) for box in boxes]
         side = 32 // pipe.model.vae_scale_factor
         latents = initial_noise(settings, record.index, (pipe.model.latent_channels, side, side))
         expected = pipe(record.prompt, num_images_per_prompt=4, latents=latents, height=32, width=32,
