@@ -19,7 +19,6 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 
 from deepgen_components.evaluation.layouts import Layout
@@ -182,11 +181,7 @@ def generate(pipe, records: list[PromptRecord], layout: Layout, settings: Genera
                               height=settings.height, width=settings.width, num_inference_steps=settings.steps,
                               guidance_scale=settings.guidance, num_images_per_prompt=settings.samples,
                               latents=latents, progress=False)
-            outputs = result.images
-            if isinstance(outputs, np.ndarray):  # an exported pipeline asked for PIL gives PIL; be safe
-                from PIL import Image
-
-                outputs = [Image.fromarray(a) for a in outputs]
+            outputs = result.images  # PIL, prompt-major: the samples of prompt j are outputs[j*S : (j+1)*S]
             for j, record in enumerate(batch):
                 layout.write(record, outputs[j * settings.samples : (j + 1) * settings.samples])
             stats.prompts += len(batch)
