@@ -34,6 +34,7 @@ class DistInfo:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None
+    owns_group: bool = False  # init_distributed() created the process group, so cleanup() destroys it
 
     @property
     def is_main(self) -> bool:
@@ -56,12 +57,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", index)
     else:
         dev = torch.device(device)
-    backend = None
+    backend, owns_group = None, False
     if world_size > 1:
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        if not dist.is_initialized():
+        if not dist.is_initialized():  # else a caller's group (e.g. several runs in one launch) is used as is
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
+            owns_group = True
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend,
+                    owns_group=owns_group)
 
 
 def barrier(info: DistInfo) -> None:
@@ -70,7 +73,7 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if info.enabled and info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
