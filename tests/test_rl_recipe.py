@@ -6,7 +6,8 @@
 * update modes: exactly one AdamW step per rollout, or one per trained timestep (+ one for the SFT gradient);
 * init from a stage-2 checkpoint with its LoRA; the saved pipeline loads and generates;
 * RNG seeded by (seed, step, rank), prompt files with per-file weights, the DeepGen 1.0 config;
-* (slow) two gloo ranks under torchrun: gradients are averaged, every rank ends with the same weights.
+* (slow) two gloo ranks under torchrun: the stepped gradient is the mean of the ranks' own (not their sum),
+  every rank ends with the same weights.
 
 The per-image OCR fix is tested in ``tests/test_rewards.py``; the algorithmic pieces in ``tests/test_grpo.py``.
 """
@@ -313,7 +314,8 @@ def test_deepgen1_config_is_the_official_recipe():
     assert (rl.guidance_scale, rl.eta, rl.sampler, rl.logprob) == (1.0, 1.0, "cps", "mean_squared")
     assert (rl.timestep_fraction, rl.include_last_step, rl.clip_range, rl.adv_clip, rl.adv_eps) == (0.6, False, 1e-4, 5.0, 1e-4)
     assert (rl.kl_beta, rl.sft_lambda, rl.sft_batch_size, rl.advantages) == (5e-7, 1e-4, 32, "gdpo")
-    assert rl.same_noise_in_group and rl.update_mode in ("per_rollout", "per_timestep")
+    # the official cadence: one AdamW step per trained timestep + one for the SFT gradient (31 per rollout)
+    assert rl.same_noise_in_group and rl.update_mode == "per_timestep"
     assert (optim.lr, optim.warmup_steps, optim.schedule, tuple(optim.betas), optim.weight_decay, optim.grad_clip) == (
         2e-6, 20, "constant", (0.9, 0.999), 0.0, 1.0)
     assert set(rl.rewards) == {"judge", "clip", "ocr"}
@@ -345,7 +347,12 @@ def test_deepgen1_config_is_the_official_recipe():
 @pytest.mark.slow
 def test_two_ranks_average_gradients(tmp_path):
     """torchrun, 2 gloo ranks: gradients are averaged (the DiT is not DDP-wrapped), GDPO normalises over both
-    ranks, every rank ends with identical weights, and those differ from a single-process run."""
+    ranks, every rank ends with identical weights, and those differ from a single-process run.
+
+    Averaged, not summed: AdamW is nearly invariant to the gradient's scale, so the weights alone would not
+    show a sum. Each rank records its own gradient before the reduction and the gradient AdamW steps with
+    (``_sync_gradients`` is wrapped to observe, not replaced); the latter must be the mean of the former, and
+    the logged pre-clip ``grad_norm`` its norm (clipping at 1.0 is inactive at these norms)."""
     worker = tmp_path / "worker.py"
     worker.write_text(textwrap.dedent(f"""
         import hashlib, json, os, sys, torch
@@ -354,9 +361,21 @@ def test_two_ranks_average_gradients(tmp_path):
         from deepgen_components.training.config import load_config
         from deepgen_components.training.rl import train_rl
 
-        hashes, original = [], torch.optim.AdamW.step
+        import deepgen_components.training.rl as rl_module
+
+        hashes, original, local, stepped, order = [], torch.optim.AdamW.step, [], [], []
+        sync = rl_module._sync_gradients
+        flat = lambda params: torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None]).clone()
+
+        def observed_sync(params, info):  # records this rank's own gradient, then reduces as the recipe does
+            order[:] = params
+            local.append(flat(params))
+            sync(params, info)
+
+        rl_module._sync_gradients = observed_sync
 
         def step(self, *args, **kwargs):  # observe (not replace) torch's optimizer: a hash of the weights
+            stepped.append(flat(order))  # the gradient this step uses, in the same order
             result = original(self, *args, **kwargs)
             digest = hashlib.sha256()
             for group in self.param_groups:
@@ -369,7 +388,9 @@ def test_two_ranks_average_gradients(tmp_path):
         cfg = load_config({str(RL_TINY)!r}, {SMALL + ["trainer.max_steps=2"]!r})
         out = Path(sys.argv[1])
         train_rl(cfg, out=out)
-        (out / f"hashes_{{os.environ.get('RANK', '0')}}.json").write_text(json.dumps(hashes))
+        rank = os.environ.get('RANK', '0')
+        (out / f"hashes_{{rank}}.json").write_text(json.dumps(hashes))
+        torch.save({{"local": local, "stepped": stepped}}, out / f"grads_{{rank}}.pt")
     """))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -388,3 +409,12 @@ def test_two_ranks_average_gradients(tmp_path):
     assert ranks[0] != json.loads((tmp_path / "one" / "hashes_0.json").read_text())
     records = read_metrics(tmp_path / "two")
     assert len(records) == 2 and all(r["optimizer_updates"] == 1 for r in records)
+    grads = [torch.load(tmp_path / "two" / f"grads_{r}.pt") for r in (0, 1)]
+    for step in range(2):
+        own = [g["local"][step] for g in grads]
+        assert not torch.allclose(own[0], own[1])  # each rank has its own rollouts, so its own gradient
+        mean = (own[0] + own[1]) / 2
+        for g in grads:  # a sum would be twice this
+            torch.testing.assert_close(g["stepped"][step], mean, rtol=1e-5, atol=1e-9)
+        assert records[step]["grad_norm"] == pytest.approx(float(mean.norm()), rel=1e-4)
+        assert float(mean.norm()) < 1.0  # so the clip left the averaged gradient as it was
