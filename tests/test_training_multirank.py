@@ -27,12 +27,17 @@ import deepgen_components.training as training_package
 import pytest
 import torch
 from deepgen_components.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from deepgen_components.training.common import build_model, configure_stage, load_init_weights, unread_decoder_layers
+from deepgen_components.training.common import (
+    build_model,
+    configure_stage,
+    load_init_weights,
+    unread_decoder_layers,
+)
 from deepgen_components.training.config import LoraConfigSpec, ModelSpec, load_config
-from deepgen_components.training.metrics import read_metrics
-from deepgen_components.training.trainer import FlowMatchingObjective, build_sources, prepare_batch
-from deepgen_components.training.sampler import MicroBatchPlan
 from deepgen_components.training.data import collate
+from deepgen_components.training.metrics import read_metrics
+from deepgen_components.training.sampler import MicroBatchPlan
+from deepgen_components.training.trainer import FlowMatchingObjective, build_sources, prepare_batch
 
 CONFIGS = Path(training_package.__file__).parent / "configs"
 LORA = LoraConfigSpec(r=4, alpha=8, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
