@@ -10,7 +10,7 @@ resume of a two-rank run killed with SIGKILL.
   and calls the CLI six times; a run leaves a group it did not create in place). DDP and FSDP2 average the same gradients, so each
   config's two runs agree to float tolerance: a wrong reduction (sum, or no reduction) on one side shows.
 * Exact resume on two ranks: each rank saves and restores its own RNG states (LoRA dropout draws from them).
-  A stage-2 DDP run with dropout, killed by SIGKILL to the whole process group after a checkpoint and started
+  A stage-2 DDP run with dropout, killed by SIGKILL (torchrun and both ranks) after a checkpoint and started
   again, ends with the same losses and weights, bit for bit, as an uninterrupted two-rank run.
 """
 
