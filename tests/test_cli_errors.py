@@ -5,6 +5,7 @@ The table runs in-process through ``main(argv)`` (most rows fail before a model 
 real subprocesses to prove the exit code and that stderr holds exactly that one line, no traceback.
 """
 
+import argparse
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from deepgen_components.cli import main, write_images
+from deepgen_components.cli import build_parser, main, write_images
 
 CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "align_tiny.yaml"
 TINY = ["--preset", "tiny"]
@@ -137,8 +138,17 @@ CASES = [
     ("shapes-zero-eval-steps", ["shapes", "--quick", "--out", "{out}", "--eval-steps", "0"],
      "argument --eval-steps: must be >= 1", 2),
     ("shapes-out-under-a-file", ["shapes", "--quick", "--out", "{file}/run"], "--out {file}/run: {file} is a file", 2),
+    # eval
+    ("eval-unknown-benchmark", ["eval", "--benchmark", "nope", "--out", "{out}"],
+     "argument --benchmark: invalid choice: 'nope'", 2),
+    ("eval-zero-limit", ["eval", "--benchmark", "geneval", "--preset", "tiny", "--limit", "0", "--out", "{out}"],
+     "argument --limit: must be >= 1, got 0", 2),
+    ("eval-missing-prompts", ["eval", "--benchmark", "custom", "--prompts", "{tmp}/none.jsonl", "--preset", "tiny",
+                              "--out", "{out}"], "--prompts {tmp}/none.jsonl: no such file", 2),
+    ("eval-out-under-a-file", ["eval", "--benchmark", "geneval", "--preset", "tiny", "--out", "{file}/ev"],
+     "--out {file}/ev: {file} is a file", 2),
 ]
-SUBCOMMANDS = ("generate", "edit", "info", "demo", "export", "train", "bench", "shapes")
+SUBCOMMANDS = ("generate", "edit", "info", "demo", "export", "train", "bench", "shapes", "eval")
 
 
 @pytest.fixture
@@ -170,6 +180,9 @@ def run_main(argv, capsys) -> tuple[int, str]:
 
 def test_every_subcommand_has_bad_input_rows():
     assert {argv[0] for _, argv, _, _ in CASES} == set(SUBCOMMANDS)
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == set(SUBCOMMANDS)  # a new subcommand needs rows here
 
 
 @pytest.mark.parametrize(("argv", "expected", "code"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
