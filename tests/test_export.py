@@ -410,3 +410,31 @@ def test_bench_export_ranges_cover_the_benchmarked_prompt_resolution_and_batch(m
         length = model.prepare_prompts([_prompt(tokens)] * batch + [""] * batch).input_ids.shape[1]
         assert (ranges.min_size, ranges.max_size, ranges.max_batch) == (128, 128, batch)
         assert ranges.opt_prompt_tokens == length <= ranges.max_prompt_tokens
+
+
+def test_deepgen_eval_generates_on_the_onnx_runtime_export_as_on_pytorch(exported, torch_pipe, tmp_path):
+    """``deepgen eval --onnx EXPORT_DIR`` (docs/eval.md): the harness drives the exported ONNX Runtime pipeline and
+    writes the same images, prompt for prompt and seed for seed, as ``--pipeline`` on the PyTorch model it came
+    from (PNG pixels within 1/255)."""
+    from deepgen_components.cli import main
+
+    torch_pipe.save_pretrained(tmp_path / "saved")
+    (tmp_path / "prompts.txt").write_text("a red cat\na blue cube on a table\n")
+    common = ["eval", "--benchmark", "custom", "--prompts", str(tmp_path / "prompts.txt"), "--samples", "1",
+              "--batch-size", "1", "--guidance", "1", "--steps", "2", "--height", "64", "--width", "64", "--quiet",
+              "--evaluators", "none", "--contact-sheet", "0"]
+    assert main([*common, "--onnx", str(exported[0]), "--out", str(tmp_path / "onnx")]) == 0
+    assert main([*common, "--pipeline", str(tmp_path / "saved"), "--device", "cpu",
+                 "--out", str(tmp_path / "torch")]) == 0
+    onnx_images = sorted((tmp_path / "onnx" / "images").glob("*.png"))
+    assert len(onnx_images) == 2
+    assert [p.name for p in onnx_images] == sorted(p.name for p in (tmp_path / "torch" / "images").glob("*.png"))
+    for path in onnx_images:
+        ours = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+        theirs = np.asarray(Image.open(tmp_path / "torch" / "images" / path.name).convert("RGB"), dtype=np.int16)
+        assert ours.shape == (64, 64, 3)
+        assert np.abs(ours - theirs).max() <= 1, path.name
+    first, second = (np.asarray(Image.open(p).convert("RGB")) for p in onnx_images)
+    assert not np.array_equal(first, second)  # two prompts, two seeds: the comparison is not of blanks
+    run = json.loads((tmp_path / "onnx" / "run.json").read_text())
+    assert run["model"]["pipeline"] == "OnnxDeepGenPipeline" and run["model"]["mode"] == "onnxruntime"
