@@ -22,7 +22,7 @@ DEFAULT_PRESET = "deepgen-shapes"  # trained on the shapes world and shipped in 
 DEMO_PROMPTS = ("a red circle on the left on a gray background", "a yellow square on the right on a navy background")
 # An edit the shipped model performs in 10 of 10 seeds (ShapesEval); "make the circle green" fails: docs/shapes.md
 DEMO_INSTRUCTION = "turn the circle into a square"
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
 MAX_SEED = 2**64 - 1
 # Errors a user's input causes, printed as one line (exit 2); FloatingPointError (non-finite latents) is a failed run
 # (exit 1). A ValueError / TypeError counts only when our own code raised it: one from inside torch, numpy or another
@@ -151,17 +151,26 @@ def write_images(items: list[tuple[object, Path]]) -> None:
         raise
 
 
-def _add_model_args(parser: argparse.ArgumentParser, *, default_preset: str | None = DEFAULT_PRESET) -> None:
-    group = parser.add_argument_group("model")
+def add_model_args(
+    parser: argparse.ArgumentParser,
+    *,
+    default_preset: str | None = DEFAULT_PRESET,
+    title: str = "model",
+    seed_help: str = "random seed, 0..2**64-1 (default: 0)",
+):
+    """The model flags every command that loads a pipeline shares (read by ``load_pipeline``); returns the group,
+    so a command can add flags of its own to it."""
+    group = parser.add_argument_group(title)
     group.add_argument("--preset", default=None, help=f"embedded preset (default: {default_preset}); see `deepgen info`")
     group.add_argument("--pipeline", default=None, help="folder saved by DeepGenPipeline.save_pretrained")
     group.add_argument("--vlm", default=None, help="local Qwen2.5-VL-3B-Instruct folder (official weights)")
     group.add_argument("--weights", default=None, help="official DeepGen checkpoint file or diffusers-format folder")
     group.add_argument("--vae", default=None, help="SD3 VAE folder (with an original-layout checkpoint)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    group.add_argument("--dtype", default="float32", choices=_DTYPES, help="weights dtype (default: float32)")
-    group.add_argument("--seed", type=seed, default=0, help="random seed, 0..2**64-1 (default: 0)")
+    group.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default: float32)")
+    group.add_argument("--seed", type=seed, default=0, help=seed_help)
     parser.set_defaults(default_preset=default_preset)
+    return group
 
 
 def _dtype(name: str):
@@ -209,7 +218,8 @@ def check_model_source(args) -> None:
             raise ValueError(f"--preset: unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
 
 
-def _load_pipeline(args):
+def load_pipeline(args):
+    """The pipeline the model flags of ``add_model_args`` name, on ``args.device`` in ``args.dtype``."""
     import torch
 
     from deepgen_components.builders import build_preset, deepgen_1_0
@@ -241,7 +251,7 @@ def _print_timings(label: str, timings: dict) -> None:
 
 def cmd_generate(args) -> int:
     out = check_output_path(args.out, folder=False)
-    pipe = _load_pipeline(args)
+    pipe = load_pipeline(args)
     result = pipe(
         args.prompt,
         negative_prompt=args.negative_prompt,
@@ -271,7 +281,7 @@ def cmd_edit(args) -> int:
             raise FileNotFoundError(f"image {err}") from None
         except ValueError as err:
             raise ValueError(f"image {err}") from None
-    pipe = _load_pipeline(args)
+    pipe = load_pipeline(args)
     result = pipe(
         args.instruction,
         image=images,
@@ -345,7 +355,7 @@ def cmd_demo(args) -> int:
     """The README's main job: text-to-image and an edit of that image, PNGs into --out, per-stage timings."""
     out = check_output_path(args.out, folder=True)
     start = time.perf_counter()
-    pipe = _load_pipeline(args)
+    pipe = load_pipeline(args)
     print(f"loaded {args.preset or args.pipeline or args.default_preset} in {time.perf_counter() - start:.2f} s")
     prompts = args.prompt or list(DEMO_PROMPTS)
     generated = pipe(
@@ -398,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", type=text)
     p.add_argument("--out", default="generated.png", help="output image path (.png, .jpg, .webp)")
     sampling_args(p)
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("edit", help="image + instruction -> PNG")
@@ -406,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", "-i", type=text, required=True, help="the editing instruction")
     p.add_argument("--out", default="edited.png", help="output image path (.png, .jpg, .webp)")
     sampling_args(p)
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("info", help="parameters per component of a preset (built on the meta device)")
@@ -423,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CFG scale of both calls (default: the model's per task; deepgen-shapes: 4.0 to generate, "
                         "1.0 to edit)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_demo)
 
     _add_optional_commands(sub)

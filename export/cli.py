@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 
 from deepgen_components.cli import (
-    _add_model_args,
-    _load_pipeline,
+    add_model_args,
     check_output_path,
     image_side,
     int_at_least,
+    load_pipeline,
     positive_int,
 )
 
@@ -50,7 +50,7 @@ def add_commands(sub) -> None:
     p.add_argument("--no-parity", action="store_true", help="skip the ONNX Runtime vs PyTorch gate (not recommended)")
     p.add_argument("--trtexec", action="store_true", help="print the trtexec command that builds each stage's engine")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_model_args(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_export)
 
 
@@ -86,7 +86,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.min_size is not None and args.min_size > args.max_size:
         raise ValueError(f"--min-size {args.min_size} must be <= --max-size {args.max_size}")
     out = check_output_path(args.out, folder=True)
-    pipe = _load_pipeline(args)
+    pipe = load_pipeline(args)
     model = pipe.model
     ranges = _ranges(args, model.config.image_size)
     source = {k: getattr(args, k) for k in ("preset", "pipeline", "vlm", "weights", "vae") if getattr(args, k)}

@@ -17,25 +17,24 @@ from dataclasses import asdict
 from pathlib import Path
 
 from deepgen_components.cli import (
-    DEFAULT_PRESET,
-    check_model_source,
+    add_model_args,
     check_output_path,
     image_side,
     int_at_least,
+    load_pipeline,
     non_negative_float,
     positive_int,
-    seed,
 )
 from deepgen_components.evaluation.evaluators import Sample, build_evaluator
 from deepgen_components.evaluation.harness import generate, resolve_settings, sample_seeds
 from deepgen_components.evaluation.layouts import make_layout, write_text_atomic
 from deepgen_components.evaluation.prompts import BENCHMARKS, load_prompts
 from deepgen_components.evaluation.report import contact_sheet, write_summary
+from deepgen_components.fastpath import MODES as OPTIMIZE_MODES
 
 __all__ = ["add_commands", "cmd_eval"]
 
-MODES = ("auto", "eager", "kernels", "compile", "compile+graphs")
-_DTYPES = ("float32", "bfloat16", "float16")
+MODES = ("auto", *OPTIMIZE_MODES)
 
 
 def add_commands(sub) -> None:
@@ -67,24 +66,15 @@ def add_commands(sub) -> None:
     p.add_argument("--judge-model", default="judge", help="model name served at --judge-url")
     p.add_argument("--contact-sheet", type=int_at_least(0), default=16, help="prompts on the contact sheet (0: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    group = p.add_argument_group("model (as `deepgen generate`, plus the generator's kind)")
-    group.add_argument("--preset", default=None, help=f"embedded preset (default: {DEFAULT_PRESET})")
-    group.add_argument("--pipeline", default=None, help="folder saved by DeepGenPipeline.save_pretrained")
-    group.add_argument("--vlm", default=None, help="local Qwen2.5-VL-3B-Instruct folder (official weights)")
-    group.add_argument("--weights", default=None, help="official DeepGen checkpoint file or diffusers-format folder")
-    group.add_argument("--vae", default=None, help="SD3 VAE folder (with an original-layout checkpoint)")
+    group = add_model_args(p, title="model (as `deepgen generate`, plus the generator's kind)",
+                           seed_help="base seed: sample k of prompt i uses seed + i*samples + k")
     group.add_argument("--onnx", default=None, help="an export folder (`deepgen export`): generate on ONNX Runtime")
     group.add_argument("--optimize", choices=MODES, default="auto", help="pipe.optimize mode (default: auto)")
-    group.add_argument("--device", default="cpu", help="cpu, cuda (under torchrun: each rank its local GPU), cuda:N")
-    group.add_argument("--dtype", default="float32", choices=_DTYPES, help="weights dtype")
-    group.add_argument("--seed", type=seed, default=0, help="base seed: sample k of prompt i uses seed + i*samples + k")
-    p.set_defaults(func=cmd_eval, default_preset=DEFAULT_PRESET)
+    p.set_defaults(func=cmd_eval)
 
 
 def _load_generator(args, device) -> tuple[object, dict]:
     """The pipeline (PyTorch in any optimize mode, or ONNX Runtime) and its identity for the report."""
-    import torch
-
     if args.onnx:
         if args.preset or args.pipeline or args.vlm or args.weights:
             raise ValueError("--onnx: choose one model source (--onnx replaces --preset/--pipeline/--vlm)")
@@ -94,20 +84,14 @@ def _load_generator(args, device) -> tuple[object, dict]:
         pipe = OnnxDeepGenPipeline(args.onnx, providers=providers)
         return pipe, {"source": f"onnx:{args.onnx}", "pipeline": "OnnxDeepGenPipeline", "mode": "onnxruntime",
                       "dtype": "as exported", "device": str(device)}
-    from deepgen_components.builders import build_preset, deepgen_1_0
-    from deepgen_components.pipeline import DeepGenPipeline
-
-    check_model_source(args)
-    dtype = getattr(torch, args.dtype)
+    args.device = str(device)  # under torchrun: this rank's own device
+    pipe = load_pipeline(args)
     if args.pipeline:
-        pipe, source = DeepGenPipeline.from_pretrained(args.pipeline, device=device, dtype=dtype), args.pipeline
+        source = args.pipeline
     elif args.vlm:
-        model = deepgen_1_0(args.vlm, args.weights, vae_path=args.vae, dtype=dtype)
-        pipe, source = DeepGenPipeline(model.to(device)), f"official:{args.weights}"
+        source = f"official:{args.weights}"
     else:
-        name = args.preset or args.default_preset
-        torch.manual_seed(args.seed)  # the tiny preset is random: the same weights on every rank and every rerun
-        pipe, source = DeepGenPipeline(build_preset(name).to(device=device, dtype=dtype)), f"preset:{name}"
+        source = f"preset:{args.preset or args.default_preset}"
     if args.optimize != "auto":
         pipe.optimize(args.optimize)
     parameters = sum(p.numel() for p in pipe.model.parameters())
@@ -181,7 +165,6 @@ def cmd_eval(args) -> int:
         _check_resume(out, identity)
         barrier(info)
         if info.is_main:
-            layout.prepare()
             layout.clear_partial()  # what a killed run left half-written
             layout.prepare()
             write_text_atomic(out / "run.json", json.dumps({**identity, "model": model}, indent=2) + "\n")
