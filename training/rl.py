@@ -61,6 +61,7 @@ from deepgen_components.training.trainer import (
     _load_trainable,
     _next_batch,
     _optimizer_state,
+    _unsharded_model,
     build_sources,
     prepare_batch,
 )
@@ -259,20 +260,6 @@ def _sync_gradients(params: list[torch.nn.Parameter], info) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def _unsharded_policy(model: DeepGenModel, cfg: TrainConfig, info) -> DeepGenModel | None:
-    """FSDP: the full weights (a collective) in a fresh, unsharded model on the main process."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not info.is_main:
-        return None
-    whole = build_model(cfg.model)
-    if cfg.lora is not None:
-        apply_lora(whole, cfg.lora)
-    whole.load_state_dict(state)
-    return whole
 
 
 def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | None = None) -> RLResult:
@@ -496,7 +483,13 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
     if cfg.trainer.save_pipeline and total_steps > start_step:
         from deepgen_components.training.trainer import save_training_pipeline
 
-        whole = _unsharded_policy(model, cfg, info) if sharded else model
+        def fresh_model() -> DeepGenModel:  # the layout of the policy: the base model, with the stage-2 LoRA if any
+            fresh = build_model(cfg.model)
+            if cfg.lora is not None:
+                apply_lora(fresh, cfg.lora)
+            return fresh
+
+        whole = _unsharded_model(model, info, fresh_model) if sharded else model
         if info.is_main:
             pipeline_dir = save_training_pipeline(whole, out / "pipeline")
     barrier(info)

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 import zlib
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,7 +368,12 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
 
     pipeline_dir = None
     if cfg.trainer.save_pipeline and total_steps > start_step:
-        whole = _unsharded_model(objective, cfg, info) if sharded else model
+        def fresh_model() -> DeepGenModel:
+            fresh = build_model(cfg.model)
+            configure_stage(fresh, cfg.stage, cfg.lora)
+            return fresh
+
+        whole = _unsharded_model(objective, info, fresh_model) if sharded else model
         if info.is_main:
             pipeline_dir = out / "pipeline"
             save_training_pipeline(whole, pipeline_dir)
@@ -462,15 +468,15 @@ def _checkpoint(ckpt_dir, step, objective, model, optimizer, schedule, sampler, 
     return path
 
 
-def _unsharded_model(objective: nn.Module, cfg: TrainConfig, info) -> DeepGenModel | None:
-    """FSDP: gather the full weights (a collective) into a fresh, unsharded model on the main process."""
+def _unsharded_model(sharded: nn.Module, info, build: Callable[[], DeepGenModel]) -> DeepGenModel | None:
+    """FSDP: gather the full weights of ``sharded`` (a DeepGenModel or an objective holding it as ``model``; a
+    collective) into ``build()``, a fresh unsharded model of the same layout, on the main process."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not info.is_main:
         return None
-    model = build_model(cfg.model)
-    configure_stage(model, cfg.stage, cfg.lora)
+    model = build()
     model.load_state_dict({name.removeprefix("model."): value for name, value in state.items()})
     return model
 
