@@ -3,7 +3,7 @@
     python benchmarks/fidelity.py --golden tests/data/golden/deepgen_tiny_a [--json fidelity.json]
 
 Loads the golden set's weights through our official-weights import (official parity mode), reproduces
-every recorded tensor through the public API (``deepgen_components.fidelity.compare_golden``, the code
+every recorded tensor through the public API (``deepgen_components.cli.fidelity.compare_golden``, the code
 path ``tests/test_golden_parity.py`` asserts on) and prints one Markdown row per compared tensor: max abs
 error, max relative error (max abs / max |golden|), the share of the tolerance used and the tolerance
 (the golden README's rule: integers and bools exact, floats ``allclose(rtol=1e-4, atol=1e-4)``).
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from deepgen_components import fidelity
+    from deepgen_components.cli import fidelity
 
     transformers_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)

@@ -10,7 +10,7 @@ See docs/benchmarks.md for what is measured and how.
 import argparse
 import sys
 
-from deepgen_components.bench import add_commands
+from deepgen_components.cli.bench import add_commands
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ import torch
 from deepgen_components.bridge import BridgeConfig, StackedChannelBridge
 from deepgen_components.connector import ConnectorConfig
 from deepgen_components.dit import ConditionedDiT
-from deepgen_components.layers import LayerSelection
+from deepgen_components.layer_selection import LayerSelection
 from deepgen_components.model import DeepGenConfig, DeepGenModel
 from deepgen_components.think_tokens import ThinkTokens
 from deepgen_components.tiny import (
@@ -447,13 +447,13 @@ def deepgen_1_0(
     return model.eval()
 
 
-SHAPES_PRESET_DIR = Path(__file__).resolve().parent / "presets" / "deepgen-shapes"
+SHAPES_PRESET_DIR = Path(__file__).resolve().parent / "shapes" / "preset"
 
 
 def deepgen_shapes(
     *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> DeepGenModel:
-    """The shapes-world model shipped inside the package (``presets/deepgen-shapes``, a ``DeepGenPipeline``
+    """The shapes-world model shipped inside the package (``shapes/preset``, a ``DeepGenPipeline``
     folder, 4.4M parameters, 64 px), trained from scratch by ``deepgen shapes``: base VAE / DiT / VLM (made on a
     GPU), then DeepGen's stages 1-3 (on 2 CPU cores). It follows shapes-world prompts ("a red circle on the left
     on a gray background"): all four attributes right in 97 % of its evaluation prompts, and 78 % of its held-out

@@ -17,7 +17,7 @@ from torch import nn
 
 from deepgen_components.bridge import BridgeOutput, StackedChannelBridge
 from deepgen_components.dit import ConditionedDiT
-from deepgen_components.layers import LayerSelection
+from deepgen_components.layer_selection import LayerSelection
 from deepgen_components.processing import (
     PromptBatch,
     limit_long_side_size,

@@ -23,10 +23,10 @@ import torch
 
 from deepgen_components.bridge import BridgeConfig, StackedChannelBridge
 from deepgen_components.conventions import log_reference_resize, output_size, references_per_prompt
-from deepgen_components.layers import LayerSelection
+from deepgen_components.layer_selection import LayerSelection
 from deepgen_components.model import DeepGenConfig, DeepGenModel
 from deepgen_components.processing import limit_long_side_size, pil_to_pixels, pixels_to_pil, pixels_to_uint8
-from deepgen_components.sampling import euler_step, flow_match_sigmas, guidance
+from deepgen_components.rl.sampling import euler_step, flow_match_sigmas, guidance
 from deepgen_components.think_tokens import ThinkTokens
 
 __all__ = ["DeepGenPipeline", "DeepGenPipelineOutput"]
@@ -80,11 +80,11 @@ class DeepGenPipeline:
 
     def optimize(self, mode: str = "compile+graphs", *, dtype: torch.dtype | None = None) -> DeepGenPipeline:
         """Pick the inference path: ``eager`` (plain PyTorch, SDPA) | ``kernels`` (our Triton kernels) | ``compile``
-        | ``compile+graphs`` (see ``deepgen_components.fastpath``), optionally casting the weights (e.g.
+        | ``compile+graphs`` (see ``deepgen_components.denoising``), optionally casting the weights (e.g.
         ``torch.bfloat16`` on GPUs; the latents, the CFG combination and the Euler update stay fp32). Results match
         eager within the tolerance stated in docs/benchmarks.md. The default, ``auto``, is eager with the Triton
         kernels switched on for CUDA inference."""
-        from deepgen_components.fastpath import MODES, DenoiseRunner
+        from deepgen_components.denoising import MODES, DenoiseRunner
 
         if mode not in (*MODES, "auto"):
             raise ValueError(f"mode must be one of {('auto', *MODES)}, got {mode!r}")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from deepgen_components.conventions import OFFICIAL_PAD_POSITION, mrope_positions
-from deepgen_components.layers import LayerSelection
+from deepgen_components.layer_selection import LayerSelection
 
 __all__ = ["ThinkTokens", "ThinkTokenVLM", "VLMHiddenStates", "mrope_position_ids", "text_position_ids"]
 

@@ -159,7 +159,7 @@ def test_wise_style_judge_over_http():
 def test_clip_evaluator_is_the_mean_clip_reward(tmp_path):
     from test_rewards import _write_tiny_clip  # the tiny random CLIP checkpoint of the rewards tests
 
-    from deepgen_components.rewards import ClipReward
+    from deepgen_components.rl.rewards import ClipReward
 
     _write_tiny_clip(tmp_path / "clip")
     images = [Image.new("RGB", (32, 32), c) for c in ("red", "blue", "white")]

@@ -370,7 +370,7 @@ def test_bench_exported_modes_time_onnx_runtime_and_record_tensorrt_availability
     here that is this module's export of the same tiny architecture (latency does not depend on weight values),
     which saves a second 20-second export. TensorRT cannot be installed here, so it must get its "not available"
     row (where it is installed, the row is a real timing instead)."""
-    from deepgen_components.bench import BenchConfig, markdown_table, run_suite
+    from deepgen_components.cli.bench import BenchConfig, markdown_table, run_suite
 
     (tmp_path / "tiny_64px_b1_float32").symlink_to(exported[0], target_is_directory=True)
     cfg = BenchConfig(preset="tiny", device="cpu", dtype="float32", modes=("eager", "onnxruntime", "tensorrt"),
@@ -402,7 +402,7 @@ def test_bench_exported_modes_time_onnx_runtime_and_record_tensorrt_availability
 def test_bench_export_ranges_cover_the_benchmarked_prompt_resolution_and_batch(model):
     """What the bench exports when it finds no export (the export itself is ``export_model``, tested above): one
     resolution and batch, and a prompt range that holds the benchmark's chat text as this tokenizer encodes it."""
-    from deepgen_components.bench import BenchConfig, _prompt, export_ranges
+    from deepgen_components.cli.bench import BenchConfig, _prompt, export_ranges
 
     for tokens, batch in ((4, 1), (32, 2)):
         cfg = BenchConfig(resolution=128, batch=batch, prompt_tokens=tokens)

@@ -14,7 +14,7 @@ from deepgen_components.export.specs import ExportRanges, build_specs, model_con
 from PIL import Image
 
 from deepgen_components import deepgen_tiny, processing
-from deepgen_components.sampling import flow_match_sigmas
+from deepgen_components.rl.sampling import flow_match_sigmas
 from deepgen_components.think_tokens import mrope_position_ids
 from deepgen_components.tiny import tiny_scheduler
 

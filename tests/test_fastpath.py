@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from deepgen_components import DeepGenPipeline, deepgen_tiny
-from deepgen_components.bench import BenchConfig, fit_scaling, run_suite, time_fn, write_outputs
-from deepgen_components.fastpath import MODES, DenoiseRunner
+from deepgen_components.cli.bench import BenchConfig, fit_scaling, run_suite, time_fn, write_outputs
+from deepgen_components.denoising import MODES, DenoiseRunner
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -133,7 +133,7 @@ def test_time_fn_reports_median_and_spread_in_milliseconds(monkeypatch):
     are not timed; the 5 timed calls take 5, 1, 3, 2, 4 ms, so the median is 3 ms and p90 - p10 = 5 - 1 = 4 ms."""
     from types import SimpleNamespace
 
-    from deepgen_components import bench
+    from deepgen_components.cli import bench
 
     clock = [100.0]
     durations = iter([0.050, 0.070, 0.005, 0.001, 0.003, 0.002, 0.004])  # the first two are the warm-up calls
@@ -150,7 +150,7 @@ def test_time_fn_reports_median_and_spread_in_milliseconds(monkeypatch):
 
 
 def test_scaling_fit_recovers_a_known_quadratic():
-    from deepgen_components.bench import Row
+    from deepgen_components.cli.bench import Row
 
     rows = [Row("x", "eager", "dit_step", 0, 1, True, None, 1.0 + 0.01 * t + 1e-5 * t * t, tokens=t) for t in (16, 64, 256, 1024)]
     fit = fit_scaling(rows)
@@ -216,7 +216,7 @@ def test_cuda_modes_match_eager_in_bf16():
 
 
 def test_position_table_precomputed_per_call_gives_the_patch_embedding_exactly(pipe):
-    from deepgen_components.fastpath import _patch_embed, position_table
+    from deepgen_components.denoising import _patch_embed, position_table
 
     patch_embed = pipe.model.dit.transformer.pos_embed
     for height, width in ((8, 8), (8, 12), (16, 8)):

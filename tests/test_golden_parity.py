@@ -6,7 +6,7 @@ tests; ``$DEEPGEN_GOLDEN_DIR`` points them at another set laid out the same way.
 never a skip. Its weights are imported through our official-weights import (original checkpoint layout + the
 tiny Qwen2.5-VL folder) in official parity mode, and every recorded tensor must be reproduced through the public
 API: integers / bools exactly, floats with ``allclose(rtol=1e-4, atol=1e-4)`` (the set's README rule). The
-comparisons live in ``deepgen_components.fidelity`` (also run by ``benchmarks/fidelity.py``); this file asserts
+comparisons live in ``deepgen_components.cli.fidelity`` (also run by ``benchmarks/fidelity.py``); this file asserts
 on them.
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepgen_components import DeepGenPipeline, fidelity
+from deepgen_components import DeepGenPipeline
+from deepgen_components.cli import fidelity
 
 VENDORED_DIR = Path(__file__).resolve().parent / "data" / "golden" / "deepgen_tiny_a"
 GOLDEN_DIR = Path(os.environ.get("DEEPGEN_GOLDEN_DIR") or VENDORED_DIR)

@@ -17,7 +17,7 @@ import torch
 
 from deepgen_components.bridge import BridgeOutput
 from deepgen_components.builders import deepgen_tiny
-from deepgen_components.grpo import (
+from deepgen_components.rl.grpo import (
     MRGRPOLoss,
     gdpo_advantages,
     grpo_advantages,
@@ -25,7 +25,7 @@ from deepgen_components.grpo import (
     rollout,
     select_timesteps,
 )
-from deepgen_components.sampling import cps_step, flow_grpo_step
+from deepgen_components.rl.sampling import cps_step, flow_grpo_step
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -536,12 +536,19 @@ def test_first_update_ratio_is_exactly_one_under_cuda_bf16_autocast():
             assert torch.equal(torch.exp(log_prob - traj.log_probs[rows, i]).detach(), torch.ones(4, device="cuda"))
 
 
-def test_mr_grpo_components_are_public_names_of_the_package():
+def test_mr_grpo_components_are_public_names_of_their_packages():
+    """MR-GRPO is public under deepgen_components.rl and the world under deepgen_components.shapes; the old top-level
+    names still resolve to the same objects for one release, each with a DeprecationWarning naming the new home."""
     import deepgen_components
-    from deepgen_components import grpo, sampling, shapes
+    from deepgen_components import rl, shapes
+    from deepgen_components.rl import grpo, sampling
 
     for name, module in {"MRGRPOLoss": grpo, "gdpo_advantages": grpo, "grpo_advantages": grpo, "rollout": grpo,
                          "cps_step": sampling, "flow_grpo_step": sampling, "ShapesWorld": shapes,
                          "ShapesEval": shapes}.items():
-        assert getattr(deepgen_components, name) is getattr(module, name)
-        assert name in deepgen_components.__all__
+        home = shapes if module is shapes else rl
+        assert getattr(home, name) is getattr(module, name)
+        assert name in home.__all__
+        with pytest.warns(DeprecationWarning, match=f"moved to {home.__name__}.{name}"):
+            assert getattr(deepgen_components, name) is getattr(module, name)
+        assert name not in deepgen_components.__all__

@@ -24,7 +24,7 @@ import torch
 from _judge_server import FakeJudgeServer
 from PIL import Image, ImageDraw, ImageFont
 
-from deepgen_components.rewards import (
+from deepgen_components.rl.rewards import (
     OFFICIAL_CATEGORY_WEIGHTS,
     CategoryWeights,
     ClipReward,
@@ -40,7 +40,7 @@ from deepgen_components.rewards import (
     reward_weights,
     to_pil_list,
 )
-from deepgen_components.rewards import base as rewards_base
+from deepgen_components.rl.rewards import base as rewards_base
 
 
 def _solid(value: int, size: int = 32) -> Image.Image:
@@ -306,7 +306,7 @@ def test_ocr_reward_engine_contract_and_failures(caplog):
     r = OcrReward(engine=engine)
     imgs = [_solid(255)] * 5
     prompts = ['"HELLO 2026"', "a cat, no quotes", 'the word "hello"', 'text "ABC"', 'text "XYZ"']
-    with caplog.at_level(logging.WARNING, logger="deepgen_components.rewards.ocr"):
+    with caplog.at_level(logging.WARNING, logger="deepgen_components.rl.rewards.ocr"):
         s = r.score(imgs, prompts)
     assert s.tolist() == pytest.approx([1.0, 0.0, 0.8, 0.0, 0.0])
     assert r.last_texts == ["HELLO2026", None, "Hel1o", "", None]
@@ -439,7 +439,7 @@ def test_judge_group_of_eight_and_validation(judge_server):
 def test_judge_malformed_answers_are_neutral(judge_server, caplog, mode):
     judge_server.clear()
     r = _judge(judge_server, model=mode)
-    with caplog.at_level(logging.WARNING, logger="deepgen_components.rewards.judge"):
+    with caplog.at_level(logging.WARNING, logger="deepgen_components.rl.rewards.judge"):
         s = r.score([_solid(0), _solid(100), _solid(200), _solid(255)], ["p"] * 4)
     torch.testing.assert_close(s, torch.full((4,), 0.5))
     assert "scored as ties" in caplog.text
@@ -454,7 +454,7 @@ def test_judge_malformed_answers_are_neutral(judge_server, caplog, mode):
 def test_judge_slow_server_times_out_to_neutral(judge_server, caplog):
     r = _judge(judge_server, model="slow", timeout=0.2, retries=1, group_size=2)
     t0 = time.perf_counter()
-    with caplog.at_level(logging.WARNING, logger="deepgen_components.rewards.judge"):
+    with caplog.at_level(logging.WARNING, logger="deepgen_components.rl.rewards.judge"):
         s = r.score([_solid(0), _solid(255)], ["p", "p"])
     elapsed = time.perf_counter() - t0
     torch.testing.assert_close(s, torch.tensor([0.5, 0.5]))
@@ -467,14 +467,14 @@ def test_judge_unreachable_is_neutral(caplog):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     r = PairwiseJudgeReward(f"http://127.0.0.1:{port}/v1", timeout=0.2, retries=2, backoff=0.01, group_size=2)
-    with caplog.at_level(logging.WARNING, logger="deepgen_components.rewards.judge"):
+    with caplog.at_level(logging.WARNING, logger="deepgen_components.rl.rewards.judge"):
         s = r.score(torch.zeros(4, 3, 8, 8), ["a", "a", "b", "b"])
     torch.testing.assert_close(s, torch.full((4,), 0.5))
     assert r.last_stats.failed == 2 and "ConnectionRefusedError" in caplog.text
 
 
 def test_mean_colour_reward_is_one_at_the_target_and_falls_with_distance():
-    from deepgen_components.rewards import MeanColorReward
+    from deepgen_components.rl.rewards import MeanColorReward
 
     reward = MeanColorReward(target=(200, 40, 40))
     exact = Image.new("RGB", (16, 16), (200, 40, 40))
@@ -488,7 +488,7 @@ def test_mean_colour_reward_is_one_at_the_target_and_falls_with_distance():
 
 
 def test_shapes_reward_scores_ground_truth_world_images_one_and_mismatches_lower():
-    from deepgen_components.rewards import ShapesReward
+    from deepgen_components.rl.rewards import ShapesReward
     from deepgen_components.shapes import ShapesWorld
 
     world = ShapesWorld(image_size=64, seed=11)

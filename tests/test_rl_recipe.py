@@ -32,7 +32,7 @@ from deepgen_components.training.metrics import read_metrics
 from deepgen_components.training.rl import PromptPool, rollout_seed, train_rl
 from safetensors.torch import load_file
 
-from deepgen_components.rewards import OFFICIAL_CATEGORY_WEIGHTS
+from deepgen_components.rl.rewards import OFFICIAL_CATEGORY_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
 RL_TINY = ROOT / "training" / "configs" / "rl_tiny.yaml"

@@ -13,18 +13,19 @@ from dataclasses import fields
 
 import pytest
 import torch
-from deepgen_components.training.shapes_base import (
+
+from deepgen_components.cli import main
+from deepgen_components.cli.shapes import CONFIGS as SHAPES_CONFIGS
+from deepgen_components.cli.shapes import QUICK_OVERRIDES, STAGES, parse_sets, run_shapes
+from deepgen_components.shapes import ShapesWorld, parse_instruction
+from deepgen_components.shapes.base import (
     PromptEncoder,
     ShapesBaseConfig,
     latent_foreground,
     make_shapes_data,
     shapes_tokenizer,
 )
-from deepgen_components.training.shapes_cli import QUICK_OVERRIDES, STAGES, parse_sets, run_shapes
-from deepgen_components.training.shapes_eval import eval_set
-
-from deepgen_components.cli import main
-from deepgen_components.shapes import ShapesWorld, parse_instruction
+from deepgen_components.shapes.evaluation import eval_set
 
 ROWS = [
     "base DiT (own prompt encoder)",
@@ -90,8 +91,7 @@ def test_the_cli_resumes_the_chain_and_prints_the_table(quick_run, capsys):
 def test_install_copies_the_final_pipeline_with_the_scales_it_was_measured_at(quick_run, tmp_path):
     """``--install`` puts run/rl/pipeline into the package folder as deepgen-shapes with the run's results; the
     preset's default CFG scales are those of the final evaluation (T2I 4, edits 1 by default)."""
-    from deepgen_components.training.shapes_cli import install_preset
-
+    from deepgen_components.cli.shapes import install_preset
     from deepgen_components.pipeline import DeepGenPipeline
 
     out, report = quick_run
@@ -201,9 +201,9 @@ def test_the_quick_chain_runs_on_cuda(tmp_path):
 def test_the_prompt_encoder_teacher_is_the_base_dit_under_its_own_encoder(quick_run, tmp_path):
     """Stage 1 with ``model.teacher``: the target is the base DiT's velocity under its prompt encoder."""
     from deepgen_components.training.config import load_config
-    from deepgen_components.training.shapes_base import PromptEncoderPipeline, PromptEncoderTeacher
-    from deepgen_components.training.shapes_cli import CONFIGS
     from deepgen_components.training.trainer import train
+
+    from deepgen_components.shapes.base import PromptEncoderPipeline, PromptEncoderTeacher
 
     out, _ = quick_run
     teacher = PromptEncoderTeacher.from_base(out / "base")
@@ -217,7 +217,7 @@ def test_the_prompt_encoder_teacher_is_the_base_dit_under_its_own_encoder(quick_
     torch.testing.assert_close(teacher(noisy, timesteps, prompts), expected)
     assert not any(p.requires_grad for p in teacher.dit.parameters())
 
-    cfg = load_config(CONFIGS / "align_shapes.yaml", [
+    cfg = load_config(SHAPES_CONFIGS / "align_shapes.yaml", [
         f"model.pipeline={out / 'base' / 'pipeline'}", f"model.teacher={out / 'base'}", f"out={tmp_path / 'align'}",
         "trainer.max_steps=2", "data.batch_size=2", "trainer.tensorboard=false"])
     result = train(cfg, out=tmp_path / "align")
@@ -241,10 +241,9 @@ def test_base_from_reuses_another_runs_base_models(quick_run, tmp_path):
 def test_the_teachers_feature_loss_compares_the_bridge_at_the_prompts_words(quick_run):
     """feature_loss: the bridge's context at the caption's words vs the prompt encoder's output for them (and the
     pooled vectors); zero exactly when they agree, whatever the other context tokens hold; "" is skipped."""
-    from deepgen_components.training.shapes_base import PromptEncoderTeacher
-
     from deepgen_components.bridge import BridgeOutput
     from deepgen_components.pipeline import DeepGenPipeline
+    from deepgen_components.shapes.base import PromptEncoderTeacher
 
     out, _ = quick_run
     teacher = PromptEncoderTeacher.from_base(out / "base", feature_weight=1.0)
@@ -288,9 +287,7 @@ def test_the_teachers_feature_loss_compares_the_bridge_at_the_prompts_words(quic
 def test_stage1_on_the_feature_loss_alone_trains_the_bridge_without_running_the_dit(quick_run, tmp_path):
     """model.flow_weight=0: stage 1 on the teacher's feature loss alone. The bridge and think tokens move, the
     DiT is never run (its weights are bit-identical, and with DeepGen's loss at 0 nothing reads the latents)."""
-    from pathlib import Path
 
-    import deepgen_components.training as training_package
     from deepgen_components.training.config import load_config
     from deepgen_components.training.trainer import train
 
@@ -298,7 +295,7 @@ def test_stage1_on_the_feature_loss_alone_trains_the_bridge_without_running_the_
 
     out, _ = quick_run
     cfg = load_config(
-        Path(training_package.__file__).parent / "configs" / "align_shapes.yaml",
+        SHAPES_CONFIGS / "align_shapes.yaml",
         [f"model.pipeline={out / 'base' / 'pipeline'}", f"model.teacher={out / 'base'}", "model.flow_weight=0",
          "trainer.max_steps=4", "data.batch_size=4", "trainer.checkpoint_every=4", f"out={tmp_path / 'fo'}"],
     )

@@ -14,11 +14,11 @@ import time
 
 import pytest
 import torch
-from deepgen_components.training.shapes_eval import eval_set, evaluate_pipeline
 
 from deepgen_components.builders import PRESETS, SHAPES_PRESET_DIR, build_preset
 from deepgen_components.cli import main
 from deepgen_components.pipeline import DeepGenPipeline
+from deepgen_components.shapes.evaluation import eval_set, evaluate_pipeline
 
 TARGETS = {"color": 0.90, "shape": 0.80, "position": 0.80}
 EDIT_TARGET = 0.70

@@ -10,6 +10,7 @@ import pytest
 from deepgen_components.training.config import TrainConfig, apply_overrides, load_config
 
 CONFIGS = Path(training_package.__file__).parent / "configs"
+SHAPES_CONFIGS = Path(training_package.__file__).resolve().parents[1] / "deepgen_components" / "shapes" / "configs"
 
 
 def cycle(cfg: TrainConfig) -> dict[str, int]:
@@ -131,18 +132,18 @@ def test_unknown_stage_missing_file_and_non_mapping_are_rejected(tmp_path):
 
 
 def test_the_stage1_teacher_settings_are_checked():
-    cfg = load_config(CONFIGS / "align_shapes.yaml")
+    cfg = load_config(SHAPES_CONFIGS / "align_shapes.yaml")
     assert cfg.model.teacher and cfg.model.teacher_features == 1.0 and cfg.model.teacher_target is False
     with pytest.raises(ValueError, match="model.teacher_features needs model.teacher"):
         load_config(CONFIGS / "align_tiny.yaml", ["model.teacher_features=1.0"])
     with pytest.raises(ValueError, match="model.teacher_features must be >= 0"):
-        load_config(CONFIGS / "align_shapes.yaml", ["model.teacher_features=-1"])
-    assert load_config(CONFIGS / "align_shapes.yaml").model.flow_weight == 0.0  # the feature loss alone
+        load_config(SHAPES_CONFIGS / "align_shapes.yaml", ["model.teacher_features=-1"])
+    assert load_config(SHAPES_CONFIGS / "align_shapes.yaml").model.flow_weight == 0.0  # the feature loss alone
     assert load_config(CONFIGS / "align_tiny.yaml").model.flow_weight == 1.0  # DeepGen's loss by default
     with pytest.raises(ValueError, match="model.flow_weight must be >= 0"):
-        load_config(CONFIGS / "align_shapes.yaml", ["model.flow_weight=-0.5"])
+        load_config(SHAPES_CONFIGS / "align_shapes.yaml", ["model.flow_weight=-0.5"])
     with pytest.raises(ValueError, match="model.flow_weight: 0 leaves no loss"):
-        load_config(CONFIGS / "align_shapes.yaml", ["model.teacher_features=0"])
+        load_config(SHAPES_CONFIGS / "align_shapes.yaml", ["model.teacher_features=0"])
     with pytest.raises(ValueError, match="for stage 'align' only"):
-        load_config(CONFIGS / "sft_shapes.yaml", ["model.flow_weight=0", "model.teacher=runs/shapes/base",
+        load_config(SHAPES_CONFIGS / "sft_shapes.yaml", ["model.flow_weight=0", "model.teacher=runs/shapes/base",
                                                  "model.teacher_features=1"])

@@ -67,7 +67,9 @@ from deepgen_components.training.trainer import (
 )
 
 from deepgen_components.bridge import BridgeOutput
-from deepgen_components.grpo import (
+from deepgen_components.model import DeepGenModel
+from deepgen_components.processing import pixels_to_pil
+from deepgen_components.rl.grpo import (
     MRGRPOLoss,
     gdpo_advantages,
     grpo_advantages,
@@ -75,9 +77,7 @@ from deepgen_components.grpo import (
     rollout,
     select_timesteps,
 )
-from deepgen_components.model import DeepGenModel
-from deepgen_components.processing import pixels_to_pil
-from deepgen_components.rewards import build_reward, reward_weights
+from deepgen_components.rl.rewards import build_reward, reward_weights
 
 __all__ = ["PromptPool", "RLResult", "rollout_seed", "train_rl"]
 

@@ -168,7 +168,7 @@ class OcrEvaluator:
     name = "ocr"
 
     def __init__(self, **_):
-        from deepgen_components.rewards import OcrReward
+        from deepgen_components.rl.rewards import OcrReward
 
         self.reader = OcrReward()  # its RapidOCR engine, configured like the official PaddleOCR
 
@@ -200,12 +200,12 @@ class OcrEvaluator:
 
 # -- CLIP -----------------------------------------------------------------------------------------------------
 class ClipEvaluator:
-    """Mean CLIP score (:class:`~deepgen_components.rewards.ClipReward`: cosine, no x100) from local weights."""
+    """Mean CLIP score (:class:`~deepgen_components.rl.rewards.ClipReward`: cosine, no x100) from local weights."""
 
     name = "clip"
 
     def __init__(self, *, clip_model: str | None = None, device: str = "cpu", **_):
-        from deepgen_components.rewards import ClipReward
+        from deepgen_components.rl.rewards import ClipReward
 
         if not clip_model:
             raise ValueError("--clip-model: the clip evaluator needs a local CLIP folder (nothing is downloaded)")
@@ -255,7 +255,7 @@ class JudgeEvaluator:
     def ask(self, image: Image.Image, record: PromptRecord) -> str:
         import urllib.request
 
-        from deepgen_components.rewards import encode_jpeg_data_url
+        from deepgen_components.rl.rewards import encode_jpeg_data_url
 
         explanation = record.metadata.get("explanation") or record.metadata.get("Explanation")
         question = WISE_QUESTION.format(prompt=record.prompt,

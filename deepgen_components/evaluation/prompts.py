@@ -65,7 +65,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                       evaluators=("ocr",)),
     "unireditbench": Benchmark("unireditbench", "plain", 1, Protocol(512, 512, 50, 4.0, _DEEPGEN_EVAL + ", CFG 4.0"),
                                evaluators=("judge",)),
-    # The shapes world's held-out evaluation (training/shapes_eval.py): 64 px, 20 steps, CFG 4.0, and its noise.
+    # The shapes world's held-out evaluation (deepgen_components/shapes/evaluation.py): 64 px, 20 steps, CFG 4.0, and its noise.
     "shapes": Benchmark("shapes", "plain", 1, Protocol(64, 64, 20, 4.0, "docs/shapes.md evaluation: 64 px, 20 steps, "
                         "CFG 4.0"), evaluators=("shapes",), builtin=True, license="generated (this package)",
                         noise="shapes_eval"),
@@ -167,7 +167,7 @@ def load_prompt_file(path: str | os.PathLike, *, benchmark: str = "custom") -> l
 def _shapes_records() -> list[PromptRecord]:
     # The T2I part of the shapes world's fixed evaluation set (training/shapes_eval.eval_set: 54 held-out
     # compositions, then 54 seen compositions with new jitter), in that order.
-    from deepgen_components.training.shapes_eval import eval_set
+    from deepgen_components.shapes.evaluation import eval_set
 
     evals = eval_set(edits=0)
     held = len(evals.heldout_prompts)

@@ -34,19 +34,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from deepgen_components.training.data import foreground_mask
 from torch import nn
 
 from deepgen_components.bridge import BridgeConfig, StackedChannelBridge
 from deepgen_components.connector import ConnectorConfig
 from deepgen_components.dit import ConditionedDiT
-from deepgen_components.layers import LayerSelection
+from deepgen_components.layer_selection import LayerSelection
 from deepgen_components.model import DeepGenConfig, DeepGenModel
 from deepgen_components.processing import pil_to_pixels, t2i_prompt
-from deepgen_components.sampling import euler_step, flow_match_sigmas, guidance
+from deepgen_components.rl.sampling import euler_step, flow_match_sigmas, guidance
 from deepgen_components.shapes import ShapesWorld
 from deepgen_components.think_tokens import ThinkTokens
 from deepgen_components.tiny import QWEN_SPECIAL_TOKENS, tiny_vlm
+from deepgen_components.training.data import foreground_mask
 
 __all__ = [
     "PromptEncoder",

@@ -231,9 +231,9 @@ def _prompt(tokens: int) -> str:
 
 
 def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
-    from deepgen_components.fastpath import DenoiseRunner
+    from deepgen_components.denoising import DenoiseRunner
     from deepgen_components.pipeline import DeepGenPipeline
-    from deepgen_components.sampling import flow_match_sigmas
+    from deepgen_components.rl.sampling import flow_match_sigmas
 
     device = torch.device(cfg.device)
     dtype = _dtype(cfg.dtype)
@@ -484,7 +484,7 @@ def _repeat_rows(condition, batch: int, base: int, do_cfg: bool):
 
 
 def _step_args(runner, condition, timesteps, sigmas, guidance_scale, do_cfg, latents):
-    from deepgen_components.fastpath import position_table
+    from deepgen_components.denoising import position_table
 
     prepared = runner._prepare(condition, None, timesteps)
     dt = (sigmas[1] - sigmas[0]).float()
@@ -495,7 +495,7 @@ def _step_args(runner, condition, timesteps, sigmas, guidance_scale, do_cfg, lat
 
 def _step_callable(runner, latents, args, device):
     """The timed per-step callable of a mode, and its compile time (first call minus a steady call)."""
-    from deepgen_components.fastpath import _kernels_context
+    from deepgen_components.denoising import _kernels_context
 
     if runner.mode == "eager":
         return (lambda: runner.step(latents, *args)), None
@@ -611,7 +611,7 @@ def _parse_ints(text: str, flag: str = "--resolutions") -> tuple[int, ...]:
 def _check_args(args) -> None:
     """Every flag of ``deepgen bench`` before the (minutes-long) suite starts, each error naming its flag."""
     from deepgen_components.builders import PRESETS
-    from deepgen_components.cli import check_device, check_output_path
+    from deepgen_components.cli.args import check_device, check_output_path
 
     if args.preset not in PRESETS:
         raise ValueError(f"--preset: unknown preset {args.preset!r}; presets: {', '.join(sorted(PRESETS))}")
@@ -656,7 +656,7 @@ def cmd_bench(args) -> int:
 
 
 def add_commands(sub) -> None:
-    from deepgen_components.cli import image_side, int_at_least, non_negative_float, positive_int
+    from deepgen_components.cli.args import image_side, int_at_least, non_negative_float, positive_int
 
     p = sub.add_parser("bench", help="latency per stage and end to end, per mode (eager / kernels / compile / graphs)")
     p.add_argument("--preset", default="tiny", help="tiny | small | deepgen-1.0 (random weights)")

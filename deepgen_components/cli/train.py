@@ -8,9 +8,8 @@ __all__ = ["add_commands"]
 
 
 def cmd_train(args) -> int:
+    from deepgen_components.cli.args import check_output_path
     from deepgen_components.training.config import load_config
-
-    from deepgen_components.cli import check_output_path
 
     overrides = list(args.overrides)
     cfg = load_config(args.config, overrides)
@@ -48,7 +47,7 @@ def cmd_train(args) -> int:
 
 
 def add_commands(sub) -> None:
-    from deepgen_components.cli import positive_int
+    from deepgen_components.cli.args import positive_int
 
     p = sub.add_parser("train", help="train a stage (align / sft / rl) from a YAML config")
     p.add_argument("--config", required=True, help="YAML config, e.g. training/configs/align_tiny.yaml")
@@ -59,7 +58,3 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="with --dry-run: machine-readable output")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=5e-5 data.batch_size=2")
     p.set_defaults(func=cmd_train)
-
-    from deepgen_components.training.shapes_cli import add_commands as add_shapes_commands
-
-    add_shapes_commands(sub)

@@ -28,7 +28,7 @@ __all__ = ["add_commands", "install_preset", "parse_sets", "run_shapes"]
 
 logger = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "shapes" / "configs"
 STAGES = ("align", "sft", "rl")
 QUICK_OVERRIDES = {  # a smoke test of the whole chain in about a minute (numbers meaningless)
     "base": {"t2i_images": 64, "edit_triplets": 32, "vae_steps": 4, "dit_steps": 4, "lm_steps": 2, "dit_batch": 8},
@@ -44,7 +44,7 @@ def parse_sets(items: list[str] | None) -> tuple[dict, dict[str, list[str]]]:
     pass ``KEY=VALUE`` on to that stage's config (e.g. ``align.trainer.max_steps=3000``)."""
     from dataclasses import fields
 
-    from deepgen_components.training.shapes_base import ShapesBaseConfig
+    from deepgen_components.shapes.base import ShapesBaseConfig
 
     base_types = {f.name: type(f.default) for f in fields(ShapesBaseConfig)}
     base: dict = {}
@@ -133,12 +133,12 @@ def run_shapes(
     behind a fresh, zero-head SCB: the null condition for every prompt, about 1 min on 2 cores). The overrides,
     the device and the base's origin are recorded in ``report.json``."""
     import torch
-    from deepgen_components.training import shapes_eval
-    from deepgen_components.training.rl import train_rl
-    from deepgen_components.training.shapes_base import PromptEncoderPipeline, ShapesBaseConfig, build_base
-    from deepgen_components.training.trainer import train
 
     from deepgen_components.pipeline import DeepGenPipeline
+    from deepgen_components.shapes.base import PromptEncoderPipeline, ShapesBaseConfig, build_base
+    from deepgen_components.training import shapes_eval
+    from deepgen_components.training.rl import train_rl
+    from deepgen_components.training.trainer import train
 
     out = Path(out)
     configs = Path(configs) if configs else CONFIGS
@@ -228,9 +228,8 @@ def run_shapes(
 
 def _write_grids(folder: Path, evals, images: dict, rows: int) -> None:
     """Held-out T2I (ground truth | each model) and edits (source | target | each model), 64 px tiles."""
-    from deepgen_components.training.shapes_eval import image_grid
-
     from deepgen_components.shapes import ShapesWorld, parse_caption
+    from deepgen_components.shapes.evaluation import image_grid
 
     if not images:
         return
@@ -252,17 +251,17 @@ def _write_grids(folder: Path, evals, images: dict, rows: int) -> None:
 
 def install_preset(run: str | Path, package_dir: str | Path | None = None) -> Path:
     """Copy a finished run's final pipeline (``run/rl/pipeline``) into the package as the ``deepgen-shapes`` preset
-    (``deepgen_components/presets/deepgen-shapes``), with the run's per-stage results beside it. The preset's
+    (``deepgen_components/shapes/preset``), with the run's per-stage results beside it. The preset's
     default CFG scales (``guidance_scale``, ``edit_guidance_scale`` in model_index.json) become those of the run's
     final evaluation, so that a user samples the way the reported numbers were measured."""
     import shutil
 
-    import deepgen_components
+    from deepgen_components.builders import SHAPES_PRESET_DIR
 
     source = Path(run) / "rl" / "pipeline"
     if not (source / "model_index.json").is_file():
         raise FileNotFoundError(f"run: {source} has no final pipeline; run `deepgen shapes --out {run}` first")
-    target = Path(package_dir or Path(deepgen_components.__file__).parent / "presets") / "deepgen-shapes"
+    target = Path(package_dir) / "deepgen-shapes" if package_dir is not None else SHAPES_PRESET_DIR
     staging = target.with_name(target.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(source, staging)
@@ -287,7 +286,7 @@ def install_preset(run: str | Path, package_dir: str | Path | None = None) -> Pa
 def cmd_shapes(args) -> int:
     import torch
 
-    from deepgen_components.cli import check_device, check_output_path
+    from deepgen_components.cli.args import check_device, check_output_path
 
     if not args.install_only:  # every flag checked before the run folder is made
         check_output_path(args.out, folder=True)
@@ -324,7 +323,7 @@ def cmd_shapes(args) -> int:
 
 
 def add_commands(sub) -> None:
-    from deepgen_components.cli import non_negative_float, positive_int
+    from deepgen_components.cli.args import non_negative_float, positive_int
 
     p = sub.add_parser("shapes", help="shapes world: base models + stages 1-3 + held-out evals, one command")
     p.add_argument("--out", default="runs/shapes", help="run folder (default: runs/shapes); resumes")

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from deepgen_components.cli import (
+from deepgen_components.cli.args import (
     add_model_args,
     check_output_path,
     image_side,

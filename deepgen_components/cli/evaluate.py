@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from deepgen_components.cli import (
+from deepgen_components.cli.args import (
     add_model_args,
     check_output_path,
     image_side,
@@ -25,12 +25,12 @@ from deepgen_components.cli import (
     non_negative_float,
     positive_int,
 )
+from deepgen_components.denoising import MODES as OPTIMIZE_MODES
 from deepgen_components.evaluation.evaluators import Sample, build_evaluator
 from deepgen_components.evaluation.harness import generate, resolve_settings, sample_seeds
 from deepgen_components.evaluation.layouts import make_layout, write_text_atomic
 from deepgen_components.evaluation.prompts import BENCHMARKS, load_prompts
 from deepgen_components.evaluation.report import contact_sheet, write_summary
-from deepgen_components.fastpath import MODES as OPTIMIZE_MODES
 
 __all__ = ["add_commands", "cmd_eval"]
 

@@ -2,7 +2,7 @@
 
 Every MR-GRPO reward takes a batch of generated images plus their prompts and returns one float32 score per
 image (reference §4: "every reward function is evaluated on every image"; the per-category weights enter only
-the advantage computation, see :mod:`deepgen_components.rewards.weights`).
+the advantage computation, see :mod:`deepgen_components.rl.rewards.weights`).
 
 The registry maps names to factories so that a training config can say ``rewards: [clip, ocr, judge]`` and so
 that other modules can add rewards later (``register_reward("shapes", make_shapes_reward)``).

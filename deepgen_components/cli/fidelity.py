@@ -487,7 +487,7 @@ def _check_generation(model, golden: GoldenSet, rec: _Recorder, task: str, spec:
     """Sampling: scheduler grid, each step isolated (golden step latents -> DiT -> CFG -> Euler), then the
     whole generation end to end (the pipeline, or the model API where the pipeline cannot take the inputs)."""
     from deepgen_components.pipeline import DeepGenPipeline
-    from deepgen_components.sampling import euler_step, flow_match_sigmas, guidance
+    from deepgen_components.rl.sampling import euler_step, flow_match_sigmas, guidance
 
     prefix = f"gen_{task}"
     if f"{prefix}.initial_noise" not in golden:

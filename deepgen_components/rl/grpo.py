@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from deepgen_components.bridge import BridgeOutput
-from deepgen_components.sampling import cps_step, flow_grpo_step, flow_match_sigmas
+from deepgen_components.rl.sampling import cps_step, flow_grpo_step, flow_match_sigmas
 
 __all__ = [
     "MRGRPOLoss",
