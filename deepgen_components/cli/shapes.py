@@ -136,7 +136,7 @@ def run_shapes(
 
     from deepgen_components.pipeline import DeepGenPipeline
     from deepgen_components.shapes.base import PromptEncoderPipeline, ShapesBaseConfig, build_base
-    from deepgen_components.training import shapes_eval
+    from deepgen_components.shapes import evaluation as shapes_eval
     from deepgen_components.training.rl import train_rl
     from deepgen_components.training.trainer import train
 
