@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from deepgen_components.shapes import EditTask, ShapesEval, ShapesWorld
+from deepgen_components.shapes.evaluator import ShapesEval
+from deepgen_components.shapes.world import EditTask, ShapesWorld, parse_instruction
 
 __all__ = ["EvalSet", "ShapesScores", "evaluate_pipeline", "image_grid", "eval_set"]
 
@@ -119,8 +120,6 @@ def evaluate_pipeline(pipe, evals: EvalSet, *, steps: int = 20, guidance: float 
         edit_success = _mean(results, "success")
         # The stage-3 reward of an edit prompt: the output scored against the scene the edit should produce.
         edit_reward = sum(evaluator.reward(out, task.target) for task, out in zip(evals.edits, edited)) / len(edited)
-        from deepgen_components.shapes import parse_instruction
-
         kinds: dict[str, list] = {}
         for task, result in zip(evals.edits, results):
             kinds.setdefault(parse_instruction(task.instruction).kind, []).append(result)
