@@ -19,13 +19,13 @@ from deepgen_components.cli.shapes import CONFIGS as SHAPES_CONFIGS
 from deepgen_components.cli.shapes import QUICK_OVERRIDES, STAGES, parse_sets, run_shapes
 from deepgen_components.shapes import ShapesWorld, parse_instruction
 from deepgen_components.shapes.base import (
-    PromptEncoder,
     ShapesBaseConfig,
     latent_foreground,
     make_shapes_data,
     shapes_tokenizer,
 )
 from deepgen_components.shapes.evaluation import eval_set
+from deepgen_components.shapes.teacher import PromptEncoder
 
 ROWS = [
     "base DiT (own prompt encoder)",
@@ -203,7 +203,7 @@ def test_the_prompt_encoder_teacher_is_the_base_dit_under_its_own_encoder(quick_
     from deepgen_components.training.config import load_config
     from deepgen_components.training.trainer import train
 
-    from deepgen_components.shapes.base import PromptEncoderPipeline, PromptEncoderTeacher
+    from deepgen_components.shapes.teacher import PromptEncoderPipeline, PromptEncoderTeacher
 
     out, _ = quick_run
     teacher = PromptEncoderTeacher.from_base(out / "base")
@@ -243,7 +243,7 @@ def test_the_teachers_feature_loss_compares_the_bridge_at_the_prompts_words(quic
     pooled vectors); zero exactly when they agree, whatever the other context tokens hold; "" is skipped."""
     from deepgen_components.bridge import BridgeOutput
     from deepgen_components.pipeline import DeepGenPipeline
-    from deepgen_components.shapes.base import PromptEncoderTeacher
+    from deepgen_components.shapes.teacher import PromptEncoderTeacher
 
     out, _ = quick_run
     teacher = PromptEncoderTeacher.from_base(out / "base", feature_weight=1.0)

@@ -264,7 +264,7 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     teacher = None
     if cfg.model.teacher:  # the base DiT under its own prompt encoder, frozen (a copy: stage 2 trains the DiT)
-        from deepgen_components.shapes.base import PromptEncoderTeacher
+        from deepgen_components.shapes.teacher import PromptEncoderTeacher
 
         teacher = PromptEncoderTeacher.from_base(
             cfg.model.teacher, target=cfg.model.teacher_target, feature_weight=cfg.model.teacher_features

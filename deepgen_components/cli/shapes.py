@@ -5,14 +5,13 @@
     deepgen shapes --out runs/gpu --device cuda --set base.dit_steps=3000 --set base.dit_batch=128
     deepgen shapes --out runs/p --base-from runs/gpu --install   # reuse a base; ship the result as the preset
 
-Status (docs/shapes.md): with a base DiT at 6x the committed budget (made on a GPU), the chain meets every target
-(edits evaluated without CFG) and its result ships as the ``deepgen-shapes`` preset; from scratch on 2 CPU cores
-it meets every target in 32 minutes, edits at 70.4 % by one edit of 54 (runs/cpu6 in docs/shapes.md).
+docs/shapes.md has what the chain measures (on 2 CPU cores, and from a GPU-made base: the shipped
+``deepgen-shapes`` preset).
 
-Top to bottom: base models (``shapes_base``: world tokenizer, VAE, DiT pretrained under its own prompt encoder,
+Top to bottom: base models (``shapes.base``: world tokenizer, VAE, DiT pretrained under its own prompt encoder,
 VLM LM) -> stage 1 ``align`` and stage 2 ``sft`` with OUR recipe (``trainer.train``) from
 ``configs/align_shapes.yaml`` / ``sft_shapes.yaml`` -> stage 3 MR-GRPO with ``rl.train_rl`` from
-``rl_shapes.yaml`` -> after every stage, the fixed held-out evaluation (``shapes_eval``) -> ``report.json``,
+``rl_shapes.yaml`` -> after every stage, the fixed held-out evaluation (``shapes.evaluation``) -> ``report.json``,
 ``report.md`` (the per-stage table) and image grids. Every part resumes: a finished part (its pipeline folder
 exists) is skipped, an interrupted stage resumes from its last checkpoint.
 """
@@ -135,8 +134,9 @@ def run_shapes(
     import torch
 
     from deepgen_components.pipeline import DeepGenPipeline
-    from deepgen_components.shapes.base import PromptEncoderPipeline, ShapesBaseConfig, build_base
     from deepgen_components.shapes import evaluation as shapes_eval
+    from deepgen_components.shapes.base import ShapesBaseConfig, build_base
+    from deepgen_components.shapes.teacher import PromptEncoderPipeline
     from deepgen_components.training.rl import train_rl
     from deepgen_components.training.trainer import train
 
