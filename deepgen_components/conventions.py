@@ -5,15 +5,20 @@ torch-free ONNX Runtime / TensorRT runtime so that both follow one implementatio
   block per reference, then ``\\n{instruction}`` for editing);
 * left padding and the official truncation of long prompts (keep the last tokens);
 * the Qwen2/2.5-VL multi-axis rope positions (M-RoPE) over real tokens, left pads at a fixed position;
-* the resize rules (``fix_pixels`` for training, long side <= target for inference references), image <-> [-1, 1]
-  arrays, and the official uint8 conversion.
+* the resize rules (``fix_pixels`` for training, long side <= target for inference references), the reference
+  normalisation of a pipeline's ``image`` argument, image <-> [-1, 1] arrays, and the official uint8 conversion;
+* the vision tower's patch layout (sizes, the order patches are cut in);
+* the sampling loop's rules: diffusers' FlowMatch Euler grid, classifier-free guidance, the Euler update and the
+  DiT batch order under CFG. ``guidance`` and ``euler_update`` are plain arithmetic and take numpy arrays or
+  torch tensors alike; ``tests/test_runtime_mirror.py`` pins the torch-free loop to the PyTorch one.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -25,16 +30,23 @@ __all__ = [
     "T2I_WRAPPER",
     "USER_TURN",
     "VISION_BLOCK",
+    "VISION_RESIZE_FACTOR",
+    "cfg_order",
     "edit_prompt",
+    "euler_update",
     "fix_pixels_size",
+    "flow_match_grid",
+    "guidance",
     "left_pad",
     "limit_long_side_size",
     "log_reference_resize",
     "mrope_positions",
     "nearest_multiples",
     "output_size",
+    "patch_layout",
     "pil_to_array",
     "pixels_to_uint8_array",
+    "reference_pixels",
     "references_per_prompt",
     "t2i_prompt",
     "truncate_official",
@@ -49,6 +61,8 @@ IMAGE_PAD = "<|image_pad|>"
 # The Qwen2.5-VL image processor's normalisation (CLIP's mean / std), applied to [0, 1] pixels.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# DeepGen's first VLM preprocessing step: a bilinear resize by 28/32 (a 512 px reference becomes 448 px).
+VISION_RESIZE_FACTOR = 28 / 32
 
 # Official DeepGen fills left-pad positions with 1 (transformers 4.x ``get_rope_index``). Pad positions never
 # influence real tokens: a pad query row sees no key and pad keys are masked for every real query.
@@ -251,6 +265,53 @@ def log_reference_resize(image, size: tuple[int, int], target: int) -> None:
         )
 
 
+def reference_pixels(
+    image,
+    batch: int,
+    target: int,
+    *,
+    array_type: type,
+    from_array: Callable,
+    from_pil: Callable = pil_to_array,
+    kind: str = "array",
+    path_hint: str = "",
+) -> list[list] | None:
+    """Per prompt, the list of reference pixels (3, H, W) in [-1, 1] at the official inference size (long side
+    <= ``target``, sides multiples of 32); None without references.
+
+    ``image`` is a pipeline's argument (:func:`references_per_prompt`). PIL images (any mode) are resized and
+    converted by ``from_pil(image, size)`` (bicubic, :func:`pil_to_array` by default); arrays of ``array_type``,
+    which must be (3, H, W) in [-1, 1], go through ``from_array(array, size)`` (the PyTorch pipeline resizes
+    them, the torch-free runtime takes only arrays of the right size). ``kind`` names the array type in errors
+    ("tensor", "array"); ``path_hint`` is added to the error for a file path given instead of an image.
+    """
+    per_prompt = references_per_prompt(image, batch)
+    if per_prompt is None:
+        return None
+    article = "an" if kind[:1] in tuple("aeiou") else "a"
+    out = []
+    for refs in per_prompt:
+        pixels = []
+        for ref in refs:
+            if isinstance(ref, array_type):
+                if ref.ndim != 3 or ref.shape[0] != 3:
+                    raise ValueError(
+                        f"image: {article} {kind} reference must be (3, H, W) in [-1, 1], got {tuple(ref.shape)}"
+                    )
+                pixels.append(from_array(ref, limit_long_side_size(ref.shape[-2], ref.shape[-1], target)))
+                continue
+            if not hasattr(ref, "convert"):
+                hint = f" ({path_hint})" if path_hint and isinstance(ref, (str, os.PathLike)) else ""
+                raise ValueError(f"image: expected PIL images or (3, H, W) {kind}s, got {type(ref).__name__}{hint}")
+            if ref.width < 1 or ref.height < 1:
+                raise ValueError(f"image: a reference is {ref.width}x{ref.height} px; give a non-empty image")
+            size = limit_long_side_size(ref.height, ref.width, target)
+            log_reference_resize(ref, size, target)
+            pixels.append(from_pil(ref, size))
+        out.append(pixels)
+    return out
+
+
 def output_size(
     height: int | None, width: int | None, reference_sizes: Sequence[Sequence[tuple[int, int]]] | None, image_size: int
 ) -> tuple[int, int]:
@@ -271,3 +332,90 @@ def output_size(
                 f"{name} must be a positive multiple of 32, got {value}; nearest valid: {nearest_multiples(int(value), 32)}"
             )
     return height, width
+
+
+# -- vision patches ----------------------------------------------------------------------------------------------
+
+
+def patch_layout(
+    height: int,
+    width: int,
+    *,
+    patch_size: int = 14,
+    temporal_patch_size: int = 2,
+    merge_size: int = 2,
+    source: tuple[int, int] | None = None,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, int], tuple[int, int, int]]:
+    """How a reference resized to ``height`` x ``width`` is cut into Qwen2.5-VL vision patches.
+
+    Returns ``(blocks, order, patches, grid)``: reshape the (1, tp, 3, H, W) frames to ``blocks``, transpose them
+    by ``order`` and reshape to ``patches`` = (N, 3*tp*p*p), i.e. patches ordered (t, row-block, col-block,
+    row-in-merge, col-in-merge) with features ordered (channel, temporal, py, px); ``grid`` is (t, h, w) in
+    patches. Sides must be multiples of patch * merge (``source``: the size before the resize, for the error).
+    """
+    unit = patch_size * merge_size
+    if height % unit or width % unit:
+        before = source if source is not None else (height, width)
+        raise ValueError(
+            f"pixels: a {before[0]}x{before[1]} reference resizes to {height}x{width}, which is not a multiple of "
+            f"{unit}; reference sides must be multiples of 32"
+        )
+    gh, gw = height // unit, width // unit
+    # dims: t tp c (h m p) (w n q) -> (t h w m n) (c tp p q)
+    blocks = (1, temporal_patch_size, 3, gh, merge_size, patch_size, gw, merge_size, patch_size)
+    order = (0, 3, 6, 4, 7, 2, 1, 5, 8)
+    patches = (gh * gw * merge_size * merge_size, 3 * temporal_patch_size * patch_size * patch_size)
+    return blocks, order, patches, (1, height // patch_size, width // patch_size)
+
+
+# -- sampling ----------------------------------------------------------------------------------------------------
+
+_UNSUPPORTED_SCHEDULER_OPTIONS = (
+    "use_dynamic_shifting", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+    "shift_terminal", "stochastic_sampling",
+)
+
+
+def flow_match_grid(scheduler_config: dict, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps (N,), sigmas (N + 1,)) float32 of diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(N)``
+    for a static shift (no dynamic shifting, no Karras/exponential/beta sigmas, no terminal stretch).
+
+    Construction: sigma_max/min are the first/last entries of the training table (float32:
+    s * x / (1 + (s - 1) x) with x = linspace(1, T, T)[::-1] / T); the grid is linspace(1000 sigma_max,
+    1000 sigma_min, N) / T in float64, shifted again in float64, rounded to float32; timesteps = sigmas * T in
+    float32; a terminal 0 is appended."""
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    cfg = scheduler_config
+    unsupported = [key for key in _UNSUPPORTED_SCHEDULER_OPTIONS if cfg.get(key)]
+    if unsupported:
+        raise ValueError(f"scheduler: options {unsupported} are not supported by the exported runtimes")
+    train_steps = int(cfg.get("num_train_timesteps", 1000))
+    shift = float(cfg.get("shift", 1.0))
+    table = np.linspace(1, train_steps, train_steps, dtype=np.float32)[::-1] / np.float32(train_steps)
+    table = np.float32(shift) * table / (np.float32(1) + np.float32(shift - 1) * table)
+    sigma_max, sigma_min = float(table[0]), float(table[-1])
+    timesteps = np.linspace(sigma_max * train_steps, sigma_min * train_steps, num_inference_steps)
+    sigmas = timesteps / train_steps
+    sigmas = (shift * sigmas / (1 + (shift - 1) * sigmas)).astype(np.float32)
+    timesteps = (sigmas * np.float32(train_steps)).astype(np.float32)
+    return timesteps, np.concatenate([sigmas, np.zeros(1, np.float32)])
+
+
+def guidance(velocity_uncond, velocity_cond, scale: float):
+    """Classifier-free guidance on velocities: v_u + s * (v_c - v_u) (numpy arrays or torch tensors)."""
+    return velocity_uncond + scale * (velocity_cond - velocity_uncond)
+
+
+def euler_update(x, velocity, dt):
+    """One Euler step of the flow ODE, x + dt * v with dt = sigma_next - sigma (numpy arrays or torch tensors;
+    the loops keep x and v in float32 whatever the model's dtype, so low-precision weights do not round the
+    trajectory at every step)."""
+    return x + dt * velocity
+
+
+def cfg_order(batch: int) -> np.ndarray:
+    """Under CFG the condition is encoded for ``[prompts; negatives]`` (2 * batch rows) and the DiT runs on
+    ``[negatives; prompts]``, so that its velocity splits into (unconditional, conditional) halves: the rows
+    ``[batch, ..., 2 batch - 1, 0, ..., batch - 1]``, int64."""
+    return np.concatenate([np.arange(batch, 2 * batch), np.arange(batch)]).astype(np.int64)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from deepgen_components.export import parity as parity_gate
-from deepgen_components.export.runtime import FORMAT_VERSION, MANIFEST_NAME, SUPPORTED_OPSETS
+from deepgen_components.export.manifest import FORMAT_VERSION, MANIFEST_NAME, SUPPORTED_OPSETS
 from deepgen_components.export.specs import STAGES, ExportRanges, build_specs, model_config
 
 __all__ = ["DEFAULT_OPSET", "FALLBACK_OPSET", "ExportError", "export_model", "library_versions"]
@@ -128,9 +128,7 @@ def precision_summary(path: Path) -> dict:
 
 
 def _to_torch_inputs(spec, arrays: dict[str, np.ndarray]) -> dict:
-    from deepgen_components.export.parity import _to_torch
-
-    return {name: _to_torch(arrays[name], spec.dtype) for name in spec.input_names}
+    return {name: parity_gate.to_torch(arrays[name], spec.dtype) for name in spec.input_names}
 
 
 def _export_once(spec, module, example: dict[str, np.ndarray], path: Path, opset: int) -> None:

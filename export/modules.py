@@ -129,7 +129,7 @@ class ConditionEncoder(nn.Module):
 
 class VisionEncoder(nn.Module):
     """One reference through the Qwen2.5-VL vision tower: patches (N, 1176), position_ids (N, 2), window_ids (N,)
-    -> merged features (N / merge^2, D). Inputs and output are in window order (``runtime.vision_inputs``).
+    -> merged features (N / merge^2, D). Inputs and output are in window order (``preprocessing.vision_inputs``).
 
     The tower's blocks, norms, MLPs, rotary table and merger are the model's own; only the attention is written
     out, so that windows become a mask (tokens attend within their window, or to everything in the

@@ -3,8 +3,9 @@
     pipe = OnnxDeepGenPipeline("exported/")                 # a folder written by `deepgen export`
     images = pipe("a red circle", num_inference_steps=28, generator=0).images
 
-The loop, preprocessing and scheduler are :mod:`deepgen_components.export.runtime` (numpy); this module only
-creates the sessions (lazily, one per stage) and moves numpy arrays in and out of them.
+The loop is :mod:`deepgen_components.export.staged`, the preprocessing :mod:`deepgen_components.export.preprocessing`
+and the manifest reader :mod:`deepgen_components.export.manifest` (numpy); this module only creates the sessions
+(lazily, one per stage) and moves numpy arrays in and out of them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from deepgen_components.export.runtime import ExportedModel, StagedPipeline, StagedPipelineOutput
+from deepgen_components.export.manifest import ExportedModel
+from deepgen_components.export.staged import StagedPipeline, StagedPipelineOutput
+
+from deepgen_components.conventions import euler_update
 
 __all__ = ["OnnxDeepGenPipeline", "StagedPipelineOutput", "session_options"]
 
@@ -115,7 +119,7 @@ class OnnxDeepGenPipeline(StagedPipeline):
         return bool(np.isfinite(array.astype(np.float32)).all())
 
     def _euler(self, latents: np.ndarray, velocity: np.ndarray, dt: np.float32) -> np.ndarray:
-        return (latents.astype(np.float32) + dt * velocity.astype(np.float32)).astype(velocity.dtype)
+        return euler_update(latents.astype(np.float32), velocity.astype(np.float32), dt).astype(velocity.dtype)
 
 
 def _provider_name(provider) -> str:

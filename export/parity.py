@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["RELATIVE_ERROR", "TOLERANCES", "ParityError", "check_parity", "compare_outputs"]
+__all__ = ["RELATIVE_ERROR", "TOLERANCES", "ParityError", "check_parity", "compare_outputs", "to_torch"]
 
 RELATIVE_ERROR = "max|ort - torch| / max(max|torch|, 1e-12) over the compared (non-pad) elements"
 TOLERANCES = {"float32": 1e-4}
@@ -44,7 +44,9 @@ def compare_outputs(ort_value: np.ndarray, torch_value: np.ndarray, rows: np.nda
     return {"max_abs": max_abs, "relative": relative, "compared": int(torch_value.size)}
 
 
-def _to_torch(array: np.ndarray, dtype: str):
+def to_torch(array: np.ndarray, dtype: str):
+    """A numpy input as the torch tensor the PyTorch module takes: floats (bf16 through ml_dtypes) as float32, or
+    bfloat16 for a bfloat16 array; other dtypes as they are."""
     import torch
 
     if array.dtype.kind == "f" or str(array.dtype) == "bfloat16":
@@ -75,7 +77,7 @@ def check_parity(
     for values in points:
         inputs = spec.make_inputs(values, rng)
         with torch.no_grad():
-            expected = module(**{name: _to_torch(inputs[name], spec.dtype) for name in spec.input_names})
+            expected = module(**{name: to_torch(inputs[name], spec.dtype) for name in spec.input_names})
         expected = expected if isinstance(expected, tuple) else (expected,)
         got = session.run(spec.output_names, inputs)
         rows = spec.compare_rows(inputs) if spec.compare_rows is not None else {}

@@ -15,7 +15,7 @@ Stages (graph inputs -> outputs; B batch, L prompt tokens, N think tokens, D VLM
   computed outside), image_features (B, L, D) (the vision tower's output at the image-token slots, zeros for
   text-to-image) -> context (B, L + N, C) [(B, N, C) with ``tokens="think"``], pooled (B, P), mask bool.
 * ``vision_encoder``: one reference's patches (4u, 1176) in window order, their (row, col) rope positions and
-  window ids -> merged features (u, D) in window order (see ``runtime.vision_inputs``).
+  window ids -> merged features (u, D) in window order (see ``preprocessing.vision_inputs``).
 * ``dit`` / ``dit_edit``: ConditionedDiT with classifier-free guidance folded into the batch; ``dit_edit``
   also takes one reference latent per sample.
 * ``vae_decoder``: latents -> pixels (includes latents / scale + shift); ``vae_encoder``: pixels -> posterior
@@ -437,18 +437,13 @@ def _left_padded_mask(batch: int, length: int, rng: np.random.Generator, min_rea
     return mask
 
 
-def _np_float(dtype: str):
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return np.dtype(dtype)
-
-
 def _input_maker(stage: str, config: dict, dtype: str) -> Callable:
-    from deepgen_components.export import runtime
+    from deepgen_components.export.manifest import numpy_dtype
+    from deepgen_components.export.preprocessing import vision_inputs as window_ordered_inputs
 
-    fdt = _np_float(dtype)
+    from deepgen_components.conventions import mrope_positions
+
+    fdt = numpy_dtype(dtype)
     think = config["num_think_tokens"]
     merge = config["spatial_merge_size"]
 
@@ -471,7 +466,7 @@ def _input_maker(stage: str, config: dict, dtype: str) -> Callable:
                 grids.append((1, 2 * merge, 2 * merge))
         ext_ids = np.concatenate([ids, np.zeros((batch, think), np.int64)], axis=1)
         ext_mask = np.concatenate([mask, np.ones((batch, think), np.int64)], axis=1)
-        positions = runtime.mrope_position_ids(
+        positions = mrope_positions(
             ext_ids, ext_mask, grids, image_token_id=image_id, spatial_merge_size=merge, pad_position=config["pad_position"]
         )
         return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "image_features": features.astype(fdt)}
@@ -482,7 +477,7 @@ def _input_maker(stage: str, config: dict, dtype: str) -> Callable:
         grid = (1, rows * merge, units // rows * merge)
         width = config["vision_in_channels"] * config["temporal_patch_size"] * config["patch_size"] ** 2
         patches = rng.standard_normal((units * merge * merge, width)).astype(np.float32)
-        feeds, _ = runtime.vision_inputs(
+        feeds, _ = window_ordered_inputs(
             patches, grid, merge_size=merge, window_size=config["vision_window_size"], patch_size=config["patch_size"]
         )
         feeds["patches"] = feeds["patches"].astype(fdt)

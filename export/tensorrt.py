@@ -23,8 +23,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from deepgen_components.export.runtime import ExportedModel, StagedPipeline
+from deepgen_components.export.manifest import ExportedModel
 from deepgen_components.export.specs import ExportRanges, ExportSpec, stage_dims
+from deepgen_components.export.staged import StagedPipeline
+
+from deepgen_components.conventions import euler_update
 
 __all__ = [
     "EngineRunner",
@@ -403,7 +406,7 @@ class TensorRTDeepGenPipeline(StagedPipeline):
         return bool(torch.isfinite(array).all())
 
     def _euler(self, latents, velocity, dt: np.float32):
-        return (latents.float() + float(dt) * velocity.float()).to(velocity.dtype)
+        return euler_update(latents.float(), velocity.float(), float(dt)).to(velocity.dtype)
 
     def _synced(self, start: float) -> float:
         import torch

@@ -1,22 +1,20 @@
 """The torch-free runtime's numpy ports and the exported stage wrappers, against the PyTorch originals (no export).
 
-The ONNX Runtime pipeline reproduces the PyTorch pipeline only if every piece it re-implements does: the
-scheduler grid, tokenization with left padding, M-RoPE positions, DeepGen's reference preprocessing (torch's
+The ONNX Runtime pipeline reproduces the PyTorch pipeline only if every piece it re-implements does:
+tokenization with left padding, M-RoPE positions, DeepGen's reference preprocessing (torch's
 bilinear coordinate rule), the vision tower's window layout. The wrappers that get exported must compute exactly
-what the library's API computes.
+what the library's API computes. (The scheduler grid and the sampling loop: tests/test_runtime_mirror.py.)
 """
 
 import numpy as np
 import pytest
 import torch
-from deepgen_components.export import modules, runtime
+from deepgen_components.export import modules, preprocessing
 from deepgen_components.export.specs import ExportRanges, build_specs, model_config
 from PIL import Image
 
-from deepgen_components import deepgen_tiny, processing
-from deepgen_components.rl.sampling import flow_match_sigmas
+from deepgen_components import conventions, deepgen_tiny, processing
 from deepgen_components.think_tokens import mrope_position_ids
-from deepgen_components.tiny import tiny_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -33,32 +31,12 @@ def tokenizer_file(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def processor(model, tokenizer_file):
-    return runtime.PromptProcessor(model_config(model), tokenizer_file)
+    return preprocessing.PromptProcessor(model_config(model), tokenizer_file)
 
 
 def picture(width: int, height: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-# -- scheduler --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("shift", [1.0, 3.0])
-@pytest.mark.parametrize("steps", [1, 2, 7, 28, 50])
-def test_numpy_flow_match_grid_equals_diffusers_set_timesteps_bit_for_bit(shift, steps):
-    scheduler = tiny_scheduler()
-    scheduler.register_to_config(shift=shift)
-    scheduler = type(scheduler).from_config(scheduler.config)
-    timesteps, sigmas = flow_match_sigmas(scheduler, steps)
-    np_timesteps, np_sigmas = runtime.flow_match_grid(dict(scheduler.config), steps)
-    assert np.array_equal(np_timesteps, timesteps.numpy())
-    assert np.array_equal(np_sigmas, sigmas.numpy())
-
-
-def test_flow_match_grid_refuses_dynamic_shifting():
-    with pytest.raises(ValueError, match="use_dynamic_shifting"):
-        runtime.flow_match_grid({"shift": 3.0, "use_dynamic_shifting": True}, 10)
 
 
 # -- prompts ----------------------------------------------------------------------------------------------------
@@ -80,7 +58,7 @@ def test_prompt_processor_tokenizes_pads_and_positions_like_tokenize_prompts(mod
 
 def test_prompt_processor_truncates_long_prompts_the_official_way(model, processor, tokenizer_file):
     long_prompt = "word " * 400
-    short = runtime.PromptProcessor(dict(processor.config, max_length=64), tokenizer_file)
+    short = preprocessing.PromptProcessor(dict(processor.config, max_length=64), tokenizer_file)
     got = short([long_prompt, "short"])
     expected = processing.tokenize_prompts(model.tokenizer, [long_prompt, "short"], max_length=64)
     assert got.input_ids.shape[1] == 64
@@ -100,7 +78,7 @@ def test_numpy_mrope_positions_equal_the_torch_routine_with_images_and_padding()
     expected = mrope_position_ids(
         torch.from_numpy(ids), torch.from_numpy(mask), torch.tensor(grids), image_token_id=image, spatial_merge_size=2
     )
-    got = runtime.mrope_position_ids(ids, mask, grids, image_token_id=image, spatial_merge_size=2)
+    got = conventions.mrope_positions(ids, mask, grids, image_token_id=image, spatial_merge_size=2)
     assert np.array_equal(got, expected.numpy())
 
 
@@ -111,7 +89,7 @@ def test_numpy_mrope_positions_equal_the_torch_routine_with_images_and_padding()
 def test_numpy_vision_patches_follow_torch_bilinear_resize_and_patch_order(size):
     pixels = torch.rand(3, *size) * 2 - 1
     expected, grid = processing.vision_patches(pixels)
-    got, np_grid = runtime.vision_patches(pixels.numpy())
+    got, np_grid = preprocessing.vision_patches(pixels.numpy())
     assert list(np_grid) == grid[0].tolist()
     # Same source indices and weights as torch; the blend's float32 rounding differs by at most an ulp or two.
     assert np.abs(got - expected.numpy()).max() < 2e-6
@@ -120,9 +98,9 @@ def test_numpy_vision_patches_follow_torch_bilinear_resize_and_patch_order(size)
 @pytest.mark.parametrize("size", [(300, 200), (64, 64), (1000, 40)])
 def test_reference_resize_rule_and_pixels_equal_the_torch_helpers(size):
     image = picture(*size, seed=3)
-    target = runtime.limit_long_side_size(image.height, image.width, 64)
+    target = conventions.limit_long_side_size(image.height, image.width, 64)
     assert target == processing.limit_long_side_size(image.height, image.width, 64)
-    assert np.array_equal(runtime.pil_to_pixels(image, target), processing.pil_to_pixels(image, target).numpy())
+    assert np.array_equal(conventions.pil_to_array(image, target), processing.pil_to_pixels(image, target).numpy())
 
 
 @pytest.mark.parametrize("size", [(32, 32), (64, 96), (128, 160)])
@@ -130,7 +108,7 @@ def test_vision_encoder_wrapper_on_window_ordered_inputs_equals_the_vision_tower
     pixels = torch.rand(3, *size) * 2 - 1
     patches, grid = processing.vision_patches(pixels)
     vision = model.encoder.config.vision_config
-    feeds, restore = runtime.vision_inputs(
+    feeds, restore = preprocessing.vision_inputs(
         patches.numpy(), tuple(grid[0].tolist()), merge_size=2, window_size=vision.window_size, patch_size=vision.patch_size
     )
     with torch.no_grad():
@@ -146,7 +124,7 @@ def test_vision_encoder_wrapper_on_window_ordered_inputs_equals_the_vision_tower
 def test_condition_encoder_wrapper_equals_encode_tokens_in_every_bridge_mode(mask_padding, tokens, tmp_path):
     model = deepgen_tiny(seed=1, mask_padding=mask_padding, tokens=tokens)
     model.tokenizer.save_pretrained(str(tmp_path))
-    processor = runtime.PromptProcessor(model_config(model), tmp_path / "tokenizer.json")
+    processor = preprocessing.PromptProcessor(model_config(model), tmp_path / "tokenizer.json")
     prompts = ["a red cat", "a much longer prompt about the deep blue sea"]
     references = [[processing.pil_to_pixels(picture(64, 64, 0))], [processing.pil_to_pixels(picture(96, 64, 1))]]
     batch = processing.tokenize_prompts(model.tokenizer, prompts, references)

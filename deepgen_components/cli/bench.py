@@ -428,7 +428,7 @@ def _exported_rows(cfg: BenchConfig, model, modes, result: SuiteResult, add, do_
             texts = prompts + [""] * cfg.batch if do_cfg else prompts
             stage_feeds = _stage_feeds(staged, texts, start_noise, do_cfg)
             for stage, (name, feeds) in stage_feeds.items():
-                ms, spread = time_fn(lambda n=name, f=feeds, sp=staged: sp._stage(n, f), device, warmup=cfg.warmup,
+                ms, spread = time_fn(lambda n=name, f=feeds, sp=staged: sp.run_stage(n, f), device, warmup=cfg.warmup,
                                      repeats=cfg.repeats)
                 ref = eager.get((stage, cfg.resolution, cfg.batch))
                 add(Row(cfg.preset, mode, stage, cfg.resolution, cfg.batch, do_cfg, None, ms, spread,
@@ -453,23 +453,16 @@ def _stage_feeds(staged, texts, start_noise, do_cfg: bool) -> dict:
     decoder, made with the staged pipeline's own preprocessing and dtypes, so the feeds are what its loop runs."""
     import numpy as np
 
-    tokens = staged.processor(texts)
-    condition_feeds = {
-        "input_ids": tokens.input_ids,
-        "attention_mask": tokens.attention_mask,
-        "position_ids": tokens.position_ids,
-        "image_features": staged._image_features(tokens).astype(staged._float_dtype("condition_encoder")),
-    }
-    condition_feeds = {k: staged._asarray(v) for k, v in condition_feeds.items()}
-    condition = staged._stage("condition_encoder", condition_feeds)
-    dit_dtype = staged._float_dtype("dit")
-    noise = start_noise.astype(dit_dtype)
-    latents = staged._asarray(np.concatenate([noise, noise]) if do_cfg else noise)
-    dit_feeds = {"hidden_states": latents, "encoder_hidden_states": condition["context"], "pooled": condition["pooled"],
-                 "timestep": staged._asarray(np.full((latents.shape[0],), 500.0, dtype=np.float32))}
+    condition_feeds = staged.condition_feeds(staged.processor(texts))
+    condition = staged.run_stage("condition_encoder", condition_feeds)
+    noise = np.concatenate([start_noise, start_noise]) if do_cfg else start_noise
+    dit_feeds = staged.prepare_feeds("dit", {
+        "hidden_states": noise, "encoder_hidden_states": condition["context"], "pooled": condition["pooled"],
+        "timestep": np.full((noise.shape[0],), 500.0, dtype=np.float32),
+    })
     if staged.config["mask_padding"]:
         dit_feeds["context_mask"] = condition["mask"]
-    decoder_feeds = {"latents": staged._asarray(start_noise.astype(staged._float_dtype("vae_decoder")))}
+    decoder_feeds = staged.prepare_feeds("vae_decoder", {"latents": start_noise})
     return {
         "condition": ("condition_encoder", condition_feeds),
         "dit_step": ("dit", dit_feeds),
