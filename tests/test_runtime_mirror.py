@@ -16,6 +16,7 @@ from deepgen_components.export.onnx_pipeline import OnnxDeepGenPipeline
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from deepgen_components import conventions
+
 try:
     from deepgen_components.denoising import euler_step, flow_match_sigmas, guidance
 except ImportError:  # until the sampling maths has moved from rl.sampling into denoising
