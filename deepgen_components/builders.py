@@ -17,6 +17,7 @@ from deepgen_components.connector import ConnectorConfig
 from deepgen_components.dit import ConditionedDiT
 from deepgen_components.layer_selection import LayerSelection
 from deepgen_components.model import DeepGenConfig, DeepGenModel
+from deepgen_components.serialization import load_model_folder, model_skeleton
 from deepgen_components.think_tokens import ThinkTokens
 from deepgen_components.tiny import (
     QWEN_SPECIAL_TOKENS,
@@ -460,8 +461,6 @@ def deepgen_shapes(
     edits ("turn the circle into a square") succeed at its own edit scale (no CFG). docs/shapes.md has the numbers, and
     ``training_report.json`` in the folder has the run's. Loads offline in about 3 s on 2 CPU cores;
     ``device="meta"`` builds the same modules from the folder's configs without reading any weights."""
-    from deepgen_components.pipeline import DeepGenPipeline
-
     path = SHAPES_PRESET_DIR
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
@@ -469,35 +468,8 @@ def deepgen_shapes(
             "`deepgen shapes --out runs/shapes --install`"
         )
     if device is not None and str(device) == "meta":
-        return _pipeline_skeleton(path).eval()
-    return DeepGenPipeline.from_pretrained(path, device=device, dtype=dtype).model
-
-
-def _pipeline_skeleton(path: Path) -> DeepGenModel:
-    """A saved ``DeepGenPipeline`` folder's model built from its configs on the meta device (no weights read)."""
-    import json
-
-    import transformers
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import AutoConfig, AutoTokenizer
-
-    index = json.loads((path / "model_index.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-    tokenizer.padding_side = "left"
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
-    think_cfg = json.loads((path / "think_tokens" / "config.json").read_text())
-    with torch.device("meta"):
-        vlm_config = AutoConfig.from_pretrained(path / "vlm")
-        vlm_config._attn_implementation = "sdpa"
-        vlm = getattr(transformers, index["vlm_class"])(vlm_config)
-        think = ThinkTokens(think_cfg["num_tokens"], think_cfg["hidden_size"])
-        bridge = StackedChannelBridge(BridgeConfig.from_dict(json.loads((path / "bridge" / "config.json").read_text())))
-        transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(path / "transformer"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path / "vae"))
-        return DeepGenModel(
-            vlm, think, LayerSelection.from_dict(index["layers"]), bridge, ConditionedDiT(transformer), vae, scheduler,
-            tokenizer, DeepGenConfig.from_dict(index.get("config", {})),
-        )
+        return model_skeleton(path).eval()
+    return load_model_folder(path, device=device, dtype=dtype)
 
 
 PRESETS = {

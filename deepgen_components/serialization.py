@@ -1,0 +1,173 @@
+"""Saved model folders: how a :class:`DeepGenModel` is written to disk and read back.
+
+The layout (``DeepGenPipeline.save_pretrained`` / ``from_pretrained``, the ``deepgen-shapes`` preset): one
+sub-folder per component with its config and safetensors weights (``vlm``, ``think_tokens``, ``bridge``,
+``transformer``, ``vae``) plus ``scheduler`` and ``tokenizer``, and ``model_index.json`` with the model's
+config, the layer selection and the VLM class. No pickles.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from deepgen_components.bridge import BridgeConfig, StackedChannelBridge
+from deepgen_components.dit import ConditionedDiT
+from deepgen_components.layer_selection import LayerSelection
+from deepgen_components.lora import lora_module_names, merge_lora
+from deepgen_components.model import DeepGenConfig, DeepGenModel
+from deepgen_components.think_tokens import ThinkTokens
+
+__all__ = ["COMPONENTS", "FORMAT_VERSION", "load_model_folder", "model_skeleton", "save_model_folder"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+COMPONENTS = ("vlm", "think_tokens", "bridge", "transformer", "vae", "scheduler", "tokenizer")
+
+
+def save_model_folder(model: DeepGenModel, path: str | os.PathLike) -> None:
+    """Write ``model`` to the folder ``path``, atomically: into a temporary folder beside it, then moved in place
+    (an existing folder is replaced only once the new one is complete; a failed save leaves it untouched)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        vlm = _plain_vlm(model.encoder.vlm)
+        vlm.save_pretrained(tmp / "vlm", safe_serialization=True)
+        (tmp / "think_tokens").mkdir()
+        think = model.think_tokens
+        _write_json(tmp / "think_tokens" / "config.json", {"num_tokens": think.num_tokens, "hidden_size": think.hidden_size})
+        save_file({"weight": think.weight.detach().contiguous().cpu()}, str(tmp / "think_tokens" / "model.safetensors"))
+        (tmp / "bridge").mkdir()
+        _write_json(tmp / "bridge" / "config.json", model.bridge.config.to_dict())
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in model.bridge.state_dict().items()},
+            str(tmp / "bridge" / "model.safetensors"),
+        )
+        model.dit.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        model.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        model.scheduler.save_pretrained(tmp / "scheduler")
+        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        _write_json(
+            tmp / "model_index.json",
+            {
+                "_class_name": "DeepGenPipeline",
+                "_library": "deepgen-components",
+                "format_version": FORMAT_VERSION,
+                "config": model.config.to_dict(),
+                "layers": model.layers.to_dict(),
+                "vlm_class": type(vlm).__name__,
+            },
+        )
+        if path.exists():
+            backup = path.with_name(f".{path.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(path, backup)
+            os.replace(tmp, path)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model_folder(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None) -> DeepGenModel:
+    """The model saved in the folder ``path`` (in eval mode), optionally cast to ``dtype`` and moved to ``device``.
+    FileNotFoundError naming the path when the folder or a component folder is missing."""
+    import transformers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    index = _read_index(path)
+    for sub in COMPONENTS:
+        if not (path / sub).is_dir():
+            raise FileNotFoundError(f"path: component folder {path / sub} is missing")
+    vlm_class = getattr(transformers, index["vlm_class"], None)
+    if vlm_class is None:
+        raise ValueError(f"path: unknown VLM class {index['vlm_class']!r} in {path / 'model_index.json'}")
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    vlm = vlm_class.from_pretrained(path / "vlm", attn_implementation="sdpa", **kwargs)
+    think_cfg = json.loads((path / "think_tokens" / "config.json").read_text())
+    think = ThinkTokens(think_cfg["num_tokens"], think_cfg["hidden_size"])
+    think.load_state_dict(load_file(str(path / "think_tokens" / "model.safetensors")))
+    bridge = StackedChannelBridge(BridgeConfig.from_dict(json.loads((path / "bridge" / "config.json").read_text())))
+    bridge.load_state_dict(load_file(str(path / "bridge" / "model.safetensors")))
+    transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    tokenizer.padding_side = "left"
+    model = DeepGenModel(
+        vlm, think, LayerSelection.from_dict(index["layers"]), bridge, transformer, vae, scheduler, tokenizer,
+        DeepGenConfig.from_dict(index.get("config", {})),
+    )
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def model_skeleton(path: str | os.PathLike) -> DeepGenModel:
+    """The model of a saved folder built from its configs on the meta device (no weights read)."""
+    import transformers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    index = json.loads((path / "model_index.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    tokenizer.padding_side = "left"
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
+    think_cfg = json.loads((path / "think_tokens" / "config.json").read_text())
+    with torch.device("meta"):
+        vlm_config = AutoConfig.from_pretrained(path / "vlm")
+        vlm_config._attn_implementation = "sdpa"
+        vlm = getattr(transformers, index["vlm_class"])(vlm_config)
+        think = ThinkTokens(think_cfg["num_tokens"], think_cfg["hidden_size"])
+        bridge = StackedChannelBridge(BridgeConfig.from_dict(json.loads((path / "bridge" / "config.json").read_text())))
+        transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(path / "transformer"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path / "vae"))
+        return DeepGenModel(
+            vlm, think, LayerSelection.from_dict(index["layers"]), bridge, ConditionedDiT(transformer), vae, scheduler,
+            tokenizer, DeepGenConfig.from_dict(index.get("config", {})),
+        )
+
+
+def _read_index(path: Path) -> dict:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"path: {index_file} not found (not a DeepGenPipeline folder)")
+    return json.loads(index_file.read_text())
+
+
+def _plain_vlm(vlm: torch.nn.Module) -> torch.nn.Module:
+    """The VLM as a plain Hugging Face model for saving: a peft wrapper is unwrapped and LoRA layers injected
+    into it (e.g. ``deepgen_from_official(merge_lora=False)``, stage-2 training) are merged into a copy.
+    Saved unmerged, their weights would be unknown keys to ``from_pretrained`` and the wrapped base weights
+    would load as missing (randomly re-initialised)."""
+    if type(vlm).__name__.startswith("Peft") and hasattr(vlm, "get_base_model"):
+        vlm = vlm.get_base_model()
+    if not lora_module_names(vlm):
+        return vlm
+    merged = copy.deepcopy(vlm)
+    count = merge_lora(merged)
+    logger.warning("saving the VLM with its %d LoRA layers merged into the weights", count)
+    return merged
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
