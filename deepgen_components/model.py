@@ -18,12 +18,7 @@ from torch import nn
 from deepgen_components.bridge import BridgeOutput, StackedChannelBridge
 from deepgen_components.dit import ConditionedDiT
 from deepgen_components.layer_selection import LayerSelection
-from deepgen_components.processing import (
-    PromptBatch,
-    limit_long_side_size,
-    pil_to_pixels,
-    tokenize_prompts,
-)
+from deepgen_components.processing import PromptBatch, reference_pixels, tokenize_prompts
 from deepgen_components.think_tokens import ThinkTokens, ThinkTokenVLM, VLMHiddenStates
 
 __all__ = ["DeepGenConfig", "DeepGenModel", "FlowMatchingOutput", "Condition"]
@@ -187,34 +182,17 @@ class DeepGenModel(nn.Module):
         return self.vae.config.latent_channels
 
     # -- condition ---------------------------------------------------------------------------------
-    def _reference_pixels(self, images) -> list[list[torch.Tensor]] | None:
-        """Normalise ``images`` (None, or one entry per prompt: None / image / list of images) to pixels."""
-        if images is None:
-            return None
-        out = []
-        for i, entry in enumerate(images):
-            if entry is None:
-                out.append([])
-                continue
-            items = entry if isinstance(entry, (list, tuple)) else [entry]
-            pixels = []
-            for j, item in enumerate(items):
-                if isinstance(item, torch.Tensor):
-                    if item.dim() != 3 or item.shape[0] != 3 or item.shape[-1] % 32 or item.shape[-2] % 32:
-                        raise ValueError(
-                            f"images[{i}][{j}]: a tensor reference must be (3, H, W) in [-1, 1] with H and W "
-                            f"multiples of 32, got {tuple(item.shape)}"
-                        )
-                    pixels.append(item)
-                else:
-                    size = limit_long_side_size(item.height, item.width, self.config.image_size)
-                    pixels.append(pil_to_pixels(item, size))
-            out.append(pixels)
-        return out
+    def reference_pixels(self, images) -> list[list[torch.Tensor]] | None:
+        """Normalise ``images`` (None, or one entry per prompt: None / image / list of images) to pixels: PIL images
+        resized by the official rule, tensors (3, H, W) in [-1, 1] with sides multiples of 32 taken as given
+        (:func:`~deepgen_components.processing.reference_pixels`)."""
+        return reference_pixels(images, self.config.image_size, resize_tensors=False, name="images[{i}][{j}]")
+
+    _reference_pixels = reference_pixels  # the old name, for training.rl until it calls reference_pixels (issue #21)
 
     def prepare_prompts(self, prompts: Sequence[str], images=None) -> PromptBatch:
         """Templates, tokenization (left padding) and vision patches, on the model's device."""
-        references = self._reference_pixels(images)
+        references = self.reference_pixels(images)
         if references is not None and len(references) != len(prompts):
             raise ValueError(f"images: got {len(references)} entries for {len(prompts)} prompts")
         merge = 2

@@ -6,6 +6,8 @@
   [-1, 1] with sides that are multiples of 32, bilinear resize by 28/32, CLIP mean/std, the frame
   duplicated to the temporal patch size, 14x14 patches in the 2x2-merge order of the Qwen2.5-VL ViT.
 * ``fix_pixels``: the training resize rule (sqrt(H*W) = target, each side rounded up to a multiple of 32).
+* ``reference_pixels``: the one normaliser of reference images (PIL or tensors, per prompt) to [-1, 1] pixels
+  resized by the official inference rule, used by the pipeline and the model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from deepgen_components.conventions import (
     fix_pixels_size,
     left_pad,
     limit_long_side_size,
+    log_reference_resize,
     pil_to_array,
     pixels_to_uint8_array,
     t2i_prompt,
@@ -41,6 +44,7 @@ __all__ = [
     "load_image",
     "pil_to_pixels",
     "pixels_to_pil",
+    "reference_pixels",
     "t2i_prompt",
     "tokenize_prompts",
     "vision_patches",
@@ -81,6 +85,58 @@ def pixels_to_pil(pixels: torch.Tensor) -> list:
     from PIL import Image
 
     return [Image.fromarray(a) for a in pixels_to_uint8(pixels).cpu().numpy()]
+
+
+def reference_pixels(
+    references, image_size: int, *, resize_tensors: bool = True, log: bool = False, name: str = "image"
+) -> list[list[torch.Tensor]] | None:
+    """Reference images, one entry per prompt (None, an image, or a list of images), -> per prompt the list of
+    (3, H, W) pixels in [-1, 1], by DeepGen's inference rule: the long side at most ``image_size`` (never enlarged),
+    each side rounded up to a multiple of 32. None stays None.
+
+    A PIL image (any mode) is converted to RGB and resized (bicubic); ``log`` logs each resize or conversion. A
+    tensor must be (3, H, W) in [-1, 1]: with ``resize_tensors`` it is resized by the same rule (bicubic, clamped)
+    and returned as float32, without it it is taken as given and its sides must already be multiples of 32.
+    Anything else is a ValueError. ``name`` begins each error message; ``{i}`` / ``{j}`` in it are the prompt's and
+    the reference's index (e.g. ``"images[{i}][{j}]"``)."""
+    if references is None:
+        return None
+    out = []
+    for i, entry in enumerate(references):
+        items = [] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry]
+        pixels = []
+        for j, ref in enumerate(items):
+            where = name.format(i=i, j=j)
+            if isinstance(ref, torch.Tensor):
+                pixels.append(_tensor_reference(ref, image_size, resize_tensors, where))
+                continue
+            if not hasattr(ref, "convert"):
+                hint = " (open files with deepgen_components.processing.load_image)" if isinstance(ref, (str, os.PathLike)) else ""
+                raise ValueError(f"{where}: expected PIL images or (3, H, W) tensors, got {type(ref).__name__}{hint}")
+            if ref.width < 1 or ref.height < 1:
+                raise ValueError(f"{where}: a reference is {ref.width}x{ref.height} px; give a non-empty image")
+            size = limit_long_side_size(ref.height, ref.width, image_size)
+            if log:
+                log_reference_resize(ref, size, image_size)
+            pixels.append(pil_to_pixels(ref, size))
+        out.append(pixels)
+    return out
+
+
+def _tensor_reference(ref: torch.Tensor, image_size: int, resize: bool, where: str) -> torch.Tensor:
+    if not resize:
+        if ref.dim() != 3 or ref.shape[0] != 3 or ref.shape[-1] % 32 or ref.shape[-2] % 32:
+            raise ValueError(
+                f"{where}: a tensor reference must be (3, H, W) in [-1, 1] with H and W multiples of 32, got "
+                f"{tuple(ref.shape)}"
+            )
+        return ref
+    if ref.dim() != 3 or ref.shape[0] != 3:
+        raise ValueError(f"{where}: a tensor reference must be (3, H, W) in [-1, 1], got {tuple(ref.shape)}")
+    h, w = limit_long_side_size(ref.shape[-2], ref.shape[-1], image_size)
+    if (h, w) != tuple(ref.shape[-2:]):
+        ref = F.interpolate(ref[None].float(), size=(h, w), mode="bicubic", align_corners=False)[0].clamp(-1, 1)
+    return ref.float()
 
 
 def vit_resize(pixels: torch.Tensor, resize_factor: float = 28 / 32) -> torch.Tensor:
