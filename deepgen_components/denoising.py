@@ -1,38 +1,144 @@
-"""The inference fast path of :class:`DeepGenPipeline`: one denoising step as a single compiled, graph-captured
-function, with everything that does not depend on the latents computed once per call.
+"""Denoising, in one place: the FlowMatch sigma grid, classifier-free guidance, the Euler step, and the one runner
+that turns initial noise into final latents for a :class:`DeepGenModel`.
 
-Per call: the context embedding (``context_embedder(context)``), every step's timestep+pooled embedding
-(``time_text_embed``), and the patch-embedded reference latents are precomputed; the per-step function is
-patch-embed -> MMDiT trunk -> unpatchify -> CFG combine -> Euler update, latents kept in fp32.
+Sigma convention: x_sigma = (1 - sigma) * x0 + sigma * noise, the model predicts v = noise - x0, and the DiT is given
+timestep = 1000 * sigma. Latents, the CFG combination and the Euler update stay fp32 whatever the weights' dtype.
 
-Modes (``pipe.optimize(mode=...)``):
+The runner (:class:`DenoiseRunner`) has two loops:
+
+* the plain loop, :func:`denoise_loop`, for any velocity function: per step one velocity call for both CFG halves,
+  CFG, the Euler update, the step callback, and the first non-finite step recorded without a host sync per step;
+* the fast path: the context embedding (``context_embedder(context)``), every step's timestep+pooled embedding
+  (``time_text_embed``) and the patch-embedded reference latents precomputed once per call (:meth:`~DenoiseRunner.
+  prepare`); the per-step function is patch-embed -> MMDiT trunk -> unpatchify -> CFG -> Euler update. It has no
+  per-step check: when its result is non-finite, the plain loop is replayed from the same start to name the step.
+
+Modes (``pipe.optimize(mode=...)``, :data:`MODES`); the runner's ``"plain"`` mode always runs the plain loop:
 
 * ``eager`` — the plain PyTorch path (SDPA);
 * ``kernels`` — eager with our Triton kernels switched on (attention, qk RMSNorm, the SCB projection) where
   they run (CUDA); elsewhere identical to eager;
 * ``compile`` — ``torch.compile(fullgraph=True)`` of the step, recompiled per resolution / batch;
-* ``compile+graphs`` — the compiled step captured in a CUDA graph and replayed every step (static shapes;
-  on a CPU it falls back to ``compile``).
+* ``compile+graphs`` — the compiled step captured in a CUDA graph (:func:`capture_cuda_graph`) and replayed every
+  step (static shapes; on a CPU it falls back to ``compile``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
 from deepgen_components.bridge import BridgeOutput
 
-__all__ = ["MODES", "DenoiseRunner", "position_table"]
+__all__ = [
+    "MODES",
+    "RUNNER_MODES",
+    "DenoiseRunner",
+    "Prepared",
+    "capture_cuda_graph",
+    "denoise_loop",
+    "euler_step",
+    "flow_match_sigmas",
+    "guidance",
+    "kernels_context",
+    "model_velocity",
+    "position_table",
+]
 
 logger = logging.getLogger(__name__)
 
 MODES = ("eager", "kernels", "compile", "compile+graphs")
+RUNNER_MODES = ("plain", *MODES)
 
 
-def _kernels_context(enabled: bool):
+# -- the maths ----------------------------------------------------------------------------------------------
+
+
+def flow_match_sigmas(scheduler, num_inference_steps: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps (N,), sigmas (N + 1,) ending in 0) of diffusers' FlowMatch grid for N steps."""
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    return scheduler.timesteps.float(), scheduler.sigmas.float()
+
+
+def _euler(x: torch.Tensor, velocity: torch.Tensor, dt) -> torch.Tensor:
+    return (x.float() + dt * velocity.float()).to(x.dtype)
+
+
+def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """x + (sigma_next - sigma) * v, computed in fp32 and returned in x's dtype (the pipeline keeps fp32 latents
+    whatever the weights' dtype, so bf16 weights do not round the trajectory at every step)."""
+    return _euler(x, velocity, sigma_next - sigma)
+
+
+def guidance(velocity_uncond: torch.Tensor, velocity_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on velocities: v_u + s * (v_c - v_u)."""
+    return velocity_uncond + scale * (velocity_cond - velocity_uncond)
+
+
+# -- the plain loop -----------------------------------------------------------------------------------------
+
+
+def denoise_loop(
+    velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    guidance_scale: float,
+    do_cfg: bool,
+    steps: Iterable[int] | None = None,
+    callback_on_step_end=None,
+) -> tuple[torch.Tensor, int]:
+    """The FlowMatch Euler loop with CFG for any ``velocity_fn(model_input, timestep) -> velocity``.
+
+    Per step i: ``model_input`` is the fp32 latents, twice along the batch with CFG ([uncond; cond] rows come from
+    the condition the velocity function closes over); the velocity halves are combined by :func:`guidance` in fp32
+    and the latents updated by :func:`euler_step`; then ``callback_on_step_end(i, timesteps[i], latents,
+    velocity_uncond, velocity_cond)`` (``velocity_uncond`` None without CFG). ``steps``: the step indices to run
+    (e.g. a progress bar over ``range(len(timesteps))``, the default).
+
+    Returns (latents, the first step after which the latents held NaN/inf, or -1); the check costs no host sync per
+    step.
+    """
+    latents = latents.float()
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=latents.device)
+    for i in range(len(timesteps)) if steps is None else steps:
+        model_input = torch.cat([latents, latents]) if do_cfg else latents
+        velocity = velocity_fn(model_input, timesteps[i])
+        velocity_uncond, velocity_cond = None, velocity
+        if do_cfg:
+            velocity_uncond, velocity_cond = velocity.chunk(2)
+            velocity = guidance(velocity_uncond.float(), velocity_cond.float(), guidance_scale)
+        latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
+        if callback_on_step_end is not None:
+            callback_on_step_end(i, timesteps[i], latents, velocity_uncond, velocity_cond)
+        bad = ~torch.isfinite(latents).all()
+        first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, i), first_bad_step)
+    return latents, int(first_bad_step)
+
+
+def model_velocity(model, condition: BridgeOutput, reference_latents=None) -> Callable:
+    """The velocity function of :func:`denoise_loop` for a :class:`DeepGenModel`: ``model.velocity`` under
+    ``condition`` (and the reference latents), the input and the timestep cast to the weights' dtype."""
+
+    def velocity(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        t = timestep.expand(model_input.shape[0]).to(model.dtype)
+        return model.velocity(model_input.to(model.dtype), t, condition, reference_latents)
+
+    return velocity
+
+
+# -- the fast path's pieces ---------------------------------------------------------------------------------
+
+
+def kernels_context(enabled: bool):
+    """Our Triton kernels switched on for the block (``triton_kernels.use_kernels(True)``), or nothing."""
     if not enabled:
         return contextlib.nullcontext()
     from deepgen_components.triton_kernels import use_kernels
@@ -40,8 +146,26 @@ def _kernels_context(enabled: bool):
     return use_kernels(True)
 
 
+def capture_cuda_graph(fn, *args, warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Run ``fn(*args)`` ``warmup`` times on a side stream (compilation, autotuning, the allocator: outside the
+    capture), then capture one call in a CUDA graph. Returns (graph, the captured call's static output): fill the
+    tensors in ``args`` in place and ``graph.replay()`` recomputes the output into the same memory."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(*args)
+    return graph, static_out
+
+
 @dataclass
-class _Prepared:
+class Prepared:
+    """What the fast path computes once per call (:meth:`DenoiseRunner.prepare`)."""
+
     encoder_hidden: torch.Tensor  # (n, L, D) context embedding, DiT-batch order
     temb: torch.Tensor  # (T, n, D) per-step timestep + pooled embedding
     reference_tokens: torch.Tensor | None  # (n, R, D) patch-embedded references
@@ -67,19 +191,34 @@ def _patch_embed(patch_embed, x: torch.Tensor, table: torch.Tensor) -> torch.Ten
     return (latent + table).to(latent.dtype)
 
 
+def _uniform(reference_latents) -> bool:
+    """Whether every sample has references of the same shapes (the fast path batches them)."""
+    if reference_latents is None:
+        return True
+    return len({tuple(tuple(r.shape) for r in refs) for refs in reference_latents}) == 1
+
+
+# -- the runner ---------------------------------------------------------------------------------------------
+
+
 class DenoiseRunner:
-    """Runs the FlowMatch Euler loop with CFG for a :class:`DeepGenModel` in one of :data:`MODES`."""
+    """Runs the FlowMatch Euler loop with CFG for a :class:`DeepGenModel`: the plain loop in mode ``"plain"`` (and,
+    in any mode, for a call with a step callback or with references of different shapes per sample), else the
+    fast path in one of :data:`MODES`. Raises ``FloatingPointError`` naming the first non-finite step."""
 
     def __init__(self, model, mode: str = "eager") -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in RUNNER_MODES:
+            raise ValueError(f"mode must be one of {RUNNER_MODES}, got {mode!r}")
         self.model = model
         self.mode = mode
         self._compiled = None
-        self._graphs: dict = {}
+
+    def uses_fast_path(self, reference_latents=None, callback_on_step_end=None) -> bool:
+        return self.mode != "plain" and callback_on_step_end is None and _uniform(reference_latents)
 
     # -- pieces --------------------------------------------------------------------------------------------
-    def _prepare(self, condition: BridgeOutput, reference_latents, timesteps: torch.Tensor) -> _Prepared:
+    def prepare(self, condition: BridgeOutput, reference_latents, timesteps: torch.Tensor) -> Prepared:
+        """The fast path's per-call precomputation (see :class:`Prepared`)."""
         model = self.model
         t = model.dit.transformer
         dtype = model.dtype
@@ -96,7 +235,7 @@ class DenoiseRunner:
         context_mask = None
         if model.bridge.config.mask_padding and not bool(condition.mask.all()):
             context_mask = condition.mask.bool()
-        return _Prepared(encoder_hidden, temb, reference_tokens, context_mask)
+        return Prepared(encoder_hidden, temb, reference_tokens, context_mask)
 
     def step(
         self,
@@ -131,9 +270,8 @@ class DenoiseRunner:
         tokens = dit.run_blocks(hidden, encoder_hidden, temb, kwargs)
         velocity = dit.unpatchify(tokens[:, :count], height, width).float()
         if do_cfg:
-            velocity_uncond, velocity_cond = velocity.chunk(2)
-            velocity = velocity_uncond + guidance_scale * (velocity_cond - velocity_uncond)
-        return latents + dt * velocity
+            velocity = guidance(*velocity.chunk(2), guidance_scale)
+        return _euler(latents, velocity, dt)
 
     # -- the loop --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -146,47 +284,71 @@ class DenoiseRunner:
         sigmas: torch.Tensor,
         guidance_scale: float,
         do_cfg: bool,
-        progress=None,
+        progress: Iterable[int] | None = None,
+        callback_on_step_end=None,
     ) -> torch.Tensor:
+        """Initial noise -> final fp32 latents. ``condition`` and ``reference_latents`` are in DiT-batch order
+        ([negative; positive] with CFG); ``progress``: the step indices to run (a progress bar), default all."""
         latents = latents.float()
-        use_kernels = self.mode == "kernels"
-        with _kernels_context(use_kernels):
-            prepared = self._prepare(condition, reference_latents, timesteps)
-            context_mask = prepared.context_mask
+        count = len(timesteps)
+        if not self.uses_fast_path(reference_latents, callback_on_step_end):
+            latents, bad_step = denoise_loop(
+                model_velocity(self.model, condition, reference_latents), latents, timesteps, sigmas,
+                guidance_scale=guidance_scale, do_cfg=do_cfg, steps=progress, callback_on_step_end=callback_on_step_end,
+            )
+            if bad_step >= 0:
+                raise FloatingPointError(
+                    f"non-finite latents (NaN/inf) appeared at denoising step {bad_step} of {count}; "
+                    "try float32 or a smaller guidance_scale"
+                )
+            return latents
+        start = latents  # the fast path never writes into its input: the replay below starts from it
+        latents = self._fast_path(latents, condition, reference_latents, timesteps, sigmas, guidance_scale, do_cfg,
+                                  range(count) if progress is None else progress)
+        if not bool(torch.isfinite(latents).all()):
+            _, bad_step = denoise_loop(model_velocity(self.model, condition, reference_latents), start, timesteps,
+                                       sigmas, guidance_scale=guidance_scale, do_cfg=do_cfg)
+            where = (f"at denoising step {bad_step} of {count} (found by replaying the eager loop)" if bad_step >= 0
+                     else f"after the last of {count} denoising steps (the eager replay stayed finite: the optimized "
+                     "step itself produced them)")
+            raise FloatingPointError(
+                f"non-finite latents (NaN/inf) appeared {where}; mode {self.mode!r}; try float32, a smaller "
+                "guidance_scale or optimize('eager')"
+            )
+        return latents
+
+    def _fast_path(self, latents, condition, reference_latents, timesteps, sigmas, guidance_scale, do_cfg, steps):
+        with kernels_context(self.mode == "kernels"):
+            prepared = self.prepare(condition, reference_latents, timesteps)
             step_fn = self.step
             if self.mode in ("compile", "compile+graphs"):
                 if self._compiled is None:
                     self._compiled = torch.compile(self.step, fullgraph=True, dynamic=False)
                 step_fn = self._compiled
             dts = (sigmas[1:] - sigmas[:-1]).float()
-            steps = progress if progress is not None else range(len(timesteps))
             table = position_table(self.model.dit.transformer.pos_embed, *latents.shape[-2:])
+            args = (prepared.encoder_hidden, prepared.reference_tokens, prepared.context_mask, guidance_scale, do_cfg,
+                    table)
             if self.mode == "compile+graphs" and latents.is_cuda:
-                return self._run_graph(step_fn, latents, prepared, context_mask, dts, guidance_scale, do_cfg, steps,
-                                       table)
+                return self._replay_graph(step_fn, latents, prepared.temb, dts, args, steps)
             for i in steps:
-                latents = step_fn(latents, prepared.temb[i], dts[i], prepared.encoder_hidden,
-                                  prepared.reference_tokens, context_mask, guidance_scale, do_cfg, table)
+                latents = step_fn(latents, prepared.temb[i], dts[i], *args)
         return latents
 
-    def _run_graph(self, step_fn, latents, prepared, context_mask, dts, guidance_scale, do_cfg, steps, table=None):
-        """Capture one step in a CUDA graph (static buffers), replay it for every step."""
-        static_latents = latents.clone()
-        static_temb = prepared.temb[0].clone()
-        static_dt = dts[0].clone()
-        args = (prepared.encoder_hidden, prepared.reference_tokens, context_mask, guidance_scale, do_cfg, table)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up (compilation, autotuning, allocator) outside the capture
-                step_fn(static_latents, static_temb, static_dt, *args)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = step_fn(static_latents, static_temb, static_dt, *args)
+    @staticmethod
+    def _replay_graph(step_fn, latents, temb, dts, args, steps) -> torch.Tensor:
+        """One step captured in a CUDA graph (static buffers), replayed for every step."""
+        static_latents, static_temb, static_dt = latents.clone(), temb[0].clone(), dts[0].clone()
+        graph, static_out = capture_cuda_graph(step_fn, static_latents, static_temb, static_dt, *args)
         for i in steps:
-            static_temb.copy_(prepared.temb[i])
+            static_temb.copy_(temb[i])
             static_dt.copy_(dts[i])
             graph.replay()
             static_latents.copy_(static_out)
         return static_latents.clone()
+
+    _prepare = prepare  # the old name, for cli/bench until it calls prepare (issue #21)
+
+
+_Prepared = Prepared  # the old names, for cli/bench until it uses the public ones (issue #21)
+_kernels_context = kernels_context

@@ -7,33 +7,22 @@ FlowMatch Euler loop with classifier-free guidance as one batched DiT call -> VA
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import numbers
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from deepgen_components.bridge import BridgeConfig, StackedChannelBridge
-from deepgen_components.conventions import log_reference_resize, output_size, references_per_prompt
-from deepgen_components.layer_selection import LayerSelection
-from deepgen_components.model import DeepGenConfig, DeepGenModel
-from deepgen_components.processing import limit_long_side_size, pil_to_pixels, pixels_to_pil, pixels_to_uint8
-from deepgen_components.rl.sampling import euler_step, flow_match_sigmas, guidance
-from deepgen_components.think_tokens import ThinkTokens
+from deepgen_components.conventions import output_size, references_per_prompt
+from deepgen_components.denoising import MODES, DenoiseRunner, flow_match_sigmas
+from deepgen_components.model import DeepGenModel
+from deepgen_components.processing import pixels_to_pil, pixels_to_uint8, reference_pixels
+from deepgen_components.serialization import load_model_folder, save_model_folder
 
 __all__ = ["DeepGenPipeline", "DeepGenPipelineOutput"]
-
-logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -43,6 +32,28 @@ class DeepGenPipelineOutput:
 
     images: list | np.ndarray | torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Call:
+    """One call's checked settings."""
+
+    prompts: list[str]
+    negatives: list[str]
+    references: list[list[torch.Tensor]] | None  # per prompt, reference pixels (3, H, W) in [-1, 1]
+    height: int
+    width: int
+    steps: int
+    images_per_prompt: int
+    guidance_scale: float
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    @property
+    def images(self) -> int:
+        return len(self.prompts) * self.images_per_prompt
 
 
 def _sync(device: torch.device) -> None:
@@ -56,8 +67,8 @@ class DeepGenPipeline:
     def __init__(self, model: DeepGenModel) -> None:
         self.model = model
         self._progress_config: dict = {}
-        self._runner = None
         self.mode = "auto"  # eager PyTorch, plus our Triton kernels on CUDA (see optimize)
+        self.runner = DenoiseRunner(model, "plain")
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -83,15 +94,14 @@ class DeepGenPipeline:
         | ``compile+graphs`` (see ``deepgen_components.denoising``), optionally casting the weights (e.g.
         ``torch.bfloat16`` on GPUs; the latents, the CFG combination and the Euler update stay fp32). Results match
         eager within the tolerance stated in docs/benchmarks.md. The default, ``auto``, is eager with the Triton
-        kernels switched on for CUDA inference."""
-        from deepgen_components.denoising import MODES, DenoiseRunner
-
+        kernels switched on for CUDA inference. The calls run ``self.runner``, a ``denoising.DenoiseRunner``: its
+        plain loop for ``eager`` and ``auto``, else its fast path in ``mode``."""
         if mode not in (*MODES, "auto"):
             raise ValueError(f"mode must be one of {('auto', *MODES)}, got {mode!r}")
         if dtype is not None:
             self.model.to(dtype=dtype)
         self.mode = mode
-        self._runner = None if mode in ("eager", "auto") else DenoiseRunner(self.model, mode)
+        self.runner = DenoiseRunner(self.model, "plain" if mode in ("eager", "auto") else mode)
         return self
 
     @property
@@ -107,34 +117,7 @@ class DeepGenPipeline:
     # -- inputs ---------------------------------------------------------------------------------------
     def _references(self, image, batch: int) -> list[list[torch.Tensor]] | None:
         """Per prompt, the list of reference pixels (3, H, W) in [-1, 1], resized by the official rule."""
-        per_prompt = references_per_prompt(image, batch)
-        if per_prompt is None:
-            return None
-        target = self.model.config.image_size
-        out = []
-        for refs in per_prompt:
-            pixels = []
-            for ref in refs:
-                if isinstance(ref, torch.Tensor):
-                    if ref.dim() != 3 or ref.shape[0] != 3:
-                        raise ValueError(f"image: a tensor reference must be (3, H, W) in [-1, 1], got {tuple(ref.shape)}")
-                    h, w = limit_long_side_size(ref.shape[-2], ref.shape[-1], target)
-                    if (h, w) != tuple(ref.shape[-2:]):
-                        ref = torch.nn.functional.interpolate(
-                            ref[None].float(), size=(h, w), mode="bicubic", align_corners=False
-                        )[0].clamp(-1, 1)
-                    pixels.append(ref.float())
-                    continue
-                if not hasattr(ref, "convert"):
-                    hint = " (open files with deepgen_components.processing.load_image)" if isinstance(ref, (str, os.PathLike)) else ""
-                    raise ValueError(f"image: expected PIL images or (3, H, W) tensors, got {type(ref).__name__}{hint}")
-                if ref.width < 1 or ref.height < 1:
-                    raise ValueError(f"image: a reference is {ref.width}x{ref.height} px; give a non-empty image")
-                size = limit_long_side_size(ref.height, ref.width, target)
-                log_reference_resize(ref, size, target)
-                pixels.append(pil_to_pixels(ref, size))
-            out.append(pixels)
-        return out
+        return reference_pixels(references_per_prompt(image, batch), self.model.config.image_size, log=True)
 
     def _output_size(self, height, width, references) -> tuple[int, int]:
         sizes = None if references is None else [[tuple(r.shape[-2:]) for r in refs] for refs in references]
@@ -189,19 +172,54 @@ class DeepGenPipeline:
         self, prompt, image, negative_prompt, height, width, num_inference_steps, guidance_scale,
         num_images_per_prompt, generator, latents, output_type, progress, reference_latents, callback_on_step_end,
     ) -> DeepGenPipelineOutput:
+        call = self._check_inputs(prompt, image, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                  num_images_per_prompt, generator, latents, output_type, callback_on_step_end)
         model = self.model
         device = model.device
+        timings: dict[str, float] = {}
+
+        # 1. Condition: once per call; prompt and negative prompt share one left-padded batch.
+        _sync(device)
+        start = time.perf_counter()
+        condition = self._condition(call)
+        _sync(device)
+        timings["condition"] = time.perf_counter() - start
+
+        # 2. Latents: initial noise from the generator, clean reference latents for editing.
+        start = time.perf_counter()
+        latents = self._initial_latents(call, latents, generator)
+        reference_latents = self._reference_latents(call, reference_latents, generator)
+
+        # 3. Denoising: FlowMatch Euler on diffusers' grid; CFG as one batched DiT call (the runner).
+        timesteps, sigmas = flow_match_sigmas(model.scheduler, call.steps, device=device)
+        latents = self.runner(latents, condition, reference_latents, timesteps, sigmas, call.guidance_scale,
+                              call.do_cfg, self._progress(len(timesteps), progress),
+                              callback_on_step_end=callback_on_step_end)
+        _sync(device)
+        timings["denoise"] = time.perf_counter() - start
+
+        # 4. Decode.
+        start = time.perf_counter()
+        images = self._decode(latents, output_type)
+        _sync(device)
+        timings["decode"] = time.perf_counter() - start
+        timings["total"] = timings["condition"] + timings["denoise"] + timings["decode"]
+        return DeepGenPipelineOutput(images=images, timings=timings)
+
+    def _check_inputs(
+        self, prompt, image, negative_prompt, height, width, num_inference_steps, guidance_scale,
+        num_images_per_prompt, generator, latents, output_type, callback_on_step_end,
+    ) -> _Call:
+        """The documented checks (docs/pipeline.md, "Bad input"), then the call's settings: the references'
+        pixels, the output size, the CFG scale (the model's default for the task when None)."""
         prompts, negatives = _check_prompts(prompt, negative_prompt)
-        batch = len(prompts)
         _check_call_arguments(
             height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
             output_type=output_type, callback_on_step_end=callback_on_step_end, max_side=self.max_image_side,
         )
-        num_inference_steps, num_images_per_prompt = int(num_inference_steps), int(num_images_per_prompt)
         height, width = (None if v is None else int(v) for v in (height, width))  # numpy ints welcome
-        guidance_scale = None if guidance_scale is None else float(guidance_scale)
-        references = self._references(image, batch)
+        references = self._references(image, len(prompts))
         height, width = self._output_size(height, width, references)
         if max(height, width) > self.max_image_side:  # a reference's processed size may exceed it too
             raise ValueError(
@@ -209,210 +227,81 @@ class DeepGenPipeline:
                 "per side)"
             )
         if guidance_scale is None:
-            config = model.config
+            config = self.model.config
             guidance_scale = config.guidance_scale if references is None else config.edit_guidance_scale
-        do_cfg = guidance_scale != 1.0
-        timings: dict[str, float] = {}
+        return _Call(prompts, negatives, references, height, width, int(num_inference_steps),
+                     int(num_images_per_prompt), float(guidance_scale))
 
-        # 1. Condition: once per call; prompt and negative prompt share one left-padded batch.
-        _sync(device)
-        start = time.perf_counter()
-        texts = prompts + negatives if do_cfg else prompts
+    def _condition(self, call: _Call):
+        """The DiT condition, one row per image, in DiT-batch order ([negative; positive] with CFG)."""
+        references, do_cfg = call.references, call.do_cfg
+        texts = call.prompts + call.negatives if do_cfg else call.prompts
         refs_for_vlm = None if references is None else (references + references if do_cfg else references)
-        condition = model.encode_condition(texts, refs_for_vlm)
-        condition = condition.repeat_interleave(num_images_per_prompt)
-        if do_cfg:  # DiT batch order: [negative; positive]
-            half = batch * num_images_per_prompt
+        condition = self.model.encode_condition(texts, refs_for_vlm).repeat_interleave(call.images_per_prompt)
+        if do_cfg:
+            half = call.images
             condition = condition.select(torch.cat([torch.arange(half, 2 * half), torch.arange(half)]))
-        _sync(device)
-        timings["condition"] = time.perf_counter() - start
+        return condition
 
-        # 2. Latents: initial noise from the generator, clean reference latents for editing.
-        start = time.perf_counter()
+    def _initial_latents(self, call: _Call, latents, generator) -> torch.Tensor:
+        """The given initial noise (checked) or the generator's, as fp32 on the model's device."""
+        model = self.model
         scale = model.vae_scale_factor
-        shape = (batch * num_images_per_prompt, model.latent_channels, height // scale, width // scale)
+        shape = (call.images, model.latent_channels, call.height // scale, call.width // scale)
         if latents is None:
             gen_device = generator.device if generator is not None else torch.device("cpu")
             latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(device, torch.float32)  # fp32 latents whatever the weights' dtype
-        if reference_latents is not None:
-            if references is None or len(reference_latents) != batch:
+        return latents.to(model.device, torch.float32)  # fp32 latents whatever the weights' dtype
+
+    def _reference_latents(self, call: _Call, given, generator):
+        """Per DiT row, the clean reference latents (the given ones or the VAE's), or None for text-to-image."""
+        model, references, batch = self.model, call.references, len(call.prompts)
+        if given is not None:
+            if references is None or len(given) != batch:
                 raise ValueError(
                     f"reference_latents: give one list of latents per prompt ({batch}) together with image"
                 )
-            encoded = [[r.to(device) for r in refs] for refs in reference_latents]
+            encoded = [[r.to(model.device) for r in refs] for refs in given]
         elif references is not None:
             encoded = [model.encode_images(refs, generator) for refs in references]
-        if references is not None:
-            per_image = [refs for refs in encoded for _ in range(num_images_per_prompt)]
-            reference_latents = per_image + per_image if do_cfg else per_image
-            reference_latents = [[r.to(model.dtype) for r in refs] for refs in reference_latents]
+        if references is None:
+            return None
+        per_image = [refs for refs in encoded for _ in range(call.images_per_prompt)]
+        rows = per_image + per_image if call.do_cfg else per_image
+        return [[r.to(model.dtype) for r in refs] for refs in rows]
 
-        # 3. Denoising: FlowMatch Euler on diffusers' grid; CFG as one batched DiT call.
-        timesteps, sigmas = flow_match_sigmas(model.scheduler, num_inference_steps, device=device)
-        steps = range(len(timesteps))
+    def _progress(self, count: int, progress: bool):
+        steps = range(count)
         if progress and not self._progress_config.get("disable", False):
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, total=len(timesteps), **{k: v for k, v in self._progress_config.items() if k != "disable"})
-        uniform_refs = reference_latents is None or len({tuple(tuple(r.shape) for r in refs) for refs in reference_latents}) == 1
-        if self._runner is not None and callback_on_step_end is None and uniform_refs:
-            # Fast path (pipe.optimize): precomputed embeddings, compiled / graph-captured step. No per-step check
-            # there; only when the result is non-finite is the plain loop replayed from the same start to name the step.
-            start_latents = latents.clone()
-            latents = self._runner(latents, condition, reference_latents, timesteps, sigmas, guidance_scale, do_cfg, steps)
-            if not bool(torch.isfinite(latents).all()):
-                _, replay_bad = self._plain_loop(start_latents, condition, reference_latents, timesteps, sigmas,
-                                                 guidance_scale, do_cfg, range(len(timesteps)), None)
-                where = (f"at denoising step {replay_bad} of {len(timesteps)} (found by replaying the eager loop)"
-                         if replay_bad >= 0 else f"after the last of {len(timesteps)} denoising steps (the eager "
-                         "replay stayed finite: the optimized step itself produced them)")
-                raise FloatingPointError(
-                    f"non-finite latents (NaN/inf) appeared {where}; mode {self.mode!r}; try float32, a smaller "
-                    "guidance_scale or optimize('eager')"
-                )
-        else:
-            latents, bad_step = self._plain_loop(latents, condition, reference_latents, timesteps, sigmas,
-                                                 guidance_scale, do_cfg, steps, callback_on_step_end)
-            if bad_step >= 0:
-                raise FloatingPointError(
-                    f"non-finite latents (NaN/inf) appeared at denoising step {bad_step} of {len(timesteps)}; "
-                    "try float32 or a smaller guidance_scale"
-                )
-        _sync(device)
-        timings["denoise"] = time.perf_counter() - start
+            steps = tqdm(steps, total=count, **{k: v for k, v in self._progress_config.items() if k != "disable"})
+        return steps
 
-        # 4. Decode.
-        start = time.perf_counter()
+    def _decode(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
-            images = latents
-        else:
-            pixels = model.decode_latents(latents).float()
-            if output_type == "pt":
-                images = pixels
-            elif output_type == "np":
-                images = pixels_to_uint8(pixels).cpu().numpy()
-            else:
-                images = pixels_to_pil(pixels)
-        _sync(device)
-        timings["decode"] = time.perf_counter() - start
-        timings["total"] = timings["condition"] + timings["denoise"] + timings["decode"]
-        return DeepGenPipelineOutput(images=images, timings=timings)
-
-    def _plain_loop(self, latents, condition, reference_latents, timesteps, sigmas, guidance_scale, do_cfg, steps,
-                    callback_on_step_end) -> tuple[torch.Tensor, int]:
-        """The eager denoising loop; returns (latents, first step with non-finite latents or -1)."""
-        model = self.model
-        first_bad_step = torch.full((), -1, dtype=torch.long, device=latents.device)
-        for i in steps:
-            model_input = torch.cat([latents, latents]) if do_cfg else latents
-            t = timesteps[i].expand(model_input.shape[0]).to(model.dtype)
-            velocity = model.velocity(model_input.to(model.dtype), t, condition, reference_latents)
-            velocity_uncond = None
-            velocity_cond = velocity
-            if do_cfg:
-                velocity_uncond, velocity_cond = velocity.chunk(2)
-                velocity = guidance(velocity_uncond.float(), velocity_cond.float(), guidance_scale)
-            latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
-            if callback_on_step_end is not None:
-                callback_on_step_end(i, timesteps[i], latents, velocity_uncond, velocity_cond)
-            # Record the first non-finite step without a host sync per step.
-            bad = ~torch.isfinite(latents).all()
-            first_bad_step = torch.where(bad & (first_bad_step < 0), torch.full_like(first_bad_step, i), first_bad_step)
-        return latents, int(first_bad_step)
+            return latents
+        pixels = self.model.decode_latents(latents).float()
+        if output_type == "pt":
+            return pixels
+        if output_type == "np":
+            return pixels_to_uint8(pixels).cpu().numpy()
+        return pixels_to_pil(pixels)
 
     # -- persistence ------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Our layout: one sub-folder per component with config.json + safetensors, written atomically."""
-        from safetensors.torch import save_file
-
-        model = self.model
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            vlm = _plain_vlm(model.encoder.vlm)
-            vlm.save_pretrained(tmp / "vlm", safe_serialization=True)
-            (tmp / "think_tokens").mkdir()
-            think = model.think_tokens
-            _write_json(tmp / "think_tokens" / "config.json", {"num_tokens": think.num_tokens, "hidden_size": think.hidden_size})
-            save_file({"weight": think.weight.detach().contiguous().cpu()}, str(tmp / "think_tokens" / "model.safetensors"))
-            (tmp / "bridge").mkdir()
-            _write_json(tmp / "bridge" / "config.json", model.bridge.config.to_dict())
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in model.bridge.state_dict().items()},
-                str(tmp / "bridge" / "model.safetensors"),
-            )
-            model.dit.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-            model.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-            model.scheduler.save_pretrained(tmp / "scheduler")
-            model.tokenizer.save_pretrained(tmp / "tokenizer")
-            _write_json(
-                tmp / "model_index.json",
-                {
-                    "_class_name": "DeepGenPipeline",
-                    "_library": "deepgen-components",
-                    "format_version": FORMAT_VERSION,
-                    "config": model.config.to_dict(),
-                    "layers": model.layers.to_dict(),
-                    "vlm_class": type(vlm).__name__,
-                },
-            )
-            if path.exists():
-                backup = path.with_name(f".{path.name}.old")
-                shutil.rmtree(backup, ignore_errors=True)
-                os.replace(path, backup)
-                os.replace(tmp, path)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        """Our layout: one sub-folder per component with config.json + safetensors, written atomically
+        (:func:`deepgen_components.serialization.save_model_folder`)."""
+        save_model_folder(self.model, path)
 
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None
     ) -> DeepGenPipeline:
-        import transformers
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-        from safetensors.torch import load_file
-        from transformers import AutoTokenizer
-
-        path = Path(path)
-        index_file = path / "model_index.json"
-        if not index_file.is_file():
-            raise FileNotFoundError(f"path: {index_file} not found (not a DeepGenPipeline folder)")
-        index = json.loads(index_file.read_text())
-        for sub in ("vlm", "think_tokens", "bridge", "transformer", "vae", "scheduler", "tokenizer"):
-            if not (path / sub).is_dir():
-                raise FileNotFoundError(f"path: component folder {path / sub} is missing")
-        vlm_class = getattr(transformers, index["vlm_class"], None)
-        if vlm_class is None:
-            raise ValueError(f"path: unknown VLM class {index['vlm_class']!r} in {index_file}")
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        vlm = vlm_class.from_pretrained(path / "vlm", attn_implementation="sdpa", **kwargs)
-        think_cfg = json.loads((path / "think_tokens" / "config.json").read_text())
-        think = ThinkTokens(think_cfg["num_tokens"], think_cfg["hidden_size"])
-        think.load_state_dict(load_file(str(path / "think_tokens" / "model.safetensors")))
-        bridge = StackedChannelBridge(BridgeConfig.from_dict(json.loads((path / "bridge" / "config.json").read_text())))
-        bridge.load_state_dict(load_file(str(path / "bridge" / "model.safetensors")))
-        transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
-        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        tokenizer.padding_side = "left"
-        model = DeepGenModel(
-            vlm, think, LayerSelection.from_dict(index["layers"]), bridge, transformer, vae, scheduler, tokenizer,
-            DeepGenConfig.from_dict(index.get("config", {})),
-        )
-        if dtype is not None:
-            model = model.to(dtype)
-        if device is not None:
-            model = model.to(device)
-        return cls(model.eval())
+        """A pipeline around the model saved in ``path`` (:func:`deepgen_components.serialization.load_model_folder`)."""
+        return cls(load_model_folder(path, device=device, dtype=dtype))
 
 
 def _check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
@@ -480,26 +369,3 @@ def _check_call_arguments(
         raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
     if callback_on_step_end is not None and not callable(callback_on_step_end):
         raise TypeError(f"callback_on_step_end must be callable or None, got {type(callback_on_step_end).__name__}")
-
-
-def _plain_vlm(vlm: torch.nn.Module) -> torch.nn.Module:
-    """The VLM as a plain Hugging Face model for saving: a peft wrapper is unwrapped and LoRA layers injected
-    into it (e.g. ``deepgen_from_official(merge_lora=False)``, stage-2 training) are merged into a copy.
-    Saved unmerged, their weights would be unknown keys to ``from_pretrained`` and the wrapped base weights
-    would load as missing (randomly re-initialised)."""
-    import copy
-
-    from deepgen_components.lora import lora_module_names, merge_lora
-
-    if type(vlm).__name__.startswith("Peft") and hasattr(vlm, "get_base_model"):
-        vlm = vlm.get_base_model()
-    if not lora_module_names(vlm):
-        return vlm
-    merged = copy.deepcopy(vlm)
-    count = merge_lora(merged)
-    logger.warning("saving the VLM with its %d LoRA layers merged into the weights", count)
-    return merged
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,4 +1,5 @@
-"""The inference fast path (``pipe.optimize``), on the CPU.
+"""The one denoising runner: the plain loop (``denoise_loop``) and the inference fast path (``pipe.optimize``), on
+the CPU.
 
 Each mode must give images matching eager within a stated tolerance; on a CPU ``kernels`` dispatches to the torch
 references, so it equals eager bit for bit (``torch.equal``, no tolerance), and ``compile+graphs`` falls back to
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from deepgen_components import DeepGenPipeline, deepgen_tiny
-from deepgen_components.denoising import MODES, DenoiseRunner
+from deepgen_components.denoising import MODES, DenoiseRunner, capture_cuda_graph, denoise_loop
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -43,7 +44,7 @@ def test_optimize_rejects_unknown_modes(pipe):
 def test_eager_fast_path_equals_the_plain_loop(pipe):
     pipe.optimize("eager")
     plain = _generate(pipe)
-    pipe._runner = DenoiseRunner(pipe.model, "eager")  # the precomputing runner in eager mode
+    pipe.runner = DenoiseRunner(pipe.model, "eager")  # the precomputing runner in eager mode
     try:
         fast = _generate(pipe)
     finally:
@@ -58,7 +59,7 @@ def test_kernels_mode_equals_eager_bit_for_bit_on_cpu(pipe):
     eager_latents, eager = _generate(pipe, output_type="latent"), _generate(pipe)
     pipe.optimize("kernels")
     try:
-        assert pipe.kernels_active() is True and pipe._runner.mode == "kernels"
+        assert pipe.kernels_active() is True and pipe.runner.mode == "kernels"
         kernels_latents, kernels = _generate(pipe, output_type="latent"), _generate(pipe)
     finally:
         pipe.optimize("eager")
@@ -74,7 +75,7 @@ def test_fast_path_handles_editing_references(pipe):
     image = Image.fromarray(source)
     eager = pipe("make the circle green", image=image, num_inference_steps=4, output_type="np", progress=False,
                  generator=torch.Generator().manual_seed(1)).images
-    pipe._runner = DenoiseRunner(pipe.model, "eager")
+    pipe.runner = DenoiseRunner(pipe.model, "eager")
     try:
         fast = pipe("make the circle green", image=image, num_inference_steps=4, output_type="np", progress=False,
                     generator=torch.Generator().manual_seed(1)).images
@@ -112,7 +113,7 @@ def test_compile_modes_match_eager_within_tolerance(pipe):
 
 
 def test_fast_path_reports_non_finite_latents(pipe):
-    pipe._runner = DenoiseRunner(pipe.model, "eager")
+    pipe.runner = DenoiseRunner(pipe.model, "eager")
     try:
         bad = torch.full((1, 16, 8, 8), float("nan"))
         with pytest.raises(FloatingPointError, match=r"at denoising step 0 of 2 \(found by replaying the eager loop\)"):
@@ -165,3 +166,68 @@ def test_position_table_precomputed_per_call_gives_the_patch_embedding_exactly(p
         table = position_table(patch_embed, height, width)
         assert table is not None and table.shape[1] == (height // 2) * (width // 2)
         torch.testing.assert_close(_patch_embed(patch_embed, x, table), patch_embed(x), rtol=0, atol=0)
+
+
+def test_denoise_loop_runs_any_velocity_function_with_cfg_callback_and_the_first_bad_step():
+    """A velocity function that returns v_u = 1 and v_c = 3 for the two CFG halves: CFG at scale 2 gives
+    1 + 2 (3 - 1) = 5 per step, so over sigmas 1 -> 0 the latents move by -5; the callback sees every step."""
+    timesteps = torch.tensor([1000.0, 500.0])
+    sigmas = torch.tensor([1.0, 0.5, 0.0])
+    seen, inputs = [], []
+
+    def velocity_fn(model_input, t):
+        inputs.append((model_input.shape[0], float(t)))
+        half = model_input.shape[0] // 2
+        return torch.cat([torch.ones_like(model_input[:half]), 3 * torch.ones_like(model_input[half:])])
+
+    start = torch.zeros(2, 4, 2, 2)
+    out, bad = denoise_loop(velocity_fn, start, timesteps, sigmas, guidance_scale=2.0, do_cfg=True,
+                            callback_on_step_end=lambda i, t, x, vu, vc: seen.append((i, float(t), float(x.mean()),
+                                                                                       float(vu.mean()), float(vc.mean()))))
+    assert bad == -1 and out.dtype == torch.float32
+    assert torch.equal(out, torch.full_like(start, -5.0))
+    assert inputs == [(4, 1000.0), (4, 500.0)]  # both CFG halves in one call
+    assert seen == [(0, 1000.0, -2.5, 1.0, 3.0), (1, 500.0, -5.0, 1.0, 3.0)]
+
+    def nan_from_step_one(model_input, t):
+        return torch.full_like(model_input, float("nan") if float(t) < 1000 else 1.0)
+
+    out, bad = denoise_loop(nan_from_step_one, start, timesteps, sigmas, guidance_scale=1.0, do_cfg=False)
+    assert bad == 1 and not bool(torch.isfinite(out).all())
+
+
+def test_runner_modes_plain_loop_and_fast_path(pipe):
+    """``plain`` is the pipeline's default loop; a fast-path runner given a step callback runs the plain loop too
+    (the callback needs every step's velocities), so both give the plain loop's latents exactly."""
+    with pytest.raises(ValueError, match="mode must be one of"):
+        DenoiseRunner(pipe.model, "turbo")
+    pipe.optimize("eager")
+    assert pipe.runner.mode == "plain" and not pipe.runner.uses_fast_path()
+    steps = []
+    plain = _generate(pipe, output_type="latent", callback_on_step_end=lambda i, *rest: steps.append(i))
+    assert steps == list(range(6))
+    pipe.runner = DenoiseRunner(pipe.model, "compile")
+    assert pipe.runner.uses_fast_path() and not pipe.runner.uses_fast_path(callback_on_step_end=print)
+    try:
+        steps.clear()
+        with_callback = _generate(pipe, output_type="latent", callback_on_step_end=lambda i, *rest: steps.append(i))
+    finally:
+        pipe.optimize("eager")
+    assert steps == list(range(6)) and torch.equal(plain, with_callback)
+
+
+@pytest.mark.gpu
+def test_capture_cuda_graph_replays_on_new_inputs():
+    calls = []
+
+    def fn(x, y):
+        calls.append(1)
+        return x * 2 + y
+
+    x, y = torch.ones(4, device="cuda"), torch.full((4,), 3.0, device="cuda")
+    graph, out = capture_cuda_graph(fn, x, y, warmup=3)
+    assert len(calls) == 4  # 3 warm-up calls and the captured one
+    x.fill_(10.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, torch.full((4,), 23.0, device="cuda"))

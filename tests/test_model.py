@@ -146,6 +146,25 @@ def test_the_edit_condition_and_velocity_depend_on_the_reference(model):
     assert (v1 - v2).abs().max() > 1e-4  # the reference latents reach the DiT
 
 
+def test_reference_pixels_resize_pil_images_and_take_tensors_as_given(model):
+    """The model's rules of processing.reference_pixels: one entry per prompt (None, an image or a list); a PIL
+    image is resized by the official rule (long side <= image_size, sides up to x32); a tensor is taken as given and
+    must already be (3, H, W) with sides multiples of 32; anything else is a ValueError naming [prompt][reference]."""
+    from PIL import Image
+
+    big = Image.new("RGB", (1000, 250), (255, 0, 0))
+    tensor = torch.rand(3, 64, 32) * 2 - 1
+    (pil,), (same,), nothing = model.reference_pixels([big, [tensor], None])
+    assert model.config.image_size == 64  # 1000 x 250 -> 64 x 16 -> sides rounded up to 32: 64 x 32 (W x H)
+    assert pil.shape == (3, 32, 64) and pil.dtype == torch.float32 and float(pil[0].min()) == 1.0
+    assert same is tensor and nothing == []
+    assert model.reference_pixels(None) is None
+    with pytest.raises(ValueError, match=r"images\[1\]\[0\]: a tensor reference must be \(3, H, W\) .* multiples of 32"):
+        model.reference_pixels([None, [torch.rand(3, 40, 32)]])
+    with pytest.raises(ValueError, match=r"images\[0\]\[1\]: expected PIL images or \(3, H, W\) tensors, got str"):
+        model.reference_pixels([[big, "cat.png"]])
+
+
 @torch.no_grad()
 def test_vae_latents_are_shifted_and_scaled(model):
     pixels = torch.rand(1, 3, 64, 64, generator=seeded(2)) * 2 - 1

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from deepgen_components.bridge import BridgeOutput
-from deepgen_components.rl.sampling import cps_step, flow_grpo_step, flow_match_sigmas
+from deepgen_components.denoising import flow_match_sigmas, guidance
+from deepgen_components.rl.sampling import cps_step, flow_grpo_step
 
 __all__ = [
     "MRGRPOLoss",
@@ -122,8 +123,7 @@ def _guided_velocity(model, latents, t, condition, negative_condition, guidance_
     if guidance_scale != 1.0:
         if negative_condition is None:
             raise ValueError("negative_condition is required when guidance_scale != 1")
-        v_u = model.velocity(latents, t, negative_condition, reference_latents)
-        v = v_u + guidance_scale * (v - v_u)
+        v = guidance(model.velocity(latents, t, negative_condition, reference_latents), v, guidance_scale)
     return v
 
 

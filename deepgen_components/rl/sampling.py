@@ -1,5 +1,6 @@
-"""Samplers on the FlowMatch (rectified flow) sigma grid: the Euler ODE step used for generation, and the
-stochastic steps with log-probabilities used by MR-GRPO rollouts (CPS, and Flow-GRPO's SDE).
+"""The stochastic denoising steps with log-probabilities used by MR-GRPO rollouts (CPS, and Flow-GRPO's SDE), on
+the FlowMatch (rectified flow) sigma grid. The grid itself, the deterministic Euler step and classifier-free
+guidance live with the one denoising runner, :mod:`deepgen_components.denoising`.
 
 Sigma convention: x_sigma = (1 - sigma) * x0 + sigma * noise, the model predicts v = noise - x0, and the
 DiT is given timestep = 1000 * sigma.
@@ -11,27 +12,10 @@ import math
 
 import torch
 
-__all__ = ["cps_step", "euler_step", "flow_grpo_step", "flow_match_sigmas", "guidance"]
+# Not this module's: still importable from here for the callers that have not moved to denoising yet (issue #21).
+from deepgen_components.denoising import euler_step, flow_match_sigmas, guidance  # noqa: F401
 
-
-def flow_match_sigmas(scheduler, num_inference_steps: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(timesteps (N,), sigmas (N + 1,) ending in 0) of diffusers' FlowMatch grid for N steps."""
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    return scheduler.timesteps.float(), scheduler.sigmas.float()
-
-
-def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
-    """x + (sigma_next - sigma) * v, computed in fp32 and returned in x's dtype (the pipeline keeps fp32 latents
-    whatever the weights' dtype, so bf16 weights do not round the trajectory at every step)."""
-    dt = sigma_next - sigma
-    return (x.float() + dt * velocity.float()).to(x.dtype)
-
-
-def guidance(velocity_uncond: torch.Tensor, velocity_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on velocities: v_u + s * (v_c - v_u)."""
-    return velocity_uncond + scale * (velocity_cond - velocity_uncond)
+__all__ = ["cps_step", "flow_grpo_step"]
 
 
 # -- stochastic steps with log-probabilities (MR-GRPO rollouts) ------------------------------------------------
