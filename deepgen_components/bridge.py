@@ -173,6 +173,20 @@ class StackedChannelBridge(nn.Module):
             hidden_states = [h[think_mask].view(batch, count, -1) for h in hidden_states]
             mask = mask[think_mask].view(batch, count)
 
+        return self.encode(hidden_states, mask, return_intermediates=return_intermediates)
+
+    def encode(
+        self,
+        hidden_states: Sequence[torch.Tensor],
+        mask: torch.Tensor,
+        *,
+        return_intermediates: bool = False,
+    ) -> BridgeOutput:
+        """The SCB arithmetic on the tokens that reach the DiT (``forward`` after its checks and, for
+        ``tokens="think"``, after selecting the think tokens): project the K stacked (B, L, D) states, run the
+        connector, pool the mean (over real tokens when padding is masked, over every token otherwise) and apply
+        the two heads. ``mask``: (B, L) bool, True for real tokens."""
+        cfg = self.config
         projected = ops.stack_project(hidden_states, self.projector.weight, self.projector.bias)
         encoded = self.connector(projected, mask if cfg.mask_padding else None)
         if cfg.mask_padding:

@@ -203,6 +203,12 @@ class ThinkTokenVLM(nn.Module):
     def config(self):
         return self._core.config
 
+    @property
+    def vision_tower(self) -> nn.Module | None:
+        """The VLM's vision tower (Qwen2/2.5-VL ``visual``: patch embedding, blocks, merger); None for a text-only
+        causal LM."""
+        return self._core.visual if self.kind == "qwen_vl" else None
+
     def image_token_id(self) -> int | None:
         return getattr(self._core.config, "image_token_id", None) if self.kind == "qwen_vl" else None
 
@@ -211,13 +217,44 @@ class ThinkTokenVLM(nn.Module):
         """Merged vision-tower tokens for all images, (num_image_tokens, D), in image order."""
         if self.kind != "qwen_vl":
             raise ValueError("pixel_values: this wrapped model is a text-only causal LM and takes no images")
-        visual = self._core.visual
+        visual = self.vision_tower
         with torch.set_grad_enabled(self.vision_grad and torch.is_grad_enabled()):
             out = self._core.get_image_features(pixel_values.to(visual.dtype), image_grid_thw)
         features = getattr(out, "pooler_output", out)
         if isinstance(features, (tuple, list)):
             features = torch.cat(list(features), dim=0)
         return features
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, L, D) the decoder's input embeddings (image-token slots hold the embedding of
+        the image token until the vision features are placed there)."""
+        return self._decoder.get_input_embeddings()(input_ids)
+
+    def append_think_tokens(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) prompt embeddings and their (B, L) mask -> (B, L + N, D) with the N think tokens appended after
+        the left-padded prompt, and the (B, L + N) bool mask (think tokens are real tokens)."""
+        batch = inputs_embeds.shape[0]
+        think = self.think_tokens(batch).to(inputs_embeds.dtype)
+        inputs_embeds = torch.cat([inputs_embeds, think], dim=1)
+        ones = attention_mask.new_ones(batch, think.shape[1]).bool()
+        return inputs_embeds, torch.cat([attention_mask.bool(), ones], dim=1)
+
+    def decode(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """The decoder (no language-model head) on (B, L + N, D) embeddings with the (B, L + N) mask: every hidden
+        state, the embeddings first then each layer's output (``num_layers + 1`` tensors)."""
+        out = self._decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask.long(),
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+            return_dict=True,
+        )
+        return tuple(out.hidden_states)
 
     def position_ids(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: torch.Tensor | None
@@ -263,8 +300,7 @@ class ThinkTokenVLM(nn.Module):
         if (pixel_values is None) != (image_grid_thw is None):
             raise ValueError("pixel_values and image_grid_thw must be given together")
 
-        embed = self._decoder.get_input_embeddings()
-        inputs_embeds = embed(input_ids)
+        inputs_embeds = self.embed(input_ids)
         image_token_id = self.image_token_id()
         if pixel_values is not None:
             features = self.image_features(pixel_values, image_grid_thw).to(inputs_embeds.dtype)
@@ -278,23 +314,12 @@ class ThinkTokenVLM(nn.Module):
         elif image_token_id is not None and bool((input_ids == image_token_id).any()):
             raise ValueError("input_ids contain image tokens but no pixel_values were given")
 
-        n = self.num_think_tokens
-        think = self.think_tokens(batch).to(inputs_embeds.dtype)
-        inputs_embeds = torch.cat([inputs_embeds, think], dim=1)
-        ext_mask = torch.cat([attention_mask.bool(), attention_mask.new_ones(batch, n).bool()], dim=1)
+        inputs_embeds, ext_mask = self.append_think_tokens(inputs_embeds, attention_mask)
         think_mask = torch.zeros_like(ext_mask)
         think_mask[:, length:] = True
         position_ids = self.position_ids(input_ids, attention_mask, image_grid_thw)
 
-        out = self._decoder(
-            inputs_embeds=inputs_embeds,
-            attention_mask=ext_mask.long(),
-            position_ids=position_ids,
-            output_hidden_states=True,
-            use_cache=False,
-            return_dict=True,
-        )
-        all_hidden = tuple(out.hidden_states)
+        all_hidden = self.decode(inputs_embeds, ext_mask, position_ids)
         if len(all_hidden) != self.num_layers + 1:
             raise RuntimeError(
                 f"the decoder returned {len(all_hidden)} hidden states, expected num_layers + 1 = {self.num_layers + 1}"

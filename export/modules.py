@@ -79,8 +79,9 @@ def export_friendly(module: nn.Module):
 class ConditionEncoder(nn.Module):
     """input_ids, attention_mask (B, L), position_ids (3, B, L + N), image_features (B, L, D) -> context, pooled, mask.
 
-    inputs_embeds = where(input_ids == image_token, image_features, embed(input_ids)), think tokens appended,
-    decoder run with every hidden state, the selected layers stacked through the SCB bridge."""
+    The model's own pieces: ``ThinkTokenVLM.embed``, the image features placed at the image-token slots (a
+    ``where`` over dense features instead of ``masked_scatter``), ``append_think_tokens``, ``decode``, the selected
+    layers through the SCB bridge."""
 
     def __init__(self, model) -> None:
         super().__init__()
@@ -90,41 +91,20 @@ class ConditionEncoder(nn.Module):
         self.indices = tuple(model.encoder.layers.indices)
 
     def forward(self, input_ids, attention_mask, position_ids, image_features):
-        decoder = self.encoder.decoder
-        embeds = decoder.get_input_embeddings()(input_ids)
+        embeds = self.encoder.embed(input_ids)
         slots = (input_ids == self.image_token_id).unsqueeze(-1)
         embeds = torch.where(slots, image_features.to(embeds.dtype), embeds)
-        batch, length = input_ids.shape
-        think = self.encoder.think_tokens(batch).to(embeds.dtype)
-        embeds = torch.cat([embeds, think], dim=1)
-        ext_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, think.shape[1])], dim=1)
-        out = decoder(
-            inputs_embeds=embeds,
-            attention_mask=ext_mask,
-            position_ids=position_ids,
-            output_hidden_states=True,
-            use_cache=False,
-            return_dict=True,
-        )
-        hidden = tuple(out.hidden_states[i] for i in self.indices)
-        mask = ext_mask.bool()
+        embeds, mask = self.encoder.append_think_tokens(embeds, attention_mask)
+        every = self.encoder.decode(embeds, mask, position_ids)
+        hidden = tuple(every[i] for i in self.indices)
         if self.bridge.config.tokens == "all":
             condition = self.bridge(hidden, mask)
-            return condition.context, condition.pooled, condition.mask
-        # tokens="think": the bridge selects the last N positions through a data-dependent boolean index;
-        # they are the think tokens by construction, so slice them and run the bridge's "all" path on them.
-        hidden = tuple(h[:, length:] for h in hidden)
-        mask = mask[:, length:]
-        bridge = self.bridge
-        projected = ops.stack_project(hidden, bridge.projector.weight, bridge.projector.bias)
-        if bridge.config.mask_padding:  # the same arithmetic as the bridge (think tokens are never padding)
-            encoded = bridge.connector(projected, mask)
-            weights = mask.to(encoded.dtype).unsqueeze(-1)
-            mean = (encoded * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         else:
-            encoded = bridge.connector(projected, None)
-            mean = encoded.mean(1)
-        return bridge.context_head(encoded), bridge.pooled_head(mean), mask
+            # tokens="think": the bridge selects the last N positions through a data-dependent boolean index;
+            # they are the think tokens by construction, so slice them and run the bridge's encode step on them.
+            length = input_ids.shape[1]
+            condition = self.bridge.encode(tuple(h[:, length:] for h in hidden), mask[:, length:])
+        return condition.context, condition.pooled, condition.mask
 
 
 class VisionEncoder(nn.Module):
@@ -137,7 +117,7 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, model) -> None:
         super().__init__()
-        self.visual = model.encoder._core.visual
+        self.visual = model.encoder.vision_tower
         self.full_attention = set(self.visual.fullatt_block_indexes)
 
     def forward(self, patches, position_ids, window_ids):
@@ -186,12 +166,8 @@ class DiTVelocity(nn.Module):
             attention_kwargs = {"token_masks": (image_mask, context_mask.bool())}
         temb = transformer.time_text_embed(timestep, pooled)
         context = transformer.context_embedder(encoder_hidden_states)
-        for block in transformer.transformer_blocks:
-            context, tokens = block(
-                hidden_states=tokens, encoder_hidden_states=context, temb=temb, joint_attention_kwargs=attention_kwargs
-            )
-        tokens = transformer.proj_out(transformer.norm_out(tokens, temb))
-        return self.dit._unpatchify(tokens, [hidden_states[0]], [target_tokens], False)
+        tokens = self.dit.run_blocks(tokens, context, temb, attention_kwargs)
+        return self.dit.unpatchify(tokens[:, :target_tokens], *hidden_states.shape[-2:])
 
 
 class _VAEStage(nn.Module):

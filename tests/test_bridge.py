@@ -269,6 +269,25 @@ def test_think_token_bridge_yields_exactly_n_context_tokens(tokenizer, frozen_vl
     torch.testing.assert_close(out.pooled, only_think.pooled, **TOL)
 
 
+@pytest.mark.parametrize("tokens", ["all", "think"])
+@pytest.mark.parametrize("mask_padding", [True, False])
+def test_encode_step_is_the_forward_after_token_selection(tokens, mask_padding):
+    """``encode`` on the selected tokens is exactly what ``forward`` computes (the exported condition encoder
+    runs it on the think tokens it slices itself)."""
+    bridge = make_bridge(random_heads=True, tokens=tokens, mask_padding=mask_padding)
+    states, mask = left_pad([random_states(1, 4, seed=2), random_states(1, 7, seed=3)], 9, seed=4)
+    think_mask = torch.zeros(2, 9, dtype=torch.bool)
+    think_mask[:, -3:] = True
+    selected = [h[:, -3:] for h in states] if tokens == "think" else states
+    selected_mask = mask[:, -3:] if tokens == "think" else mask
+    with torch.no_grad():
+        expected = bridge(states, mask, think_mask, return_intermediates=True)
+        got = bridge.encode(selected, selected_mask, return_intermediates=True)
+    for name in ("context", "pooled", "mask"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    assert all(torch.equal(got.intermediates[k], v) for k, v in expected.intermediates.items())
+
+
 def test_think_token_bridge_needs_a_consistent_think_mask():
     bridge = make_bridge(tokens="think")
     states, mask = random_states(2, 6), torch.ones(2, 6, dtype=torch.bool)

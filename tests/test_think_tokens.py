@@ -129,6 +129,20 @@ def test_wrapper_appends_the_same_think_tokens_to_every_sample(tokenizer, vlm):
     assert out.attention_mask[:, length:].all()
 
 
+def test_forward_is_embed_append_think_tokens_and_decode(tokenizer, vlm):
+    """The public pieces (the exported condition encoder composes them) give exactly the wrapper's states."""
+    wrapper = ThinkTokenVLM(vlm, 3, LayerSelection.uniform(4, 2))
+    enc = tokenizer([t2i_prompt("a cat"), t2i_prompt("a red boat at sea")], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = wrapper(enc.input_ids, enc.attention_mask, output_all_hidden_states=True)
+        embeds, mask = wrapper.append_think_tokens(wrapper.embed(enc.input_ids), enc.attention_mask)
+        every = wrapper.decode(embeds, mask, out.position_ids)
+    assert torch.equal(embeds, out.inputs_embeds) and torch.equal(mask, out.attention_mask)
+    assert len(every) == wrapper.num_layers + 1
+    assert all(torch.equal(a, b) for a, b in zip(every, out.all_hidden_states))
+    assert wrapper.vision_tower is wrapper.vlm.model.visual
+
+
 # -- the prompt's hidden states are untouched ------------------------------------------------------------
 def test_think_tokens_do_not_change_prompt_hidden_states_text_only(tokenizer, vlm):
     wrapper = ThinkTokenVLM(vlm, 6, LayerSelection.uniform(4, 3))
@@ -189,7 +203,7 @@ def test_think_tokens_do_not_change_prompt_hidden_states_with_images(tokenizer, 
 
 def test_think_tokens_do_not_change_prompt_hidden_states_of_a_plain_causal_lm(causal_lm):
     wrapper = ThinkTokenVLM(causal_lm, 5, LayerSelection.uniform(3, 2))
-    assert wrapper.kind == "causal_lm"
+    assert wrapper.kind == "causal_lm" and wrapper.vision_tower is None
     input_ids = torch.tensor([[0, 0, 11, 12, 13, 14], [21, 22, 23, 24, 25, 26]])
     attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     with torch.no_grad():
