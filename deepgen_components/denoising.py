@@ -350,5 +350,4 @@ class DenoiseRunner:
     _prepare = prepare  # the old name, for cli/bench until it calls prepare (issue #21)
 
 
-_Prepared = Prepared  # the old names, for cli/bench until it uses the public ones (issue #21)
-_kernels_context = kernels_context
+_kernels_context = kernels_context  # the old name, for cli/bench until it calls kernels_context (issue #21)
