@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+import deepgen_components.shapes  # noqa: F401  (registers the shapes benchmark: load_prompts("shapes"))
 from deepgen_components.builders import SHAPES_PRESET_DIR
 from deepgen_components.evaluation import load_prompts
 

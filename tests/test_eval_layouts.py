@@ -39,6 +39,30 @@ def test_prompt_sets_ship_with_their_licenses_and_counts():
         load_prompts("cvtg")  # not shipped: needs a user file
 
 
+def test_registered_benchmarks_bring_their_prompts_and_evaluators():
+    """The shapes world registers its benchmark (the T2I part of its fixed evaluation set) and its evaluator when
+    ``deepgen_components.shapes`` is imported (``deepgen`` imports it); an unknown name says so."""
+    from deepgen_components.evaluation import available_evaluators
+    from deepgen_components.evaluation.prompts import Benchmark, PromptRecord, Protocol, register_benchmark
+    from deepgen_components.shapes.evaluation import BENCHMARK, eval_set
+
+    assert BENCHMARKS["shapes"] is BENCHMARK and "shapes" in available_evaluators()
+    records = load_prompts("shapes")
+    assert [r.prompt for r in records] == eval_set(edits=0).prompts and len(records) == 108
+    assert [r.category for r in records] == ["heldout"] * 54 + ["seen"] * 54
+    with pytest.raises(ValueError, match=r"--benchmark: unknown benchmark 'nope'; known: .*shapes.*"
+                                         r"deepgen_components.shapes is imported"):
+        load_prompts("nope")
+    toy = Benchmark("toy_for_test", "plain", 1, Protocol(), builtin=True)
+    with pytest.raises(ValueError, match="needs its prompts loader"):
+        register_benchmark(toy)
+    register_benchmark(toy, lambda: [PromptRecord(0, "00000", "a red circle")])
+    assert [r.prompt for r in load_prompts("toy_for_test")] == ["a red circle"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_benchmark(Benchmark("toy_for_test", "plain", 4, Protocol(), builtin=False))
+    BENCHMARKS.pop("toy_for_test")  # keep the CLI's --benchmark choices as they ship
+
+
 def test_geneval_layout_is_exactly_what_the_official_evaluator_reads(tmp_path):
     out = tmp_path / "run"
     assert main(["eval", "--benchmark", "geneval", "--limit", "8", "--out", str(out), *TOY]) == 0

@@ -41,6 +41,7 @@ from deepgen_components.rl.rewards import (
     to_pil_list,
 )
 from deepgen_components.rl.rewards import base as rewards_base
+from deepgen_components.shapes.reward import ShapesReward  # importing the world registers its reward
 
 
 def _solid(value: int, size: int = 32) -> Image.Image:
@@ -100,7 +101,7 @@ def test_registry_build_and_register(monkeypatch):
     judge = build_reward({"name": "judge", "base_url": "http://127.0.0.1:1", "group_size": 4})
     assert isinstance(judge, PairwiseJudgeReward) and judge.group_size == 4
 
-    assert {"color", "shapes"} <= set(available_rewards())  # the rule-based rewards ship registered
+    assert {"color", "shapes"} <= set(available_rewards())  # the rule-based rewards (shapes: the world's) registered
     register_reward("constant", _ConstReward)
     r = build_reward({"name": "constant", "value": 0.25})
     assert r.score([_solid(1), _solid(2)], ["a", "b"]).tolist() == [0.25, 0.25]
@@ -111,6 +112,8 @@ def test_registry_build_and_register(monkeypatch):
 
     with pytest.raises(ValueError, match=r"unknown reward 'nope'.*'clip'"):
         build_reward("nope")
+    with pytest.raises(ValueError, match=r"rl.rewards.mine: unknown reward 'nope'.*deepgen_components.shapes is imported"):
+        build_reward({"name": "nope"}, argument="rl.rewards.mine")
     with pytest.raises(ValueError, match="'name'"):
         build_reward({"model_path": "x"})
     with pytest.raises(TypeError, match="'clip'"):
@@ -488,7 +491,6 @@ def test_mean_colour_reward_is_one_at_the_target_and_falls_with_distance():
 
 
 def test_shapes_reward_scores_ground_truth_world_images_one_and_mismatches_lower():
-    from deepgen_components.rl.rewards import ShapesReward
     from deepgen_components.shapes import ShapesWorld
 
     world = ShapesWorld(image_size=64, seed=11)

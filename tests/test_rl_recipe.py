@@ -29,9 +29,11 @@ import torch
 from deepgen_components.training.checkpoint import latest_checkpoint, load_checkpoint
 from deepgen_components.training.config import load_config
 from deepgen_components.training.metrics import read_metrics
-from deepgen_components.training.rl import PromptPool, rollout_seed, train_rl
+from deepgen_components.training.prompts import PromptPool
+from deepgen_components.training.rl import rollout_seed, train_rl
 from safetensors.torch import load_file
 
+import deepgen_components.shapes  # noqa: F401  (registers the shapes world's kinds: its prompt source, reward)
 from deepgen_components.rl.rewards import OFFICIAL_CATEGORY_WEIGHTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,6 +306,23 @@ def test_the_shapes_prompt_source_draws_edit_tasks_scored_against_their_target()
     cfg.rl.prompt_source = {"kind": "shapes", "count": 0, "edits": 0}
     with pytest.raises(ValueError, match="count and edits"):
         PromptPool(cfg.rl, 64)
+    cfg.rl.prompt_source = {"kind": "shape", "count": 4}
+    with pytest.raises(ValueError, match=r"rl.prompt_source.kind: unknown prompt source kind 'shape'; known: .*shapes"
+                                         r".*deepgen_components.shapes is imported"):
+        PromptPool(cfg.rl, 64)
+
+
+def test_a_registered_prompt_source_fills_the_pool():
+    """``register_prompt_source``: ``rl.prompt_source: {kind: KIND, ...}`` gets the factory's prompts, the factory
+    the mapping's other keys and the image size."""
+    from deepgen_components.training.prompts import available_prompt_sources, register_prompt_source
+
+    assert "shapes" in available_prompt_sources()
+    register_prompt_source("echo_for_test", lambda options, size: [{"text": f"{options['word']} {size}"}])
+    cfg = _config(*SMALL)
+    cfg.rl.prompts = []
+    cfg.rl.prompt_source = {"kind": "echo_for_test", "word": "hello"}
+    assert PromptPool(cfg.rl, 32).items == [{"text": "hello 32", "category": "general", "weight": 1.0}]
 
 
 def test_deepgen1_config_is_the_official_recipe():
@@ -358,6 +377,7 @@ def test_two_ranks_average_gradients(tmp_path):
         import hashlib, json, os, sys, torch
         from pathlib import Path
         torch.set_num_threads(1)
+        import deepgen_components.shapes  # registers the `shapes` data source of the SFT batch
         from deepgen_components.training.config import load_config
         from deepgen_components.training.rl import train_rl
 

@@ -199,7 +199,8 @@ def test_the_quick_chain_runs_on_cuda(tmp_path):
 
 
 def test_the_prompt_encoder_teacher_is_the_base_dit_under_its_own_encoder(quick_run, tmp_path):
-    """Stage 1 with ``model.teacher``: the target is the base DiT's velocity under its prompt encoder."""
+    """Stage 1 with ``teacher: {kind: prompt_encoder}``: the target is the base DiT's velocity under its prompt
+    encoder."""
     from deepgen_components.training.config import load_config
     from deepgen_components.training.trainer import train
 
@@ -218,12 +219,35 @@ def test_the_prompt_encoder_teacher_is_the_base_dit_under_its_own_encoder(quick_
     assert not any(p.requires_grad for p in teacher.dit.parameters())
 
     cfg = load_config(SHAPES_CONFIGS / "align_shapes.yaml", [
-        f"model.pipeline={out / 'base' / 'pipeline'}", f"model.teacher={out / 'base'}", f"out={tmp_path / 'align'}",
-        "trainer.max_steps=2", "data.batch_size=2", "trainer.tensorboard=false"])
+        f"model.pipeline={out / 'base' / 'pipeline'}", f"teacher.options.base={out / 'base'}",
+        f"out={tmp_path / 'align'}", "trainer.max_steps=2", "data.batch_size=2", "trainer.tensorboard=false"])
     result = train(cfg, out=tmp_path / "align")
     assert result.steps == 2 and result.final_loss is not None and math.isfinite(result.final_loss)
-    with pytest.raises(FileNotFoundError, match="model.teacher"):
+    with pytest.raises(FileNotFoundError, match="teacher.options.base"):
         PromptEncoderTeacher.from_base(tmp_path)
+
+
+def test_the_teacher_hook_builds_the_registered_kind_and_names_a_wrong_one(quick_run):
+    """``teacher: {kind, target, features, options}``: the shapes world registers ``prompt_encoder`` (its base DiT
+    under its own prompt encoder, from ``options.base``); an unknown kind or option is named."""
+    from deepgen_components.training.config import TeacherConfig
+    from deepgen_components.training.teacher import Teacher, available_teachers, build_teacher
+
+    from deepgen_components.shapes.teacher import PromptEncoderTeacher
+
+    out, _ = quick_run
+    assert "prompt_encoder" in available_teachers()
+    teacher = build_teacher(TeacherConfig("prompt_encoder", target=False, features=0.5,
+                                          options={"base": str(out / "base")}), "cpu")
+    assert isinstance(teacher, PromptEncoderTeacher) and isinstance(teacher, Teacher)
+    assert teacher.target is False and teacher.feature_weight == 0.5
+    with pytest.raises(ValueError, match=r"teacher.kind: unknown teacher kind 'nope'; known: .*prompt_encoder.*"
+                                         r"deepgen_components.shapes is imported"):
+        build_teacher(TeacherConfig("nope"))
+    with pytest.raises(ValueError, match="teacher.options: missing 'base'"):
+        build_teacher(TeacherConfig("prompt_encoder"))
+    with pytest.raises(ValueError, match=r"teacher.options: unknown keys \['path'\]; accepted: base"):
+        build_teacher(TeacherConfig("prompt_encoder", options={"base": "x", "path": "y"}))
 
 
 def test_base_from_reuses_another_runs_base_models(quick_run, tmp_path):
@@ -296,7 +320,7 @@ def test_stage1_on_the_feature_loss_alone_trains_the_bridge_without_running_the_
     out, _ = quick_run
     cfg = load_config(
         SHAPES_CONFIGS / "align_shapes.yaml",
-        [f"model.pipeline={out / 'base' / 'pipeline'}", f"model.teacher={out / 'base'}", "model.flow_weight=0",
+        [f"model.pipeline={out / 'base' / 'pipeline'}", f"teacher.options.base={out / 'base'}", "model.flow_weight=0",
          "trainer.max_steps=4", "data.batch_size=4", "trainer.checkpoint_every=4", f"out={tmp_path / 'fo'}"],
     )
     result = train(cfg)

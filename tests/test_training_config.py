@@ -133,17 +133,33 @@ def test_unknown_stage_missing_file_and_non_mapping_are_rejected(tmp_path):
 
 def test_the_stage1_teacher_settings_are_checked():
     cfg = load_config(SHAPES_CONFIGS / "align_shapes.yaml")
-    assert cfg.model.teacher and cfg.model.teacher_features == 1.0 and cfg.model.teacher_target is False
-    with pytest.raises(ValueError, match="model.teacher_features needs model.teacher"):
-        load_config(CONFIGS / "align_tiny.yaml", ["model.teacher_features=1.0"])
-    with pytest.raises(ValueError, match="model.teacher_features must be >= 0"):
-        load_config(SHAPES_CONFIGS / "align_shapes.yaml", ["model.teacher_features=-1"])
+    assert cfg.teacher.kind == "prompt_encoder" and cfg.teacher.options == {"base": "runs/shapes/base"}
+    assert cfg.teacher.features == 1.0 and cfg.teacher.target is False
+    assert load_config(CONFIGS / "align_tiny.yaml").teacher is None  # DeepGen's recipe: no teacher
+    with pytest.raises(ValueError, match=r"teacher: missing keys \['kind'\]"):  # a feature weight needs a teacher
+        load_config(CONFIGS / "align_tiny.yaml", ["teacher.features=1.0"])
+    with pytest.raises(ValueError, match="teacher.features must be >= 0"):
+        load_config(SHAPES_CONFIGS / "align_shapes.yaml", ["teacher.features=-1"])
     assert load_config(SHAPES_CONFIGS / "align_shapes.yaml").model.flow_weight == 0.0  # the feature loss alone
     assert load_config(CONFIGS / "align_tiny.yaml").model.flow_weight == 1.0  # DeepGen's loss by default
     with pytest.raises(ValueError, match="model.flow_weight must be >= 0"):
         load_config(SHAPES_CONFIGS / "align_shapes.yaml", ["model.flow_weight=-0.5"])
     with pytest.raises(ValueError, match="model.flow_weight: 0 leaves no loss"):
-        load_config(SHAPES_CONFIGS / "align_shapes.yaml", ["model.teacher_features=0"])
+        load_config(SHAPES_CONFIGS / "align_shapes.yaml", ["teacher.features=0"])
+    with pytest.raises(ValueError, match="model.flow_weight: 0 leaves no loss"):
+        load_config(CONFIGS / "align_tiny.yaml", ["model.flow_weight=0"])
     with pytest.raises(ValueError, match="for stage 'align' only"):
-        load_config(SHAPES_CONFIGS / "sft_shapes.yaml", ["model.flow_weight=0", "model.teacher=runs/shapes/base",
-                                                 "model.teacher_features=1"])
+        load_config(SHAPES_CONFIGS / "sft_shapes.yaml", ["model.flow_weight=0", "teacher.kind=prompt_encoder",
+                                                 "teacher.features=1"])
+
+
+def test_shapes_only_options_are_not_keys_of_the_generic_config():
+    """The shapes world's settings live in its own entries: a source's ``options``, the teacher's ``options``."""
+    from deepgen_components.training.config import ModelSpec, SourceConfig
+
+    assert not {"teacher", "teacher_target", "teacher_features"} & set(ModelSpec.__dataclass_fields__)
+    assert not {"foreground_weight", "edit_kinds", "length"} & set(SourceConfig.__dataclass_fields__)
+    cfg = load_config(SHAPES_CONFIGS / "align_shapes.yaml")
+    assert [src.options for src in cfg.data.sources] == [{"foreground_weight": 4.0}] * 2
+    with pytest.raises(ValueError, match=r"data\.sources\[0\]: unknown keys \['foreground_weight'\]"):
+        load_config(CONFIGS / "align_tiny.yaml", ["data.sources.0.foreground_weight=4"])

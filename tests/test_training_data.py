@@ -17,14 +17,16 @@ from deepgen_components.training.data import (
     ManifestError,
     ManifestSource,
     Sample,
-    ShapesSource,
     WebDatasetSource,
+    available_sources,
+    build_sources,
     collate,
-    foreground_mask,
     load_image,
+    register_source,
 )
-from deepgen_components.training.trainer import build_sources
 from PIL import Image
+
+from deepgen_components.shapes.data import ShapesSource, foreground_mask  # also registers the `shapes` kinds
 
 
 def png(path, height=40, width=60, color=(255, 0, 0)):
@@ -319,7 +321,7 @@ def test_sources_are_built_from_the_config(tmp_path):
     png(tmp_path / "a.png")
     manifest = write_jsonl(tmp_path / "m.jsonl", [{"task": "t2i", "image": "a.png", "caption": "x"}])
     cfg = load_config(None, [f"data.sources=[{{name: m, kind: manifest, path: {manifest}}},"
-                             "{name: s, kind: shapes, task: edit, length: 10}]", "data.image_size=64"])
+                             "{name: s, kind: shapes, task: edit, options: {length: 10}}]", "data.image_size=64"])
     sources = build_sources(cfg)
     assert isinstance(sources["m"], ManifestSource) and len(sources["s"]) == 10
 
@@ -330,13 +332,39 @@ def test_sources_are_built_from_the_config(tmp_path):
         ("[{name: a, kind: shapes}, {name: a, kind: shapes}]", "duplicate source name 'a'"),
         ("[{name: a, kind: manifest}]", "a manifest source needs 'path'"),
         ("[{name: a, kind: webdataset}]", "a webdataset source needs 'path'"),
-        ("[{name: a, kind: lmdb}]", "kind must be manifest, webdataset or shapes"),
+        ("[{name: a, kind: lmdb}]", r"data.sources\[a\].kind: unknown source kind 'lmdb'; known: manifest, shapes, "
+                                    r"webdataset \(the shapes world registers its kinds when deepgen_components.shapes "
+                                    r"is imported\)"),
+        ("[{name: a, kind: shapes, options: {lenght: 5}}]", r"data.sources\[a\].options: unknown keys \['lenght'\]; "
+                                                           "accepted: length, foreground_weight, edit_kinds"),
+        ("[{name: a, kind: manifest, path: m.jsonl, options: {root: x}}]", r"data.sources\[a\].options: unknown keys"),
+        ("[{task: t2i}]", r"data.sources\[0\]: missing keys \['name', 'kind'\]"),
         ("[]", "at least one source"),
     ],
 )
 def test_bad_source_configs_are_named(sources, message):
     with pytest.raises(ValueError, match=message):
         build_sources(load_config(None, [f"data.sources={sources}"]))
+
+
+def test_a_registered_source_kind_is_built_from_its_config_entry():
+    """``register_source``: a new kind for ``data.sources``, its factory given the entry (with its ``options``) and
+    ``data.image_size``; the built-in kinds and the shapes world's are registered."""
+    assert {"manifest", "webdataset", "shapes"} <= set(available_sources())
+    seen = []
+
+    def factory(spec, image_size):
+        seen.append((spec.name, spec.task, spec.options, image_size))
+        return [Sample("t2i", spec.options["text"], torch.zeros(3, image_size, image_size))] * 3
+
+    register_source("constant_for_test", factory)
+    register_source("constant_for_test", factory)  # the same factory again: a no-op
+    with pytest.raises(ValueError, match="already registered"):
+        register_source("constant_for_test", lambda spec, size: [])
+    cfg = load_config(None, ["data.sources=[{name: c, kind: constant_for_test, options: {text: hello}}]",
+                             "data.image_size=32"])
+    (source,) = build_sources(cfg).values()
+    assert len(source) == 3 and source[0].text == "hello" and seen == [("c", "t2i", {"text": "hello"}, 32)]
 
 
 def test_pixels_match_numpy_reference(tmp_path):

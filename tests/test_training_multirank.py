@@ -34,10 +34,12 @@ from deepgen_components.training.common import (
     unread_decoder_layers,
 )
 from deepgen_components.training.config import LoraConfigSpec, ModelSpec, load_config
-from deepgen_components.training.data import collate
+from deepgen_components.training.data import build_sources, collate
 from deepgen_components.training.metrics import read_metrics
 from deepgen_components.training.sampler import MicroBatchPlan
-from deepgen_components.training.trainer import FlowMatchingObjective, build_sources, prepare_batch
+from deepgen_components.training.trainer import FlowMatchingObjective, prepare_batch
+
+import deepgen_components.shapes  # noqa: F401  (registers the shapes world's kinds: `kind: shapes` sources)
 
 CONFIGS = Path(training_package.__file__).parent / "configs"
 LORA = LoraConfigSpec(r=4, alpha=8, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",

@@ -18,13 +18,14 @@ import torch
 from deepgen_components.training.checkpoint import latest_checkpoint, load_checkpoint
 from deepgen_components.training.common import build_model, configure_stage
 from deepgen_components.training.config import TrainConfig, load_config
-from deepgen_components.training.data import ShapesSource, collate
+from deepgen_components.training.data import collate
 from deepgen_components.training.metrics import read_metrics
 from deepgen_components.training.trainer import train
 from PIL import Image
 
 from deepgen_components.lora import merge_lora
 from deepgen_components.pipeline import DeepGenPipeline
+from deepgen_components.shapes.data import ShapesSource  # also registers the `shapes` kinds
 
 torch.set_num_threads(1)
 

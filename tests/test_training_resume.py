@@ -21,6 +21,8 @@ from deepgen_components.training.config import load_config
 from deepgen_components.training.metrics import MetricsLogger, read_metrics
 from deepgen_components.training.trainer import train
 
+import deepgen_components.shapes  # noqa: F401  (registers the shapes world's kinds: `kind: shapes` sources)
+
 torch.set_num_threads(1)
 
 CONFIGS = Path(training_package.__file__).parent / "configs"

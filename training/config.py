@@ -19,6 +19,7 @@ __all__ = [
     "OptimConfig",
     "RLConfig",
     "SourceConfig",
+    "TeacherConfig",
     "TrainConfig",
     "TrainerConfig",
     "apply_overrides",
@@ -43,25 +44,34 @@ class ModelSpec:
     mask_padding: bool | None = None
     tokens: str | None = None
     init_from: str | None = None  # a training checkpoint whose weights start this run (e.g. stage 1 -> 2)
-    teacher: str | None = None  # a shapes base folder: distil its DiT under its own prompt encoder (shapes_base)
-    teacher_target: bool = True  # the teacher's velocity replaces the target eps - x0
-    teacher_features: float = 0.0  # weight of the SCB-context-to-prompt-encoder feature loss (0 = off)
-    flow_weight: float = 1.0  # weight of DeepGen's flow-matching loss; 0 = the feature loss alone (no DiT pass)
+    flow_weight: float = 1.0  # weight of DeepGen's flow-matching loss; 0 = the teacher's feature loss alone (no DiT)
     condition_dropout: float = 0.1
     image_size: int | None = None
 
 
 @dataclass
 class SourceConfig:
+    """One data source: a registered kind (``training.data.register_source``; built in: manifest, webdataset) and
+    what its factory needs; ``options`` are the kind's own settings."""
+
     name: str
-    kind: str  # manifest | webdataset | shapes
+    kind: str
     task: str = "t2i"
     path: str | None = None
     repeat: int = 1
-    seed: int = 0
-    length: int = 100_000  # shapes only
-    foreground_weight: float = 0.0  # shapes only: loss weight 1 + w on the latent cells a shape covers
-    edit_kinds: list[str] | None = None  # shapes edit sources only: which kinds (None = all of EDIT_KINDS)
+    seed: int = 0  # for sources that draw their samples
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherConfig:
+    """A teacher for stages 1-2 (not in DeepGen's recipe): a registered kind (``training.teacher.register_teacher``)
+    that gives a velocity target and / or a feature loss on the bridge's output; ``options`` are the kind's own."""
+
+    kind: str
+    target: bool = True  # its velocity replaces the target eps - x0
+    features: float = 0.0  # weight of its feature loss on the bridge's output (0 = off)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -151,6 +161,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfigSpec | None = None
+    teacher: TeacherConfig | None = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     rl: RLConfig | None = None
     out: str = "runs/train"
@@ -158,15 +169,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.model.teacher_features < 0:
-            raise ValueError(f"model.teacher_features must be >= 0, got {self.model.teacher_features}")
-        if self.model.teacher_features > 0 and not self.model.teacher:
-            raise ValueError("model.teacher_features needs model.teacher (a shapes base folder with prompt_encoder.pt)")
+        features = self.teacher.features if self.teacher is not None else 0.0
+        if features < 0:
+            raise ValueError(f"teacher.features must be >= 0, got {features}")
         if self.model.flow_weight < 0:
             raise ValueError(f"model.flow_weight must be >= 0, got {self.model.flow_weight}")
-        if self.model.flow_weight == 0 and self.model.teacher_features == 0:
-            raise ValueError("model.flow_weight: 0 leaves no loss; it needs model.teacher_features > 0 (the feature "
-                             "loss alone)")
+        if self.model.flow_weight == 0 and features == 0:
+            raise ValueError("model.flow_weight: 0 leaves no loss; it needs teacher.features > 0 (the feature loss "
+                             "alone)")
         if self.model.flow_weight == 0 and self.stage != "align":
             raise ValueError(f"model.flow_weight: 0 (no DiT pass) is for stage 'align' only, got stage {self.stage!r}")
 
@@ -286,6 +296,10 @@ def _build(cls, data: Any, where: str, key: str = ""):
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    missing = [name for name, f in known.items()
+               if f.default is MISSING and f.default_factory is MISSING and name not in data]
+    if missing:
+        raise ValueError(f"{where}: missing keys {missing}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():

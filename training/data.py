@@ -1,7 +1,11 @@
-"""Training data: text-to-image and editing samples from manifests, WebDataset shards or the shapes world.
+"""Training data: text-to-image and editing samples from manifests, WebDataset shards or a registered source.
 
-Every source yields :class:`Sample` objects whose images are already resized by the official ``fix_pixels``
-rule (sqrt(H*W) = target size, each side rounded up to a multiple of 32, aspect kept) and mapped to [-1, 1].
+A source is indexable (``len(source)``, ``source[i]`` -> a :class:`Sample`, or None for a sample that cannot be
+read) and has a ``task`` ("t2i", "edit" or "mixed"). Its images are already resized by the official
+``fix_pixels`` rule (sqrt(H*W) = target size, each side rounded up to a multiple of 32, aspect kept) and mapped to
+[-1, 1]. The config names a source by its ``kind``: ``manifest`` and ``webdataset`` are built in, other kinds are
+registered with :func:`register_source` (the shapes world registers ``shapes`` when ``deepgen_components.shapes``
+is imported).
 
 Manifest (JSONL, one object per line, or Parquet with the same columns), paths relative to the manifest:
 
@@ -23,11 +27,14 @@ import json
 import logging
 import tarfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from deepgen_components.training.config import SourceConfig, TrainConfig
+from deepgen_components.training.registry import Registry, check_options
 
 from deepgen_components.processing import fix_pixels_size, pil_to_pixels
 
@@ -35,12 +42,15 @@ __all__ = [
     "ManifestError",
     "ManifestSource",
     "Sample",
-    "ShapesSource",
     "SkipCounter",
+    "SourceFactory",
     "WebDatasetSource",
+    "available_sources",
+    "build_source",
+    "build_sources",
     "collate",
-    "foreground_mask",
     "load_image",
+    "register_source",
 ]
 
 logger = logging.getLogger(__name__)
@@ -227,58 +237,6 @@ class WebDatasetSource:
             return None
 
 
-class ShapesSource:
-    """The synthetic shapes world (``deepgen_components.shapes``) as an indexable source of a given task.
-
-    ``foreground_weight`` w > 0 gives every sample a loss weight of 1 + w on the target's shape pixels, dilated
-    by 4 px (one latent cell of a 4x-down VAE), 1 elsewhere: a shape covers ~5-10 % of an image, so under the
-    plain mean the background dominates the flow-matching loss and colour / shape are learned last."""
-
-    def __init__(self, task: str = "t2i", image_size: int = 64, seed: int = 0, length: int = 100_000,
-                 foreground_weight: float = 0.0, edit_kinds=None):
-        from deepgen_components.shapes import EDIT_KINDS, ShapesWorld
-
-        if task not in ("t2i", "edit"):
-            raise ValueError(f"task must be 't2i' or 'edit', got {task!r}")
-        if foreground_weight < 0:
-            raise ValueError(f"foreground_weight must be >= 0, got {foreground_weight}")
-        self.task = task
-        self.foreground_weight = float(foreground_weight)
-        kinds = tuple(edit_kinds) if edit_kinds else EDIT_KINDS
-        if not set(kinds) <= set(EDIT_KINDS):
-            raise ValueError(f"edit_kinds must be a subset of {EDIT_KINDS}, got {list(kinds)}")
-        self.world = ShapesWorld(image_size=image_size, seed=seed, edit_kinds=kinds)
-        self.length = length
-        self.skipped = SkipCounter()
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> Sample:
-        if self.task == "t2i":
-            image, caption = self.world.t2i_sample(index)
-            return self._weighted(Sample("t2i", caption, pil_to_pixels(image)))
-        source, instruction, target = self.world.edit_sample(index)
-        return self._weighted(Sample("edit", instruction, pil_to_pixels(target), [pil_to_pixels(source)]))
-
-    def _weighted(self, sample: Sample) -> Sample:
-        if self.foreground_weight > 0:
-            sample.loss_weight = 1.0 + self.foreground_weight * foreground_mask(sample.target, dilate=4)
-        return sample
-
-
-def foreground_mask(pixels: torch.Tensor, dilate: int = 0) -> torch.Tensor:
-    """1.0 where a shapes image differs from its top-left (background) colour, dilated by ``dilate`` pixels:
-    (3, H, W) -> (1, H, W), or a batch (B, 3, H, W) -> (B, 1, H, W)."""
-    import torch.nn.functional as F
-
-    corner = pixels[..., :, :1, :1]
-    mask = ((pixels - corner).abs().sum(-3, keepdim=True) > 0.1).float()
-    if dilate > 0:
-        mask = F.max_pool2d(mask, 2 * dilate + 1, stride=1, padding=dilate)
-    return mask
-
-
 def collate(samples: Sequence[Sample]) -> dict:
     """Micro-batch dict for ``DeepGenModel.flow_matching_loss`` (one task per micro-batch)."""
     if not samples:
@@ -294,3 +252,52 @@ def collate(samples: Sequence[Sample]) -> dict:
     if len(sizes) == 1 and all(s.loss_weight is not None for s in samples):
         batch["loss_weight"] = torch.stack([s.loss_weight for s in samples])
     return batch
+
+
+# -- the source registry ----------------------------------------------------------------------------------------
+SourceFactory = Callable[[SourceConfig, int], Any]  # (the config entry, data.image_size) -> a source
+_SOURCES: Registry[SourceFactory] = Registry("source kind")
+
+
+def register_source(kind: str, factory: SourceFactory, *, overwrite: bool = False) -> SourceFactory:
+    """Make ``kind: KIND`` usable in ``data.sources``: ``factory(entry, image_size)`` builds the source from its
+    config entry (:class:`SourceConfig`; its own settings in ``entry.options``)."""
+    return _SOURCES.register(kind, factory, overwrite=overwrite)
+
+
+def available_sources() -> list[str]:
+    """The registered source kinds, sorted."""
+    return _SOURCES.kinds()
+
+
+def build_source(spec: SourceConfig, image_size: int):
+    """The source of one ``data.sources`` entry."""
+    return _SOURCES.lookup(spec.kind, f"data.sources[{spec.name}].kind")(spec, image_size)
+
+
+def build_sources(cfg: TrainConfig) -> dict:
+    """name -> indexable source, from the data config."""
+    sources = {}
+    for src in cfg.data.sources:
+        if src.name in sources:
+            raise ValueError(f"data.sources: duplicate source name {src.name!r}")
+        sources[src.name] = build_source(src, cfg.data.image_size)
+    if not sources:
+        raise ValueError("data.sources: at least one source is needed")
+    return sources
+
+
+def _file_source(source_class, label: str) -> SourceFactory:
+    """The factory of a built-in source read from ``path`` (no options)."""
+
+    def factory(spec: SourceConfig, image_size: int):
+        check_options(f"data.sources[{spec.name}].options", spec.options, ())
+        if not spec.path:
+            raise ValueError(f"data.sources[{spec.name}]: a {label} source needs 'path'")
+        return source_class(spec.path, image_size, task=spec.task)
+
+    return factory
+
+
+register_source("manifest", _file_source(ManifestSource, "manifest"))
+register_source("webdataset", _file_source(WebDatasetSource, "webdataset"))

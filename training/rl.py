@@ -16,7 +16,6 @@ reduce-scatter averages the gradients. The frozen reference DiT stays whole on e
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import random
@@ -41,7 +40,8 @@ from deepgen_components.training.common import (
     load_init_weights,
     lora_modules,
 )
-from deepgen_components.training.config import RLConfig, TrainConfig
+from deepgen_components.training.config import TrainConfig
+from deepgen_components.training.data import build_sources
 from deepgen_components.training.distributed import (
     all_gather_cat,
     all_reduce_mean,
@@ -53,6 +53,7 @@ from deepgen_components.training.distributed import (
     seed_rank_rng,
 )
 from deepgen_components.training.metrics import MetricsLogger
+from deepgen_components.training.prompts import PromptPool
 from deepgen_components.training.sampler import TaskBatchSampler
 from deepgen_components.training.trainer import (
     _autocast,
@@ -62,7 +63,6 @@ from deepgen_components.training.trainer import (
     _next_batch,
     _optimizer_state,
     _unsharded_model,
-    build_sources,
     prepare_batch,
 )
 
@@ -79,7 +79,7 @@ from deepgen_components.rl.grpo import (
 )
 from deepgen_components.rl.rewards import build_reward, reward_weights
 
-__all__ = ["PromptPool", "RLResult", "rollout_seed", "train_rl"]
+__all__ = ["RLResult", "rollout_seed", "train_rl"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,104 +91,6 @@ class RLResult:
     final_loss: float | None
     checkpoint: Path | None
     pipeline: Path | None
-
-
-def _read_prompt_file(path: Path) -> list[dict]:
-    """Prompts of one file: ``.txt`` (one per line) or ``.jsonl`` (objects with ``prompt`` / ``text`` and an
-    optional ``category``); blank lines are skipped."""
-    if not path.is_file():
-        raise FileNotFoundError(f"rl.prompt_files: {path} does not exist")
-    items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            record = json.loads(line)
-            text = record.get("prompt", record.get("text"))
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{n}: a .jsonl prompt needs a 'prompt' or 'text' string")
-            item = {"text": text}
-            if "category" in record:
-                item["category"] = record["category"]
-            if record.get("image") is not None:  # an edit prompt: the instruction applies to this image
-                image = Path(record["image"])
-                item["image"] = image if image.is_absolute() else path.parent / image
-            if record.get("reward_prompt") is not None:
-                item["reward_prompt"] = str(record["reward_prompt"])
-            items.append(item)
-        else:
-            items.append({"text": line.strip()})
-    if not items:
-        raise ValueError(f"rl.prompt_files: {path} holds no prompt")
-    return items
-
-
-class PromptPool:
-    """Prompts with categories and sampling weights; each step draws ``prompts_per_step`` per rank with
-    replacement, seeded by (seed, step, rank).
-
-    Sources: ``rl.prompts`` (inline ``{text, category, weight}``), ``rl.prompt_files`` (``{path, category,
-    weight}``: every prompt of the file gets the file's weight, so a file is drawn with probability
-    proportional to N_file * weight, the official ``sample_proportional``), ``rl.prompt_source`` (the shapes
-    world: ``count`` captions and ``edits`` editing tasks).
-
-    An item with an ``image`` (a path or a PIL image) is an edit prompt: the rollout reads that image (VLM and
-    reference latents) and ``text`` is the instruction. ``reward_prompt`` (default ``text``) is what the rewards
-    score the image against; for a shapes edit it is the caption of the scene the edit should produce. Editing
-    prompts in stage 3 are our extension: DeepGen's MR-GRPO draws text-to-image prompts only."""
-
-    def __init__(self, rl: RLConfig, image_size: int) -> None:
-        items = [dict(p) for p in rl.prompts]
-        for i, spec in enumerate(rl.prompt_files):
-            spec = dict(spec)
-            if "path" not in spec:
-                raise ValueError(f"rl.prompt_files[{i}]: needs 'path'")
-            for item in _read_prompt_file(Path(spec["path"])):
-                item.setdefault("category", spec.get("category", "general"))
-                item["weight"] = float(spec.get("weight", 1.0))
-                items.append(item)
-        source = dict(rl.prompt_source or {})
-        if source:
-            kind = source.pop("kind", None)
-            if kind != "shapes":
-                raise ValueError(f"rl.prompt_source.kind must be 'shapes', got {kind!r}")
-            from deepgen_components.shapes import ShapesWorld, caption
-
-            unknown = set(source) - {"seed", "count", "category", "edits", "edit_category", "edit_weight"}
-            if unknown:
-                raise ValueError(f"rl.prompt_source: unknown keys {sorted(unknown)}; accepted: seed, count, category, "
-                                 "edits, edit_category, edit_weight")
-            world = ShapesWorld(image_size=image_size, seed=int(source.get("seed", 0)))
-            count, edits = int(source.get("count", 512)), int(source.get("edits", 0))
-            if count < 0 or edits < 0 or count + edits == 0:
-                raise ValueError(f"rl.prompt_source: count and edits must be >= 0 and not both 0, got {count}, {edits}")
-            category = source.get("category", "general")
-            items += [{"text": world.t2i_sample(i)[1], "category": category} for i in range(count)]
-            for i in range(edits):  # training-composition sources and targets (held-out ones are never drawn)
-                scene, instruction, target = world.edit_triplet(i)
-                items.append({"text": instruction, "image": world.render(scene), "reward_prompt": caption(target),
-                              "category": source.get("edit_category", category),
-                              "weight": float(source.get("edit_weight", 1.0))})
-        if not items:
-            raise ValueError("rl: give prompts (rl.prompts, rl.prompt_files) or a prompt source (rl.prompt_source)")
-        for i, item in enumerate(items):
-            if "text" not in item:
-                raise ValueError(f"rl.prompts[{i}]: needs 'text'")
-            item.setdefault("category", "general")
-            item["weight"] = float(item.get("weight", 1.0))
-            if not item["weight"] >= 0:
-                raise ValueError(f"rl.prompts[{i}]: weight must be >= 0, got {item['weight']}")
-        self.items = items
-        weights = [item["weight"] for item in items]
-        if sum(weights) <= 0:
-            raise ValueError("rl: every prompt has weight 0")
-        self.weights = None if len(set(weights)) == 1 else weights
-
-    def draw(self, count: int, seed: int, step: int, rank: int) -> list[dict]:
-        rng = random.Random(seed * 1_000_003 + step * 7_919 + rank)
-        if self.weights is None:
-            return [rng.choice(self.items) for _ in range(count)]
-        return rng.choices(self.items, weights=self.weights, k=count)
 
 
 def rollout_seed(seed: int, step: int, rank: int) -> int:
@@ -295,7 +197,7 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
         apply_fsdp(model.dit, list(model.dit.transformer.transformer_blocks), info)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     trainable = [p for _, p in params]
-    rewards = {name: build_reward(spec) for name, spec in rl.rewards.items()}
+    rewards = {name: build_reward(spec, argument=f"rl.rewards.{name}") for name, spec in rl.rewards.items()}
     if not rewards:
         raise ValueError("rl.rewards: configure at least one reward")
     reward_names = list(rewards)

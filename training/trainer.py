@@ -39,7 +39,7 @@ from deepgen_components.training.common import (
     load_init_weights,
 )
 from deepgen_components.training.config import TrainConfig
-from deepgen_components.training.data import ManifestSource, ShapesSource, WebDatasetSource, collate
+from deepgen_components.training.data import build_sources, collate
 from deepgen_components.training.distributed import (
     all_reduce_mean,
     apply_fsdp,
@@ -52,11 +52,12 @@ from deepgen_components.training.distributed import (
 )
 from deepgen_components.training.metrics import MetricsLogger
 from deepgen_components.training.sampler import MicroBatchPlan, TaskBatchSampler
+from deepgen_components.training.teacher import build_teacher
 from torch import nn
 
 from deepgen_components.model import DeepGenModel
 
-__all__ = ["FlowMatchingObjective", "TrainResult", "build_sources", "dry_run", "sample_seed", "train"]
+__all__ = ["FlowMatchingObjective", "TrainResult", "dry_run", "sample_seed", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,30 +69,6 @@ class TrainResult:
     final_loss: float | None
     checkpoint: Path | None
     pipeline: Path | None
-
-
-def build_sources(cfg: TrainConfig) -> dict:
-    """name -> indexable source, from the data config."""
-    sources = {}
-    for src in cfg.data.sources:
-        if src.name in sources:
-            raise ValueError(f"data.sources: duplicate source name {src.name!r}")
-        if src.kind == "manifest":
-            if not src.path:
-                raise ValueError(f"data.sources[{src.name}]: a manifest source needs 'path'")
-            sources[src.name] = ManifestSource(src.path, cfg.data.image_size, task=src.task)
-        elif src.kind == "webdataset":
-            if not src.path:
-                raise ValueError(f"data.sources[{src.name}]: a webdataset source needs 'path'")
-            sources[src.name] = WebDatasetSource(src.path, cfg.data.image_size, task=src.task)
-        elif src.kind == "shapes":
-            sources[src.name] = ShapesSource(src.task, cfg.data.image_size, seed=src.seed, length=src.length,
-                                             foreground_weight=src.foreground_weight, edit_kinds=src.edit_kinds)
-        else:
-            raise ValueError(f"data.sources[{src.name}]: kind must be manifest, webdataset or shapes, got {src.kind!r}")
-    if not sources:
-        raise ValueError("data.sources: at least one source is needed")
-    return sources
 
 
 def sample_seed(seed: int, position: int, stream_position: int, source: str) -> int:
@@ -116,7 +93,7 @@ class FlowMatchingObjective(nn.Module):
         teacher = batch.get("feature_teacher")
         if self.flow_weight == 0:
             if teacher is None:
-                raise ValueError("flow_weight 0 needs batch['feature_teacher'] (model.teacher_features > 0)")
+                raise ValueError("flow_weight 0 needs batch['feature_teacher'] (teacher.features > 0)")
             references = batch.get("reference_pixels")
             editing = references is not None and any(len(r or []) for r in references)
             prompt_batch = self.model.prepare_prompts(batch["prompts"], references if editing else None)
@@ -262,13 +239,7 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
     model.train()
     model.vae.eval()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    teacher = None
-    if cfg.model.teacher:  # the base DiT under its own prompt encoder, frozen (a copy: stage 2 trains the DiT)
-        from deepgen_components.shapes.teacher import PromptEncoderTeacher
-
-        teacher = PromptEncoderTeacher.from_base(
-            cfg.model.teacher, target=cfg.model.teacher_target, feature_weight=cfg.model.teacher_features
-        ).to(device)
+    teacher = build_teacher(cfg.teacher, device) if cfg.teacher is not None else None  # frozen, its own copy
 
     objective: nn.Module = FlowMatchingObjective(model, cfg.model.flow_weight)
     mode = cfg.trainer.distributed

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import deepgen_components.shapes  # noqa: F401  (registers the shapes benchmark and evaluator)
 from deepgen_components.cli.args import (
     add_model_args,
     check_output_path,
@@ -210,7 +211,7 @@ def _merge(args, out, records, layout, settings, benchmark, model, gathered, eva
         chosen = records[::step][: args.contact_sheet]
         contact_sheet([layout.read(r)[0] for r in chosen], [r.id for r in chosen]).save(out / "contact_sheet.png")
         sheet = "contact_sheet.png"
-    rule = ("training/shapes_eval noise: row i of randn(chunk of 64) seeded seed + chunk start"
+    rule = ("shapes evaluation noise: row i of randn(chunk of 64) seeded seed + chunk start"
             if settings.noise == "shapes_eval" else "torch.Generator().manual_seed(seed + index * samples + k)")
     summary = {
         "benchmark": benchmark.name,

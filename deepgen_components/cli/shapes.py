@@ -23,6 +23,8 @@ import logging
 import time
 from pathlib import Path
 
+import deepgen_components.shapes  # noqa: F401  (registers the shapes world's kinds: data source, teacher, ...)
+
 __all__ = ["add_commands", "install_preset", "parse_sets", "run_shapes"]
 
 logger = logging.getLogger(__name__)
@@ -82,8 +84,8 @@ def _stage_config(name: str, out: Path, base_pipeline: Path, previous: Path | No
     from deepgen_components.training.config import load_config
 
     overrides = [f"model.pipeline={base_pipeline}", f"out={out / name}", "trainer.tensorboard=false"]
-    if load_config(configs / f"{name}_shapes.yaml").model.teacher:  # the teacher is this run's base
-        overrides.append(f"model.teacher={base_pipeline.parent}")
+    if load_config(configs / f"{name}_shapes.yaml").teacher is not None:  # the teacher is this run's base
+        overrides.append(f"teacher.options.base={base_pipeline.parent}")
     if previous is not None:
         overrides.append(f"model.init_from={previous / 'checkpoints'}")
     return load_config(configs / f"{name}_shapes.yaml", overrides + list(extra))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import deepgen_components.shapes  # noqa: F401  (registers the shapes world's kinds: `kind: shapes` in a config)
+
 __all__ = ["add_commands"]
 
 

@@ -3,12 +3,14 @@
 An evaluator reads the generated samples of every prompt and returns an :class:`EvalResult` (overall score,
 per-category scores, other named metrics). Built in, all offline:
 
-* ``shapes``: the shapes world's :class:`~deepgen_components.shapes.ShapesEval` (attribute accuracies, reward);
 * ``ocr``: text rendering read back by RapidOCR (it ships its models), word accuracy and normalised edit distance;
 * ``clip``: mean CLIP score from local CLIP weights (``--clip-model DIR``);
 * ``judge``: a VLM judge over an OpenAI-compatible endpoint, WISE-style (consistency, realism, aesthetics, WiScore);
 * ``scorer``: an official scorer the user has installed (GenEval, DPG-Bench), run as a command; its output is
   parsed into the summary. Detectors and VQA models are never re-implemented here.
+
+More come through :func:`register_evaluator`: the shapes world registers ``shapes`` (attribute accuracies and reward
+of its deterministic evaluator) when ``deepgen_components.shapes`` is imported.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from PIL import Image
 
 from deepgen_components.evaluation.prompts import PromptRecord
 
-__all__ = ["EvalResult", "Evaluator", "Sample", "available_evaluators", "build_evaluator", "cvtg_text_scores",
-           "parse_geneval_results", "parse_wise_answer", "quoted_texts", "register_evaluator"]
+__all__ = ["EvalResult", "Evaluator", "Sample", "available_evaluators", "build_evaluator", "by_category",
+           "cvtg_text_scores", "mean", "parse_geneval_results", "parse_wise_answer", "quoted_texts",
+           "register_evaluator"]
 
 
 @dataclass
@@ -63,6 +66,8 @@ _REGISTRY: dict[str, Callable[..., Evaluator]] = {}
 
 
 def register_evaluator(name: str, factory: Callable[..., Evaluator]) -> None:
+    """Make ``--evaluators NAME`` usable: ``factory(**options)`` gets the CLI's scoring options (``clip_model``,
+    ``judge_url``, ``judge_model``, ``scorer_cmd``, ``device``) and takes the ones it needs."""
     if name in _REGISTRY and _REGISTRY[name] is not factory:
         raise ValueError(f"register_evaluator: {name!r} is already registered")
     _REGISTRY[name] = factory
@@ -75,50 +80,23 @@ def available_evaluators() -> list[str]:
 def build_evaluator(name: str, **options) -> Evaluator:
     """Build a registered evaluator; ``options`` are the CLI's (each factory takes the ones it needs)."""
     if name not in _REGISTRY:
-        raise ValueError(f"--evaluators: unknown evaluator {name!r}; known: {', '.join(available_evaluators())}")
+        raise ValueError(f"--evaluators: unknown evaluator {name!r}; known: {', '.join(available_evaluators())} (the "
+                         "shapes world registers its kinds when deepgen_components.shapes is imported)")
     return _REGISTRY[name](**options)
 
 
-def _mean(values: Sequence[float]) -> float:
+def mean(values: Sequence[float]) -> float:
+    """The mean of ``values`` (nan when empty)."""
     return sum(values) / len(values) if values else float("nan")
 
 
-def _by_category(rows: list[tuple[str | None, float]]) -> dict[str, float]:
+def by_category(rows: list[tuple[str | None, float]]) -> dict[str, float]:
+    """(category, value) rows -> the mean value per category (rows without a category are left out)."""
     groups: dict[str, list[float]] = {}
     for category, value in rows:
         if category is not None:
             groups.setdefault(category, []).append(value)
-    return {c: _mean(v) for c, v in sorted(groups.items())}
-
-
-# -- shapes ---------------------------------------------------------------------------------------------------
-class ShapesEvaluator:
-    """Attribute accuracies of the shapes world (as ``training/shapes_eval.evaluate_pipeline`` reports them)."""
-
-    name = "shapes"
-    ATTRIBUTES = ("color", "shape", "position", "background", "count", "all")
-
-    def __init__(self, **_):
-        from deepgen_components.shapes import ShapesEval
-
-        self.evaluator = ShapesEval()
-
-    def evaluate(self, samples, run_dir) -> EvalResult:
-        rows, rewards, per_prompt = [], [], []
-        for sample in samples:
-            for image in sample.images:
-                scores = self.evaluator.score_t2i(image, sample.record.prompt)
-                rows.append((sample.record.category, scores))
-                rewards.append(self.evaluator.reward(image, sample.record.prompt))
-                per_prompt.append({"id": sample.record.id, **{k: bool(v) for k, v in scores.items()}})
-        metrics = {f"t2i_{k}": _mean([float(s[k]) for _, s in rows]) for k in self.ATTRIBUTES}
-        for category in sorted({c for c, _ in rows if c is not None}):
-            part = [s for c, s in rows if c == category]
-            metrics.update({f"{category}_{k}": _mean([float(s[k]) for s in part]) for k in self.ATTRIBUTES})
-        metrics["reward"] = _mean(rewards)
-        categories = _by_category([(c, float(s["all"])) for c, s in rows])
-        return EvalResult(self.name, metrics["t2i_all"], categories, metrics, per_prompt,
-                          "overall = all four attributes right (ShapesEval.score_t2i)")
+    return {c: mean(v) for c, v in sorted(groups.items())}
 
 
 # -- OCR ------------------------------------------------------------------------------------------------------
@@ -193,8 +171,8 @@ class OcrEvaluator:
                 by_category.append((sample.record.category, m / n if n else 0.0))
                 per_prompt.append({"id": sample.record.id, "ocr": text, "matched": m, "words": n, "ned": ned})
         word_accuracy = matched / total if total else float("nan")
-        metrics = {"word_accuracy": word_accuracy, "ned": _mean(neds), "words": total, "skipped": skipped}
-        return EvalResult(self.name, word_accuracy, _by_category(by_category), metrics, per_prompt,
+        metrics = {"word_accuracy": word_accuracy, "ned": mean(neds), "words": total, "skipped": skipped}
+        return EvalResult(self.name, word_accuracy, by_category(by_category), metrics, per_prompt,
                           "overall = word accuracy; ned = mean 1 - normalised edit distance")
 
 
@@ -217,8 +195,8 @@ class ClipEvaluator:
         rows = [(s.record, image) for s in samples for image in s.images]
         scores = self.reward.score([i for _, i in rows], [r.prompt for r, _ in rows]).tolist() if rows else []
         per_prompt = [{"id": r.id, "clip": v} for (r, _), v in zip(rows, scores)]
-        categories = _by_category([(r.category, v) for (r, _), v in zip(rows, scores)])
-        return EvalResult(self.name, _mean(scores), categories, {"mean": _mean(scores)}, per_prompt)
+        categories = by_category([(r.category, v) for (r, _), v in zip(rows, scores)])
+        return EvalResult(self.name, mean(scores), categories, {"mean": mean(scores)}, per_prompt)
 
 
 # -- the judge ------------------------------------------------------------------------------------------------
@@ -287,10 +265,10 @@ class JudgeEvaluator:
                 wiscore = (0.7 * scores["consistency"] + 0.2 * scores["realism"] + 0.1 * scores["aesthetic"]) / 2
                 rows.append((sample.record.category, wiscore, scores))
                 per_prompt.append({"id": sample.record.id, "wiscore": wiscore, **scores})
-        metrics = {k: _mean([s[k] for _, _, s in rows]) for k in ("consistency", "realism", "aesthetic")}
+        metrics = {k: mean([s[k] for _, _, s in rows]) for k in ("consistency", "realism", "aesthetic")}
         metrics["unparsed"] = unparsed
-        overall = _mean([w for _, w, _ in rows])
-        return EvalResult(self.name, overall, _by_category([(c, w) for c, w, _ in rows]), metrics, per_prompt,
+        overall = mean([w for _, w, _ in rows])
+        return EvalResult(self.name, overall, by_category([(c, w) for c, w, _ in rows]), metrics, per_prompt,
                           "overall = mean WiScore (0.7 consistency + 0.2 realism + 0.1 aesthetic) / 2")
 
 
@@ -305,8 +283,8 @@ def parse_geneval_results(path: Path) -> EvalResult:
             if "tag" not in row or "correct" not in row:
                 raise ValueError(f"{path}:{number}: a GenEval result line needs 'tag' and 'correct'")
             per_tag.setdefault(row["tag"], []).append(float(bool(row["correct"])))
-    categories = {tag: _mean(v) for tag, v in sorted(per_tag.items())}
-    return EvalResult("scorer", _mean(list(categories.values())) if categories else None, categories,
+    categories = {tag: mean(v) for tag, v in sorted(per_tag.items())}
+    return EvalResult("scorer", mean(list(categories.values())) if categories else None, categories,
                       {"images": sum(len(v) for v in per_tag.values())}, notes=f"GenEval {path.name}")
 
 
@@ -347,7 +325,6 @@ class ScorerCommand:
                           "no score found in the scorer's output (scorer_output.txt)")
 
 
-register_evaluator("shapes", ShapesEvaluator)
 register_evaluator("ocr", OcrEvaluator)
 register_evaluator("clip", ClipEvaluator)
 register_evaluator("judge", JudgeEvaluator)

@@ -6,8 +6,9 @@ on i, never on the batch it ran in, the rank that ran it or what was already fin
 resumed run draws exactly the noise of a plain one-process run.
 
 * ``per_sample`` (default): ``torch.Generator().manual_seed(seed + i * samples + k)``, one (C, h, w) draw.
-* ``shapes_eval``: the noise of ``training/shapes_eval.generate_t2i`` (rows of one draw per chunk of 64
-  prompts, seeded ``seed + chunk start``), so the shapes benchmark reproduces the shapes evaluation's numbers.
+* ``shapes_eval``: the noise of the shapes world's evaluation (``deepgen_components.shapes.evaluation.generate_t2i``:
+  rows of one draw per chunk of 64 prompts, seeded ``seed + chunk start``), so the shapes benchmark reproduces the
+  shapes evaluation's numbers.
 
 Sharding: the unfinished prompts (listed by every rank before any rank writes) go round-robin, ``pending[rank::
 world]``: disjoint, their union complete, the same on every run.
@@ -28,7 +29,7 @@ __all__ = ["GenerationSettings", "GenerationStats", "generate", "initial_noise",
            "sample_seeds", "shard"]
 
 logger = logging.getLogger(__name__)
-SHAPES_EVAL_CHUNK = 64  # training/shapes_eval.generate_t2i's batch
+SHAPES_EVAL_CHUNK = 64  # deepgen_components.shapes.evaluation.generate_t2i's batch
 
 
 @dataclass(frozen=True)

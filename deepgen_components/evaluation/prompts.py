@@ -1,17 +1,20 @@
-"""Benchmark prompt sets: the vendored GenEval and DPG-Bench prompts, the shapes world's evaluation set, and user files.
+"""Benchmark prompt sets: the vendored GenEval and DPG-Bench prompts, registered sets, and user files.
 
 A prompt set is a list of :class:`PromptRecord`. Every record keeps what its benchmark's scorer needs: GenEval's
 metadata line exactly as it stands in ``evaluation_metadata.jsonl`` (the official evaluator reads it back from each
 prompt folder), DPG-Bench's file stem, a category for per-category scores, and for editing sets the source image.
 
 :data:`BENCHMARKS` describes each benchmark: its layout, samples per prompt, where its prompts come from, the
-evaluator that scores it here, and its documented sampling settings (``--protocol official``).
+evaluator that scores it here, and its documented sampling settings (``--protocol official``). More benchmarks come
+through :func:`register_benchmark`: the shapes world registers ``shapes`` (its fixed evaluation set) when
+``deepgen_components.shapes`` is imported.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +26,7 @@ __all__ = [
     "Protocol",
     "load_prompt_file",
     "load_prompts",
+    "register_benchmark",
 ]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -65,10 +69,6 @@ BENCHMARKS: dict[str, Benchmark] = {
                       evaluators=("ocr",)),
     "unireditbench": Benchmark("unireditbench", "plain", 1, Protocol(512, 512, 50, 4.0, _DEEPGEN_EVAL + ", CFG 4.0"),
                                evaluators=("judge",)),
-    # The shapes world's held-out evaluation (deepgen_components/shapes/evaluation.py): 64 px, 20 steps, CFG 4.0, and its noise.
-    "shapes": Benchmark("shapes", "plain", 1, Protocol(64, 64, 20, 4.0, "docs/shapes.md evaluation: 64 px, 20 steps, "
-                        "CFG 4.0"), evaluators=("shapes",), builtin=True, license="generated (this package)",
-                        noise="shapes_eval"),
     "custom": Benchmark("custom", "plain", 1, Protocol(source="deepgen-components defaults"), builtin=False),
 }
 
@@ -164,28 +164,34 @@ def load_prompt_file(path: str | os.PathLike, *, benchmark: str = "custom") -> l
     return records
 
 
-def _shapes_records() -> list[PromptRecord]:
-    # The T2I part of the shapes world's fixed evaluation set (training/shapes_eval.eval_set: 54 held-out
-    # compositions, then 54 seen compositions with new jitter), in that order.
-    from deepgen_components.shapes.evaluation import eval_set
+# The prompt sets that ship with the package (or are made by a registered benchmark): benchmark -> its loader.
+_PROMPT_SETS: dict[str, Callable[[], list[PromptRecord]]] = {
+    "geneval": lambda: _geneval(DATA_DIR / "geneval" / "evaluation_metadata.jsonl"),
+    "dpg": lambda: load_prompt_file(DATA_DIR / "dpg_bench" / "prompts.jsonl", benchmark="dpg"),
+}
 
-    evals = eval_set(edits=0)
-    held = len(evals.heldout_prompts)
-    return [PromptRecord(i, f"{i:05d}", p, "heldout" if i < held else "seen") for i, p in enumerate(evals.prompts)]
+
+def register_benchmark(benchmark: Benchmark, prompts: Callable[[], list[PromptRecord]] | None = None) -> None:
+    """Make ``--benchmark NAME`` usable: ``benchmark`` describes it; ``prompts()`` returns its own prompt set (needed
+    when ``benchmark.builtin``; without it the set comes from ``--prompts FILE``)."""
+    if benchmark.builtin and prompts is None:
+        raise ValueError(f"register_benchmark: {benchmark.name!r} is builtin, so it needs its prompts loader")
+    if BENCHMARKS.get(benchmark.name, benchmark) != benchmark:
+        raise ValueError(f"register_benchmark: another benchmark named {benchmark.name!r} is already registered")
+    BENCHMARKS[benchmark.name] = benchmark
+    if prompts is not None:
+        _PROMPT_SETS[benchmark.name] = prompts
 
 
 def load_prompts(benchmark: str, path: str | os.PathLike | None = None) -> list[PromptRecord]:
     """The prompts of ``benchmark``: ``path`` when given, else the set shipped with the package."""
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"--benchmark: unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
+        raise ValueError(f"--benchmark: unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)} (the shapes "
+                         "world registers its kinds when deepgen_components.shapes is imported)")
     if path is not None:
         return load_prompt_file(path, benchmark=benchmark)
-    if benchmark == "geneval":
-        return _geneval(DATA_DIR / "geneval" / "evaluation_metadata.jsonl")
-    if benchmark == "dpg":
-        return load_prompt_file(DATA_DIR / "dpg_bench" / "prompts.jsonl", benchmark="dpg")
-    if benchmark == "shapes":
-        return _shapes_records()
+    if benchmark in _PROMPT_SETS:
+        return _PROMPT_SETS[benchmark]()
     raise ValueError(
         f"--prompts: benchmark {benchmark!r} ships no prompts (its set is not public or too large to vendor); give "
         "a .jsonl file with one {\"id\", \"prompt\", \"category\"?, \"image\"?} object a line (docs/eval.md)"

@@ -42,11 +42,11 @@ from deepgen_components.dit import ConditionedDiT
 from deepgen_components.layer_selection import LayerSelection
 from deepgen_components.model import DeepGenConfig, DeepGenModel
 from deepgen_components.processing import pil_to_pixels, t2i_prompt
+from deepgen_components.shapes.data import foreground_mask
 from deepgen_components.shapes.teacher import PromptEncoder
 from deepgen_components.shapes.world import ShapesWorld
 from deepgen_components.think_tokens import ThinkTokens
 from deepgen_components.tiny import QWEN_SPECIAL_TOKENS, tiny_vlm
-from deepgen_components.training.data import foreground_mask
 
 __all__ = [
     "ShapesBaseConfig",

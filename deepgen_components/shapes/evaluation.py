@@ -4,6 +4,9 @@ The prompt set is fixed (no randomness outside the seeds given here): held-out T
 produced by the training samplers), seen-composition T2I prompts (new jitter), and held-out edit tasks (a
 training-composition source whose target is held out). Every image is generated from the same initial noise at
 every stage (one generator seed per call), so stage-to-stage differences are paired, not sampling noise.
+
+The same set's text-to-image part is ``deepgen eval``'s ``shapes`` benchmark (:data:`BENCHMARK`, its prompts
+:func:`prompt_records`, scored by :class:`ShapesEvaluator`); ``deepgen_components.shapes`` registers all three.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from pathlib import Path
 
 import torch
 
+from deepgen_components.evaluation.evaluators import EvalResult, by_category, mean
+from deepgen_components.evaluation.prompts import Benchmark, PromptRecord, Protocol
 from deepgen_components.shapes.evaluator import ShapesEval
 from deepgen_components.shapes.world import EditTask, ShapesWorld, parse_instruction
 
-__all__ = ["EvalSet", "ShapesScores", "evaluate_pipeline", "image_grid", "eval_set"]
+__all__ = ["BENCHMARK", "EvalSet", "ShapesEvaluator", "ShapesScores", "evaluate_pipeline", "eval_set", "image_grid",
+           "prompt_records"]
 
 ATTRIBUTES = ("color", "shape", "position", "background")
 
@@ -159,3 +165,46 @@ def image_grid(rows: list[list], tile: int = 64, pad: int = 2, background=(255, 
 
 def save_scores(scores: ShapesScores, path: str | Path) -> None:
     Path(path).write_text(json.dumps(scores.to_dict(), indent=2))
+
+
+# -- the ``shapes`` benchmark of ``deepgen eval`` ------------------------------------------------------------------
+# The held-out evaluation above as a benchmark: 64 px, 20 steps, CFG 4.0, and its noise (harness: shapes_eval).
+BENCHMARK = Benchmark("shapes", "plain", 1, Protocol(64, 64, 20, 4.0, "docs/shapes.md evaluation: 64 px, 20 steps, "
+                      "CFG 4.0"), evaluators=("shapes",), builtin=True, license="generated (this package)",
+                      noise="shapes_eval")
+
+
+def prompt_records() -> list[PromptRecord]:
+    """The T2I part of the fixed evaluation set (:func:`eval_set`: 54 held-out compositions, then 54 seen
+    compositions with new jitter), in that order, with the categories ``heldout`` and ``seen``."""
+    evals = eval_set(edits=0)
+    held = len(evals.heldout_prompts)
+    return [PromptRecord(i, f"{i:05d}", p, "heldout" if i < held else "seen") for i, p in enumerate(evals.prompts)]
+
+
+class ShapesEvaluator:
+    """``deepgen eval``'s ``shapes`` evaluator: the attribute accuracies of :func:`evaluate_pipeline` (and its
+    reward) over a run's images, per category too."""
+
+    name = "shapes"
+    ATTRIBUTES = ("color", "shape", "position", "background", "count", "all")
+
+    def __init__(self, **_):
+        self.evaluator = ShapesEval()
+
+    def evaluate(self, samples, run_dir) -> EvalResult:
+        rows, rewards, per_prompt = [], [], []
+        for sample in samples:
+            for image in sample.images:
+                scores = self.evaluator.score_t2i(image, sample.record.prompt)
+                rows.append((sample.record.category, scores))
+                rewards.append(self.evaluator.reward(image, sample.record.prompt))
+                per_prompt.append({"id": sample.record.id, **{k: bool(v) for k, v in scores.items()}})
+        metrics = {f"t2i_{k}": mean([float(s[k]) for _, s in rows]) for k in self.ATTRIBUTES}
+        for category in sorted({c for c, _ in rows if c is not None}):
+            part = [s for c, s in rows if c == category]
+            metrics.update({f"{category}_{k}": mean([float(s[k]) for s in part]) for k in self.ATTRIBUTES})
+        metrics["reward"] = mean(rewards)
+        categories = by_category([(c, float(s["all"])) for c, s in rows])
+        return EvalResult(self.name, metrics["t2i_all"], categories, metrics, per_prompt,
+                          "overall = all four attributes right (ShapesEval.score_t2i)")

@@ -17,8 +17,10 @@ from torch import nn
 from deepgen_components.dit import ConditionedDiT
 from deepgen_components.processing import pil_to_pixels
 from deepgen_components.rl.sampling import euler_step, flow_match_sigmas, guidance
+from deepgen_components.training.config import TeacherConfig
+from deepgen_components.training.registry import check_options
 
-__all__ = ["PromptEncoder", "PromptEncoderPipeline", "PromptEncoderTeacher"]
+__all__ = ["PromptEncoder", "PromptEncoderPipeline", "PromptEncoderTeacher", "teacher_from_config"]
 
 
 class PromptEncoder(nn.Module):
@@ -161,8 +163,8 @@ class PromptEncoderTeacher:
     def from_base(cls, base_dir: str | Path, *, target: bool = True, feature_weight: float = 0.0) -> PromptEncoderTeacher:
         base = Path(base_dir)
         if not (base / "prompt_encoder.pt").is_file():
-            raise FileNotFoundError(f"model.teacher: {base / 'prompt_encoder.pt'} not found (a shapes base folder "
-                                    "written by build_base has it)")
+            raise FileNotFoundError(f"teacher.options.base: {base / 'prompt_encoder.pt'} not found (a shapes base "
+                                    "folder written by build_base has it)")
         pipe = PromptEncoderPipeline.from_base(base)
         return cls(pipe.dit, pipe.encoder, pipe.tokenizer, target=target, feature_weight=feature_weight)
 
@@ -227,3 +229,10 @@ class PromptEncoderTeacher:
         context, pooled, context_mask = self.encoder(tokens, mask)
         return self.dit(noisy.to(device), timesteps.to(device), context, pooled, reference_latents,
                         context_mask=context_mask)
+
+
+def teacher_from_config(spec: TeacherConfig) -> PromptEncoderTeacher:
+    """The ``teacher: {kind: prompt_encoder, target, features, options: {base: DIR}}`` section: the base DiT of the
+    shapes base folder ``DIR`` (``build_base``'s output) under its own prompt encoder."""
+    check_options("teacher.options", spec.options, ("base",), required=("base",))
+    return PromptEncoderTeacher.from_base(spec.options["base"], target=spec.target, feature_weight=spec.features)

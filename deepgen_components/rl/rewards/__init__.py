@@ -7,7 +7,10 @@ Every reward follows the :class:`Reward` protocol: ``score(images, prompts) -> f
 * ``"clip"`` → :class:`ClipReward`: cosine of L2-normalised CLIP text/image embeddings, no logit scale;
 * ``"ocr"`` → :class:`OcrReward`: OCR accuracy of the prompt's quoted text (RapidOCR), scored per image;
 * ``"judge"`` → :class:`PairwiseJudgeReward`: pairwise VLM win rate within each group (OpenAI-compatible HTTP);
-* ``"color"`` → :class:`MeanColorReward` (toy signal) and ``"shapes"`` → :class:`ShapesReward` (shapes world).
+* ``"color"`` → :class:`MeanColorReward` (a toy signal).
+
+The shapes world registers ``"shapes"`` (``deepgen_components.shapes.reward.ShapesReward``) when
+``deepgen_components.shapes`` is imported.
 
 The official names ``clip_sim`` and ``unifiedreward_think`` are registered as aliases. More rewards can be
 added with :func:`register_reward` and built from configs with :func:`build_reward`. The per-category weights
@@ -30,7 +33,7 @@ from .base import (
 from .clip import ClipReward
 from .judge import JUDGE_QUESTION, JudgeStats, PairwiseJudgeReward, encode_jpeg_data_url, parse_judge_answer
 from .ocr import OcrReward, extract_quoted_target, normalize_ocr_text, ocr_accuracy
-from .simple import MeanColorReward, ShapesReward
+from .simple import MeanColorReward
 from .weights import OFFICIAL_CATEGORY_WEIGHTS, CategoryWeights, reward_weights
 
 register_reward("clip", ClipReward)
@@ -39,7 +42,6 @@ register_reward("judge", PairwiseJudgeReward)
 register_reward("clip_sim", ClipReward)
 register_reward("unifiedreward_think", PairwiseJudgeReward)
 register_reward("color", MeanColorReward)
-register_reward("shapes", ShapesReward)
 
 __all__ = [
     "JUDGE_QUESTION",
@@ -49,7 +51,6 @@ __all__ = [
     "ImageBatch",
     "JudgeStats",
     "MeanColorReward",
-    "ShapesReward",
     "OcrReward",
     "PairwiseJudgeReward",
     "Reward",

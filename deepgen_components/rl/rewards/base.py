@@ -5,7 +5,8 @@ image (reference §4: "every reward function is evaluated on every image"; the p
 the advantage computation, see :mod:`deepgen_components.rl.rewards.weights`).
 
 The registry maps names to factories so that a training config can say ``rewards: [clip, ocr, judge]`` and so
-that other modules can add rewards later (``register_reward("shapes", make_shapes_reward)``).
+that other modules can add rewards later (``register_reward("shapes", ShapesReward)``: the shapes world does so when
+``deepgen_components.shapes`` is imported).
 """
 
 from __future__ import annotations
@@ -166,15 +167,15 @@ def available_rewards() -> list[str]:
         return sorted(_REGISTRY)
 
 
-def build_reward(name_or_spec: str | Mapping[str, Any]) -> Reward:
+def build_reward(name_or_spec: str | Mapping[str, Any], *, argument: str = "build_reward") -> Reward:
     """Build a registered reward from its name or from a spec dict.
 
     * ``build_reward("ocr")`` calls the factory without arguments;
     * ``build_reward({"name": "clip", "model_path": "/models/clip-vit-large-patch14"})`` passes every other key
       as a keyword argument to the factory.
 
-    Unknown names raise ``ValueError`` listing the registered ones; a factory that rejects the arguments
-    raises ``TypeError`` naming the reward and the spec.
+    Unknown names raise ``ValueError`` naming ``argument`` (e.g. the config key) and listing the registered ones; a
+    factory that rejects the arguments raises ``TypeError`` naming the reward and the spec.
     """
     if isinstance(name_or_spec, str):
         name, kwargs = name_or_spec, {}
@@ -191,7 +192,8 @@ def build_reward(name_or_spec: str | Mapping[str, Any]) -> Reward:
         factory = _REGISTRY.get(name)
         known = sorted(_REGISTRY)
     if factory is None:
-        raise ValueError(f"build_reward: unknown reward {name!r}; registered rewards: {known}")
+        raise ValueError(f"{argument}: unknown reward {name!r}; registered rewards: {known} (the shapes world "
+                         "registers its kinds when deepgen_components.shapes is imported)")
     try:
         reward = factory(**kwargs)
     except TypeError as e:

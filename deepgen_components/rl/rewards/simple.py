@@ -1,4 +1,4 @@
-"""Small rule-based rewards: mean-colour closeness (a toy signal for smoke tests) and the shapes-world score."""
+"""A small rule-based reward: mean-colour closeness (a toy signal for smoke tests)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from .base import ImageBatch, check_batch
 
-__all__ = ["MeanColorReward", "ShapesReward"]
+__all__ = ["MeanColorReward"]
 
 
 class MeanColorReward:
@@ -31,18 +31,3 @@ class MeanColorReward:
         means = np.stack([np.asarray(im.convert("RGB"), dtype=np.float64).reshape(-1, 3).mean(0) for im in pil])
         distance = np.linalg.norm(means - self.target, axis=1) / (255.0 * np.sqrt(3.0))
         return torch.tensor(1.0 - distance, dtype=torch.float32)
-
-
-class ShapesReward:
-    """The shapes-world evaluator as a reward: ``ShapesEval.reward(image, caption)`` per image (in [0, 1])."""
-
-    name = "shapes"
-
-    def __init__(self) -> None:
-        from deepgen_components.shapes import ShapesEval
-
-        self.evaluator = ShapesEval()
-
-    def score(self, images: ImageBatch, prompts: Sequence[str]) -> torch.Tensor:
-        pil, texts = check_batch(images, prompts)
-        return torch.tensor([float(self.evaluator.reward(im, p)) for im, p in zip(pil, texts)], dtype=torch.float32)
