@@ -46,6 +46,7 @@ __all__ = [
     "patch_layout",
     "pil_to_array",
     "pixels_to_uint8_array",
+    "prompts_with_references",
     "reference_pixels",
     "references_per_prompt",
     "t2i_prompt",
@@ -266,50 +267,66 @@ def log_reference_resize(image, size: tuple[int, int], target: int) -> None:
 
 
 def reference_pixels(
-    image,
-    batch: int,
-    target: int,
+    references,
+    image_size: int,
     *,
     array_type: type,
     from_array: Callable,
     from_pil: Callable = pil_to_array,
     kind: str = "array",
     path_hint: str = "",
+    log: bool = False,
+    name: str = "image",
 ) -> list[list] | None:
-    """Per prompt, the list of reference pixels (3, H, W) in [-1, 1] at the official inference size (long side
-    <= ``target``, sides multiples of 32); None without references.
+    """References, one entry per prompt (None, an image, or a list of images; :func:`references_per_prompt`) ->
+    per prompt the list of (3, H, W) pixels in [-1, 1] by DeepGen's inference rule: the long side at most
+    ``image_size`` (never enlarged), each side rounded up to a multiple of 32. None stays None.
 
-    ``image`` is a pipeline's argument (:func:`references_per_prompt`). PIL images (any mode) are resized and
-    converted by ``from_pil(image, size)`` (bicubic, :func:`pil_to_array` by default); arrays of ``array_type``,
-    which must be (3, H, W) in [-1, 1], go through ``from_array(array, size)`` (the PyTorch pipeline resizes
-    them, the torch-free runtime takes only arrays of the right size). ``kind`` names the array type in errors
-    ("tensor", "array"); ``path_hint`` is added to the error for a file path given instead of an image.
-    """
-    per_prompt = references_per_prompt(image, batch)
-    if per_prompt is None:
+    A PIL image (any mode) is converted and resized (bicubic) by ``from_pil(image, size)`` (:func:`pil_to_array`
+    by default); ``log`` logs each resize or conversion. An array of ``array_type`` goes through
+    ``from_array(array, where)``, which checks and sizes it (the PyTorch pipeline resizes tensors, the torch-free
+    runtime takes only arrays of the right size). Anything else is a ValueError naming the ``kind`` of array
+    accepted, with ``path_hint`` for a file path. ``name`` begins each error message (``where``); ``{i}`` /
+    ``{j}`` in it are the prompt's and the reference's index (e.g. ``"images[{i}][{j}]"``)."""
+    if references is None:
         return None
-    article = "an" if kind[:1] in tuple("aeiou") else "a"
     out = []
-    for refs in per_prompt:
+    for i, entry in enumerate(references):
+        items = [] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry]
         pixels = []
-        for ref in refs:
+        for j, ref in enumerate(items):
+            where = name.format(i=i, j=j)
             if isinstance(ref, array_type):
-                if ref.ndim != 3 or ref.shape[0] != 3:
-                    raise ValueError(
-                        f"image: {article} {kind} reference must be (3, H, W) in [-1, 1], got {tuple(ref.shape)}"
-                    )
-                pixels.append(from_array(ref, limit_long_side_size(ref.shape[-2], ref.shape[-1], target)))
+                pixels.append(from_array(ref, where))
                 continue
             if not hasattr(ref, "convert"):
                 hint = f" ({path_hint})" if path_hint and isinstance(ref, (str, os.PathLike)) else ""
-                raise ValueError(f"image: expected PIL images or (3, H, W) {kind}s, got {type(ref).__name__}{hint}")
+                raise ValueError(f"{where}: expected PIL images or (3, H, W) {kind}s, got {type(ref).__name__}{hint}")
             if ref.width < 1 or ref.height < 1:
-                raise ValueError(f"image: a reference is {ref.width}x{ref.height} px; give a non-empty image")
-            size = limit_long_side_size(ref.height, ref.width, target)
-            log_reference_resize(ref, size, target)
+                raise ValueError(f"{where}: a reference is {ref.width}x{ref.height} px; give a non-empty image")
+            size = limit_long_side_size(ref.height, ref.width, image_size)
+            if log:
+                log_reference_resize(ref, size, image_size)
             pixels.append(from_pil(ref, size))
         out.append(pixels)
     return out
+
+
+def prompts_with_references(prompts: Sequence[str], references=None) -> list[tuple[str, list]]:
+    """(prompt, its list of references) per prompt, checked: a list of str prompts and, when given, one references
+    entry (a list, or None / empty for text-to-image) per prompt. The chat text of a pair is :func:`t2i_prompt`
+    without references, else :func:`edit_prompt` with each reference's image-token count."""
+    if isinstance(prompts, str):
+        raise ValueError("prompts: expected a list of strings, got a single str")
+    references = list(references) if references is not None else [[] for _ in prompts]
+    if len(references) != len(prompts):
+        raise ValueError(f"references: got {len(references)} entries for {len(prompts)} prompts")
+    pairs = []
+    for prompt, refs in zip(prompts, references):
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompts: every prompt must be a str, got {type(prompt).__name__}")
+        pairs.append((prompt, list(refs or [])))
+    return pairs
 
 
 def output_size(

@@ -30,6 +30,7 @@ from deepgen_components.conventions import (
     left_pad,
     mrope_positions,
     patch_layout,
+    prompts_with_references,
     truncate_official,
 )
 
@@ -213,25 +214,16 @@ class PromptProcessor:
     def __call__(self, prompts: Sequence[str], references: Sequence[Sequence[np.ndarray]] | None = None) -> PromptBatch:
         cfg = self.config
         merge = cfg["spatial_merge_size"]
-        references = list(references) if references is not None else [[] for _ in prompts]
-        if len(references) != len(prompts):
-            raise ValueError(f"references: got {len(references)} entries for {len(prompts)} prompts")
         texts, patches, grids, image_tokens = [], [], [], []
-        for prompt, refs in zip(prompts, references):
-            if not isinstance(prompt, str):
-                raise ValueError(f"prompts: every prompt must be a str, got {type(prompt).__name__}")
-            if refs:
-                counts = []
-                for ref in refs:
-                    p, g = self.patches(ref)
-                    patches.append(p)
-                    grids.append(g)
-                    counts.append(p.shape[0] // (merge * merge))
-                texts.append(self.edit_text(prompt, counts))
-                image_tokens.append(sum(counts))
-            else:
-                texts.append(self.t2i_text(prompt))
-                image_tokens.append(0)
+        for prompt, refs in prompts_with_references(prompts, references):
+            counts = []
+            for ref in refs:
+                p, g = self.patches(ref)
+                patches.append(p)
+                grids.append(g)
+                counts.append(p.shape[0] // (merge * merge))
+            texts.append(self.edit_text(prompt, counts) if refs else self.t2i_text(prompt))
+            image_tokens.append(sum(counts))
         encoded = [self.tokenizer.encode(t, add_special_tokens=True).ids for t in texts]
         encoded = truncate_official(encoded, image_tokens, cfg["image_token_id"], cfg.get("max_length"))
         input_ids, attention_mask = left_pad(encoded, cfg["pad_token_id"])

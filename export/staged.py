@@ -25,9 +25,11 @@ from deepgen_components.conventions import (
     cfg_order,
     flow_match_grid,
     guidance,
+    limit_long_side_size,
     output_size,
     pixels_to_uint8_array,
     reference_pixels,
+    references_per_prompt,
 )
 
 __all__ = ["StagedPipeline", "StagedPipelineOutput"]
@@ -154,8 +156,8 @@ class StagedPipeline(ABC):
     def _references(self, image, batch: int) -> list[list[np.ndarray]] | None:
         """Per prompt, the list of reference pixels (3, H, W) in [-1, 1], resized by the official rule."""
         target = self.config["image_size"]
-        return reference_pixels(image, batch, target, array_type=np.ndarray,
-                                from_array=lambda ref, size: _array_reference(ref, size, target))
+        return reference_pixels(references_per_prompt(image, batch), target, array_type=np.ndarray,
+                                from_array=lambda ref, where: _array_reference(ref, target, where), log=True)
 
     def _output_size(self, height, width, references) -> tuple[int, int]:
         sizes = None if references is None else [[tuple(r.shape[-2:]) for r in refs] for refs in references]
@@ -338,11 +340,14 @@ class StagedPipeline(ABC):
         return [Image.fromarray(a) for a in uint8]
 
 
-def _array_reference(ref: np.ndarray, size: tuple[int, int], target: int) -> np.ndarray:
-    """An array reference as it is: the torch-free runtime resizes PIL images only."""
+def _array_reference(ref: np.ndarray, target: int, where: str) -> np.ndarray:
+    """An array reference as it is, when it has the official size: the torch-free runtime resizes PIL images only."""
+    if ref.ndim != 3 or ref.shape[0] != 3:
+        raise ValueError(f"{where}: an array reference must be (3, H, W) in [-1, 1], got {tuple(ref.shape)}")
+    size = limit_long_side_size(ref.shape[-2], ref.shape[-1], target)
     if size != tuple(ref.shape[-2:]):
         raise ValueError(
-            f"image: an array reference of {ref.shape[-2]}x{ref.shape[-1]} would be resized to "
+            f"{where}: an array reference of {ref.shape[-2]}x{ref.shape[-1]} would be resized to "
             f"{size[0]}x{size[1]} (long side <= {target}, sides multiples of 32); the torch-free "
             "runtime resizes PIL images only: pass a PIL image or an array of that size"
         )

@@ -16,11 +16,7 @@ from deepgen_components.export.onnx_pipeline import OnnxDeepGenPipeline
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from deepgen_components import conventions
-
-try:
-    from deepgen_components.denoising import euler_step, flow_match_sigmas, guidance
-except ImportError:  # until the sampling maths has moved from rl.sampling into denoising
-    from deepgen_components.rl.sampling import euler_step, flow_match_sigmas, guidance
+from deepgen_components.denoising import euler_step, flow_match_sigmas, guidance
 from deepgen_components.tiny import tiny_scheduler
 
 
@@ -169,3 +165,39 @@ def test_staged_loop_equals_the_torch_loop_bit_for_bit(tmp_path, scale, steps, s
     expected = _torch_loop(noise, scheduler, steps, scale, batch=2)
     assert out.images.dtype == np.float32
     assert np.array_equal(out.images, expected.numpy())
+
+
+# -- reference sizes ----------------------------------------------------------------------------------------------
+
+
+def _picture(width: int, height: int, seed: int, mode: str = "RGB"):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+
+
+def test_reference_rule_gives_the_pixels_of_the_torch_pipeline():
+    """The staged pipeline's references (``conventions.reference_pixels`` on numpy) equal the PyTorch pipeline's
+    (``processing.reference_pixels``): the same sizes (long side <= image_size, multiples of 32), conversion and
+    resize."""
+    from deepgen_components import processing
+
+    references = [_picture(300, 200, 0), [_picture(64, 64, 1, "L"), _picture(1000, 40, 2, "RGBA")], None]
+    ours = conventions.reference_pixels(references, 64, array_type=np.ndarray, from_array=lambda ref, where: ref)
+    theirs = processing.reference_pixels(references, 64)
+    assert [len(refs) for refs in ours] == [len(refs) for refs in theirs] == [1, 2, 0]
+    for mine, torch_refs in zip(ours, theirs):
+        for a, b in zip(mine, torch_refs):
+            assert a.dtype == np.float32 and np.array_equal(a, b.numpy())
+
+
+def test_staged_pipeline_takes_array_references_of_the_official_size_only(tmp_path):
+    _toy_export(tmp_path, dict(scheduler_with_shift(3.0).config))
+    pipe = StandInStages(tmp_path)
+    with pytest.raises(ValueError, match=r"image: an array reference of 96x64 would be resized to 64x64 \(long side <= 64"):
+        pipe("a cat", image=np.zeros((3, 96, 64), np.float32), num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"image: an array reference must be \(3, H, W\)"):
+        pipe("a cat", image=np.zeros((96, 64), np.float32), num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match="expected PIL images or \\(3, H, W\\) arrays, got str"):
+        pipe("a cat", image="cat.png", num_inference_steps=1, progress=False)
