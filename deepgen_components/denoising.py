@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from deepgen_components.bridge import BridgeOutput
+from deepgen_components.conventions import euler_update, guidance  # the rules, shared with the numpy runtime
 
 __all__ = [
     "MODES",
@@ -56,6 +57,8 @@ RUNNER_MODES = ("plain", *MODES)
 
 
 # -- the maths ----------------------------------------------------------------------------------------------
+# guidance(v_u, v_c, s) = v_u + s * (v_c - v_u), classifier-free guidance on velocities, and the Euler update are
+# the rules of conventions (shared with the torch-free runtime); flow_match_sigmas reads the scheduler's own grid.
 
 
 def flow_match_sigmas(scheduler, num_inference_steps: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,18 +70,14 @@ def flow_match_sigmas(scheduler, num_inference_steps: int, device=None) -> tuple
 
 
 def _euler(x: torch.Tensor, velocity: torch.Tensor, dt) -> torch.Tensor:
-    return (x.float() + dt * velocity.float()).to(x.dtype)
+    return euler_update(x.float(), velocity.float(), dt).to(x.dtype)
 
 
 def euler_step(x: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
-    """x + (sigma_next - sigma) * v, computed in fp32 and returned in x's dtype (the pipeline keeps fp32 latents
-    whatever the weights' dtype, so bf16 weights do not round the trajectory at every step)."""
+    """x + (sigma_next - sigma) * v (``conventions.euler_update``), computed in fp32 and returned in x's dtype (the
+    pipeline keeps fp32 latents whatever the weights' dtype, so bf16 weights do not round the trajectory at every
+    step)."""
     return _euler(x, velocity, sigma_next - sigma)
-
-
-def guidance(velocity_uncond: torch.Tensor, velocity_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on velocities: v_u + s * (v_c - v_u)."""
-    return velocity_uncond + scale * (velocity_cond - velocity_uncond)
 
 
 # -- the plain loop -----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from deepgen_components.conventions import output_size, references_per_prompt
+from deepgen_components.conventions import cfg_order, output_size, references_per_prompt
 from deepgen_components.denoising import MODES, DenoiseRunner, flow_match_sigmas
 from deepgen_components.model import DeepGenModel
 from deepgen_components.processing import pixels_to_pil, pixels_to_uint8, reference_pixels
@@ -239,8 +239,7 @@ class DeepGenPipeline:
         refs_for_vlm = None if references is None else (references + references if do_cfg else references)
         condition = self.model.encode_condition(texts, refs_for_vlm).repeat_interleave(call.images_per_prompt)
         if do_cfg:
-            half = call.images
-            condition = condition.select(torch.cat([torch.arange(half, 2 * half), torch.arange(half)]))
+            condition = condition.select(torch.from_numpy(cfg_order(call.images)))
         return condition
 
     def _initial_latents(self, call: _Call, latents, generator) -> torch.Tensor:

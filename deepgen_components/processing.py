@@ -27,12 +27,12 @@ from deepgen_components.conventions import (
     fix_pixels_size,
     left_pad,
     limit_long_side_size,
-    log_reference_resize,
     pil_to_array,
     pixels_to_uint8_array,
     t2i_prompt,
     truncate_official,
 )
+from deepgen_components.conventions import reference_pixels as conventions_reference_pixels
 
 __all__ = [
     "CLIP_MEAN",
@@ -91,36 +91,21 @@ def reference_pixels(
     references, image_size: int, *, resize_tensors: bool = True, log: bool = False, name: str = "image"
 ) -> list[list[torch.Tensor]] | None:
     """Reference images, one entry per prompt (None, an image, or a list of images), -> per prompt the list of
-    (3, H, W) pixels in [-1, 1], by DeepGen's inference rule: the long side at most ``image_size`` (never enlarged),
-    each side rounded up to a multiple of 32. None stays None.
+    (3, H, W) pixels in [-1, 1], by DeepGen's inference rule: the long side at most ``image_size`` (never
+    enlarged), each side rounded up to a multiple of 32. None stays None. (The rule is ``conventions.
+    reference_pixels``, shared with the torch-free runtime; here for torch tensors.)
 
     A PIL image (any mode) is converted to RGB and resized (bicubic); ``log`` logs each resize or conversion. A
     tensor must be (3, H, W) in [-1, 1]: with ``resize_tensors`` it is resized by the same rule (bicubic, clamped)
     and returned as float32, without it it is taken as given and its sides must already be multiples of 32.
     Anything else is a ValueError. ``name`` begins each error message; ``{i}`` / ``{j}`` in it are the prompt's and
     the reference's index (e.g. ``"images[{i}][{j}]"``)."""
-    if references is None:
-        return None
-    out = []
-    for i, entry in enumerate(references):
-        items = [] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry]
-        pixels = []
-        for j, ref in enumerate(items):
-            where = name.format(i=i, j=j)
-            if isinstance(ref, torch.Tensor):
-                pixels.append(_tensor_reference(ref, image_size, resize_tensors, where))
-                continue
-            if not hasattr(ref, "convert"):
-                hint = " (open files with deepgen_components.processing.load_image)" if isinstance(ref, (str, os.PathLike)) else ""
-                raise ValueError(f"{where}: expected PIL images or (3, H, W) tensors, got {type(ref).__name__}{hint}")
-            if ref.width < 1 or ref.height < 1:
-                raise ValueError(f"{where}: a reference is {ref.width}x{ref.height} px; give a non-empty image")
-            size = limit_long_side_size(ref.height, ref.width, image_size)
-            if log:
-                log_reference_resize(ref, size, image_size)
-            pixels.append(pil_to_pixels(ref, size))
-        out.append(pixels)
-    return out
+    return conventions_reference_pixels(
+        references, image_size, array_type=torch.Tensor,
+        from_array=lambda ref, where: _tensor_reference(ref, image_size, resize_tensors, where),
+        from_pil=pil_to_pixels, kind="tensor", path_hint="open files with deepgen_components.processing.load_image",
+        log=log, name=name,
+    )
 
 
 def _tensor_reference(ref: torch.Tensor, image_size: int, resize: bool, where: str) -> torch.Tensor:
