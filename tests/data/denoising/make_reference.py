@@ -49,6 +49,9 @@ def cases(pipe: DeepGenPipeline) -> dict[str, torch.Tensor]:
 
 
 def set_loop(pipe: DeepGenPipeline, loop: str) -> None:
+    """The loop selection of the library at c959c70 (a private ``_runner``, None for the plain loop)."""
+    if not hasattr(pipe, "_runner"):
+        raise SystemExit("run this script with the library at commit c959c70: it records the loops as they were")
     pipe.optimize("eager")
     if loop != "plain":
         pipe._runner = DenoiseRunner(pipe.model, loop)
