@@ -170,7 +170,7 @@ NOT_RUN: dict[str, str] = {
     "pytest -m gpu tests/test_kernels_*.py": _GPU,
     "bash benchmarks/gpu_check.sh OUTDIR": _GPU + "; its usage line is checked below",
     "deepgen bench --preset tiny --device cpu --dtype float32 --modes eager,kernels,compile,compile+graphs "
-    "--resolution 64 --steps 20 --repeats 20 --threads 1 --resolutions 64,128,256 --batches 1,2,4 --out out/bench": "minutes of torch.compile on 2 cores; tests/test_bench.py runs every mode at toy size, --help here",
+    "--resolution 64 --steps 20 --repeats 20 --threads 1 --resolutions 64,128,256 --batches 1,2,4 --out out/bench": "minutes of torch.compile on 2 cores; tests/test_denoising.py runs every mode at toy size and tests/test_bench.py the suite, --help here",
     "deepgen bench --preset deepgen-1.0 --device cuda --dtype bfloat16 --modes eager,kernels,compile,compile+graphs "
     "--resolution 512 --steps 50 --guidance 4 --out out/bench": _GPU,
     "deepgen bench --preset small --modes eager,onnxruntime,tensorrt --resolution 256 --out out/bench_exported": "TensorRT cannot be installed here; tests/test_export.py runs the bench's ONNX Runtime mode",
