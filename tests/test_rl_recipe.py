@@ -266,7 +266,7 @@ def test_edit_prompts_roll_out_on_their_image(tmp_path):
     model = deepgen_tiny(seed=0)
     rows = _reference_rows(model, images, 3, torch.Generator().manual_seed(0))
     assert len(rows) == 6 and all(len(r) == 1 for r in rows[:3]) and all(r == [] for r in rows[3:])
-    (pixels,), _ = model._reference_pixels(images)
+    (pixels,), _ = model.reference_pixels(images)
     assert torch.equal(rows[0][0], model.encode_images([pixels], torch.Generator().manual_seed(0))[0])
     assert rows[0][0].shape == (16, 8, 8) and rows[2][0] is rows[0][0]  # encoded once per prompt
     # Seed 1 draws one text and one edit prompt in its first step: the DiT batch mixes rows with and without a
@@ -346,7 +346,7 @@ def test_deepgen1_config_is_the_official_recipe():
     assert cfg.lora is not None and (cfg.lora.r, cfg.lora.alpha) == (64, 128)  # loads the stage-2 LoRA
     assert cfg.trainer.activation_checkpointing and cfg.trainer.checkpoint_every == 50
     # the LR schedule: linear warm-up over 20 steps, then constant 2e-6
-    from deepgen_components.training.common import build_schedule
+    from deepgen_components.training.optim import build_schedule
 
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
     schedule = build_schedule(opt, optim, cfg.trainer.max_steps)

@@ -27,16 +27,16 @@ import deepgen_components.training as training_package
 import pytest
 import torch
 from deepgen_components.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from deepgen_components.training.common import (
+from deepgen_components.training.config import LoraConfigSpec, ModelSpec, load_config
+from deepgen_components.training.data import build_sources, collate
+from deepgen_components.training.metrics import read_metrics
+from deepgen_components.training.sampler import MicroBatchPlan
+from deepgen_components.training.stage_model import (
     build_model,
     configure_stage,
     load_init_weights,
     unread_decoder_layers,
 )
-from deepgen_components.training.config import LoraConfigSpec, ModelSpec, load_config
-from deepgen_components.training.data import build_sources, collate
-from deepgen_components.training.metrics import read_metrics
-from deepgen_components.training.sampler import MicroBatchPlan
 from deepgen_components.training.trainer import FlowMatchingObjective, prepare_batch
 
 import deepgen_components.shapes  # noqa: F401  (registers the shapes world's kinds: `kind: shapes` sources)

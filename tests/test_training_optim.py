@@ -8,14 +8,11 @@ import math
 
 import pytest
 import torch
-from deepgen_components.training.common import (
-    build_model,
-    build_optimizer,
-    build_schedule,
-    configure_stage,
-    lora_modules,
-)
 from deepgen_components.training.config import LoraConfigSpec, ModelSpec, OptimConfig
+from deepgen_components.training.optim import build_optimizer, build_schedule
+from deepgen_components.training.stage_model import build_model, configure_stage
+
+from deepgen_components.lora import lora_module_names
 
 torch.set_num_threads(1)
 
@@ -130,7 +127,7 @@ def test_stage2_adds_the_dit_and_a_lora_on_the_language_model():
     assert "encoder.think_tokens.weight" in names and {n for n in names if n.startswith("bridge.")}
     vlm_trainable = {n for n in names if n.startswith("encoder.vlm.")}
     assert vlm_trainable and all("lora_" in n and "language_model" in n for n in vlm_trainable)
-    wrapped = lora_modules(model.encoder.vlm)
+    wrapped = lora_module_names(model.encoder.vlm)
     assert wrapped and not [m for m in wrapped if "visual" in m]  # the ViT runs under no_grad: no LoRA there
     assert {m.rsplit(".", 1)[-1] for m in wrapped} == set(LORA.targets)
     assert not any(p.requires_grad for n, p in model.vae.named_parameters())
@@ -140,9 +137,9 @@ def test_stage2_adds_the_dit_and_a_lora_on_the_language_model():
 def test_configuring_stage2_twice_does_not_stack_loras():
     model = build_model(ModelSpec(preset="tiny", seed=0))
     configure_stage(model, "sft", LORA)
-    first = lora_modules(model.encoder.vlm)
+    first = lora_module_names(model.encoder.vlm)
     configure_stage(model, "sft", LORA)
-    assert lora_modules(model.encoder.vlm) == first
+    assert lora_module_names(model.encoder.vlm) == first
 
 
 def test_stage3_trains_the_dit_only(tiny):

@@ -16,10 +16,10 @@ import deepgen_components.training as training_package
 import pytest
 import torch
 from deepgen_components.training.checkpoint import latest_checkpoint, load_checkpoint
-from deepgen_components.training.common import build_model, configure_stage
 from deepgen_components.training.config import TrainConfig, load_config
 from deepgen_components.training.data import collate
 from deepgen_components.training.metrics import read_metrics
+from deepgen_components.training.stage_model import build_model, configure_stage
 from deepgen_components.training.trainer import train
 from PIL import Image
 

@@ -50,6 +50,7 @@ __all__ = [
     "build_sources",
     "collate",
     "load_image",
+    "next_batch",
     "register_source",
 ]
 
@@ -235,6 +236,18 @@ class WebDatasetSource:
         except (OSError, ValueError, SyntaxError, KeyError) as err:
             self.skipped.skip(type(err).__name__, f"{shard}:{key}: {err}")
             return None
+
+
+def next_batch(plans, sources: dict) -> tuple[dict, object]:
+    """The next micro-batch (collated) and its plan from the sampler's ``plans``, skipping a micro-batch whose
+    samples are all unreadable (corrupt images are counted by their source, never fatal)."""
+    for _ in range(1000):
+        plan = next(plans)
+        source = sources[plan.source]
+        samples = [s for s in (source[i] for i in plan.indices) if s is not None]
+        if samples:
+            return collate(samples), plan
+    raise RuntimeError("1000 micro-batches in a row had no readable sample; check the data sources")
 
 
 def collate(samples: Sequence[Sample]) -> dict:

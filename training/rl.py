@@ -16,7 +16,6 @@ reduce-scatter averages the gradients. The frozen reference DiT stays whole on e
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import random
 import time
@@ -24,49 +23,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from deepgen_components.training.checkpoint import (
-    capture_rng,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_rank_rng,
-    save_checkpoint,
-)
-from deepgen_components.training.common import (
-    apply_lora,
-    build_model,
-    build_optimizer,
-    build_schedule,
-    configure_stage,
-    load_init_weights,
-    lora_modules,
-)
 from deepgen_components.training.config import TrainConfig
-from deepgen_components.training.data import build_sources
+from deepgen_components.training.data import build_sources, next_batch
 from deepgen_components.training.distributed import (
+    DistInfo,
     all_gather_cat,
     all_reduce_mean,
     apply_fsdp,
     barrier,
     cleanup,
-    gather_to_main,
     init_distributed,
     seed_rank_rng,
 )
-from deepgen_components.training.metrics import MetricsLogger
+from deepgen_components.training.optim import build_optimizer, build_schedule
 from deepgen_components.training.prompts import PromptPool
+from deepgen_components.training.run import autocast, open_logs, resume, save_final_pipeline, write_checkpoint
 from deepgen_components.training.sampler import TaskBatchSampler
-from deepgen_components.training.trainer import (
-    _autocast,
-    _full_state,
-    _load_optimizer,
-    _load_trainable,
-    _next_batch,
-    _optimizer_state,
-    _unsharded_model,
-    prepare_batch,
+from deepgen_components.training.stage_model import (
+    apply_lora,
+    build_model,
+    configure_stage,
+    load_init_weights,
 )
+from deepgen_components.training.trainer import prepare_batch
 
 from deepgen_components.bridge import BridgeOutput
+from deepgen_components.denoising import guidance
+from deepgen_components.lora import lora_module_names
 from deepgen_components.model import DeepGenModel
 from deepgen_components.processing import pixels_to_pil
 from deepgen_components.rl.grpo import (
@@ -80,8 +63,6 @@ from deepgen_components.rl.grpo import (
 from deepgen_components.rl.rewards import build_reward, reward_weights
 
 __all__ = ["RLResult", "rollout_seed", "train_rl"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,7 +104,7 @@ def _reference_rows(model: DeepGenModel, images: list | None, group_size: int, g
     if images is None:
         return None
     per_prompt = []
-    for pixels in model._reference_pixels(images):
+    for pixels in model.reference_pixels(images):
         latents = model.encode_images(pixels, generator) if pixels else []
         per_prompt.append([z.to(model.dtype) for z in latents])
     return [refs for refs in per_prompt for _ in range(group_size)]
@@ -139,8 +120,7 @@ def _reference_velocity(reference_dit, model: DeepGenModel, latents, timestep, c
 
     v = velocity(latents, timestep, condition)
     if guidance_scale != 1.0:
-        v_u = velocity(latents, timestep, negative)
-        v = v_u + guidance_scale * (v - v_u)
+        v = guidance(velocity(latents, timestep, negative), v, guidance_scale)
     return v
 
 
@@ -164,8 +144,7 @@ def _sync_gradients(params: list[torch.nn.Parameter], info) -> None:
         offset += g.numel()
 
 
-def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | None = None) -> RLResult:
-    """Run MR-GRPO as configured; resumes from the newest checkpoint in ``out``."""
+def _check(cfg: TrainConfig) -> None:
     if cfg.stage != "rl" or cfg.rl is None:
         raise ValueError("train_rl needs stage: rl and an rl: section")
     rl = cfg.rl
@@ -175,140 +154,142 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
         raise ValueError(f"rl.advantages must be 'gdpo' or 'grpo', got {rl.advantages!r}")
     if cfg.trainer.distributed not in ("auto", "none", "ddp", "fsdp"):
         raise ValueError(f"rl: trainer.distributed must be auto, none, ddp or fsdp, got {cfg.trainer.distributed!r}")
-    out = Path(out or cfg.out)
-    total_steps = max_steps if max_steps is not None else cfg.trainer.max_steps
-    info = init_distributed(cfg.trainer.device)
-    device = info.device
-    torch.manual_seed(cfg.trainer.seed)
 
-    # 1. Policy (the DiT trains), frozen reference copy, rewards.
-    model = build_model(cfg.model, device=device)
-    if cfg.lora is not None and not lora_modules(model.encoder.vlm):
-        apply_lora(model, cfg.lora)  # the stage-2 LoRA of an init_from checkpoint loads into it; frozen here
-    if cfg.model.init_from:
-        load_init_weights(model, cfg.model.init_from)
-    configure_stage(model, "rl")
-    model.eval()  # no dropout anywhere: rollouts and updates must see the same function
-    reference_dit = copy.deepcopy(model.dit).requires_grad_(False).eval()
-    if cfg.trainer.activation_checkpointing:
-        model.dit.transformer.enable_gradient_checkpointing()  # recomputation is exact: ratios stay 1 on-policy
-    sharded = cfg.trainer.distributed == "fsdp" and info.enabled
-    if sharded:  # after the reference copy; the policy's parameters become DTensor shards
-        apply_fsdp(model.dit, list(model.dit.transformer.transformer_blocks), info)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    trainable = [p for _, p in params]
-    rewards = {name: build_reward(spec, argument=f"rl.rewards.{name}") for name, spec in rl.rewards.items()}
-    if not rewards:
-        raise ValueError("rl.rewards: configure at least one reward")
-    reward_names = list(rewards)
-    categories = rl.categories or {"general": {name: 1.0 for name in reward_names}}
-    loss_fn = MRGRPOLoss(rl.clip_range, rl.kl_beta, rl.sft_lambda, rl.eta)
-    prompts = PromptPool(rl, cfg.data.image_size)
-    height = width = cfg.data.image_size
-    autocast = lambda: _autocast(cfg, device)  # noqa: E731  (bf16 on CUDA with precision auto, fp32 on CPU)
 
-    # SFT auxiliary data: the data sources of the config (optional when sft_lambda == 0).
-    sft_sources = build_sources(cfg) if cfg.data.sources and rl.sft_lambda > 0 else None
-    sft_sampler = None
-    if sft_sources is not None:
-        sft_sampler = TaskBatchSampler(
-            {n: len(s) for n, s in sft_sources.items()}, {s.name: s.repeat for s in cfg.data.sources},
-            rl.sft_batch_size, seed=cfg.trainer.seed, rank=info.rank, world_size=info.world_size,
-        )
+@dataclass
+class _Rollouts:
+    """One step's prompts, their frozen condition, the rollouts and what the rewards made of them."""
 
-    optimizer = build_optimizer(params, cfg.optim)
-    schedule = build_schedule(optimizer, cfg.optim, total_steps)
-    seed_rank_rng(cfg.trainer.seed, info)  # everything is built: from here on each rank has its own RNG
-    start_step = 0
-    ckpt_dir = out / "checkpoints"
-    resume = latest_checkpoint(ckpt_dir)
-    if resume is not None:
-        state = load_checkpoint(resume)
-        _load_trainable(model, model, state["trainable"])
-        _load_optimizer(model, optimizer, state["optimizer"], sharded)
-        schedule.load_state_dict(state["scheduler"])
-        if sft_sampler is not None and state["sampler"]:
-            sft_sampler.load_state_dict(state["sampler"])
-        if state["rng"] is not None:
-            restore_rank_rng(state["rng"], info.rank)
-        start_step = state["step"]
-        # The reference DiT stays the initial (init_from) policy: it was copied before the resumed weights loaded.
-        logger.warning("resuming from %s (step %d)", resume, start_step)
-    metrics = MetricsLogger(out, enabled=info.is_main, resume_step=start_step,
-                            tensorboard=cfg.trainer.tensorboard, total_steps=total_steps)
-    if info.is_main:
-        import yaml
+    drawn: list[dict]
+    condition: BridgeOutput
+    negative: BridgeOutput | None
+    references: list | None  # per rollout row, its reference latents (edit prompts); None without edits
+    trajectory: object  # rl.grpo.Trajectory
+    chunks: list[slice]  # micro-batches of rollout rows
+    scores: torch.Tensor  # (N, R): every reward on every image
+    weights: torch.Tensor  # (N, R): the reward weights of each image's category
+    advantages: torch.Tensor  # (N,)
 
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    sft_plans = iter(sft_sampler) if sft_sampler is not None else None
 
-    gather = (lambda t: all_gather_cat(t, info)) if rl.global_normalisation else None
+class _Stage3:
+    """A stage-3 run's parts, built once (top of :func:`train_rl`), and the three things a step does with them:
+    roll out and score, update the policy, take the SFT auxiliary loss."""
 
-    def optimizer_step(norms: list[float]) -> None:
-        """Average the gradients over ranks, clip, one AdamW step; records the pre-clip gradient norm."""
-        if not sharded:  # FSDP2's reduce-scatter has already averaged them
-            _sync_gradients(trainable, info)
-        norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self, cfg: TrainConfig, info: DistInfo, total_steps: int) -> None:
+        rl, device = cfg.rl, info.device
+        self.cfg, self.rl, self.info, self.device = cfg, rl, info, device
+        # 1. Policy (the DiT trains), frozen reference copy, rewards.
+        model = build_model(cfg.model, device=device)
+        if cfg.lora is not None and not lora_module_names(model.encoder.vlm):
+            apply_lora(model, cfg.lora)  # the stage-2 LoRA of an init_from checkpoint loads into it; frozen here
+        if cfg.model.init_from:
+            load_init_weights(model, cfg.model.init_from)
+        configure_stage(model, "rl")
+        model.eval()  # no dropout anywhere: rollouts and updates must see the same function
+        # The reference DiT stays the initial (init_from) policy: it is copied before a resumed run's weights load.
+        self.reference_dit = copy.deepcopy(model.dit).requires_grad_(False).eval()
+        if cfg.trainer.activation_checkpointing:
+            model.dit.transformer.enable_gradient_checkpointing()  # recomputation is exact: ratios stay 1 on-policy
+        self.sharded = cfg.trainer.distributed == "fsdp" and info.enabled
+        if self.sharded:  # after the reference copy; the policy's parameters become DTensor shards
+            apply_fsdp(model.dit, list(model.dit.transformer.transformer_blocks), info)
+        self.model = model
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.trainable = [p for _, p in params]
+        self.rewards = {name: build_reward(spec, argument=f"rl.rewards.{name}") for name, spec in rl.rewards.items()}
+        if not self.rewards:
+            raise ValueError("rl.rewards: configure at least one reward")
+        self.reward_names = list(self.rewards)
+        self.categories = rl.categories or {"general": {name: 1.0 for name in self.reward_names}}
+        self.loss_fn = MRGRPOLoss(rl.clip_range, rl.kl_beta, rl.sft_lambda, rl.eta)
+        self.prompts = PromptPool(rl, cfg.data.image_size)
+        # SFT auxiliary data: the data sources of the config (optional when sft_lambda == 0).
+        self.sft_sources = build_sources(cfg) if cfg.data.sources and rl.sft_lambda > 0 else None
+        self.sft_sampler = None
+        if self.sft_sources is not None:
+            self.sft_sampler = TaskBatchSampler(
+                {n: len(s) for n, s in self.sft_sources.items()}, {s.name: s.repeat for s in cfg.data.sources},
+                rl.sft_batch_size, seed=cfg.trainer.seed, rank=info.rank, world_size=info.world_size,
+            )
+        self.optimizer = build_optimizer(params, cfg.optim)
+        self.schedule = build_schedule(self.optimizer, cfg.optim, total_steps)
+        seed_rank_rng(cfg.trainer.seed, info)  # everything is built: from here on each rank has its own RNG
+        self.gather = (lambda t: all_gather_cat(t, info)) if rl.global_normalisation else None
+        self.sft_plans = None  # iter(sft_sampler), once a resumed sampler position is in place
 
-    last_loss, last_ckpt = None, None
-    for step in range(start_step, total_steps):
-        started = time.perf_counter()
-        # 2. Prompts and the frozen condition (computed once per step).
-        drawn = prompts.draw(rl.prompts_per_step, cfg.trainer.seed, step, info.rank)
+    @property
+    def state(self) -> dict:
+        """What a checkpoint saves and a resume restores."""
+        return dict(module=self.model, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
+                    sampler=self.sft_sampler, sharded=self.sharded, info=self.info)
+
+    def autocast(self):
+        return autocast(self.cfg, self.device)  # bf16 on CUDA with precision auto, fp32 on CPU
+
+    def rollout_and_score(self, step: int) -> _Rollouts:
+        """2. Prompts and the frozen condition (once per step) -> 3. rollouts (no gradient), seeded by (seed, step,
+        rank) -> 4. every reward on every image -> 5. advantages (GDPO: normalised over every rank's images)."""
+        rl, model, cfg = self.rl, self.model, self.cfg
+        drawn = self.prompts.draw(rl.prompts_per_step, cfg.trainer.seed, step, self.info.rank)
         texts = [d["text"] for d in drawn]
         sources = _edit_images(drawn)  # None without edit prompts, else one entry (None or an image) per prompt
-        generator = torch.Generator().manual_seed(rollout_seed(cfg.trainer.seed, step, info.rank))
-        with torch.no_grad(), autocast():
+        generator = torch.Generator().manual_seed(rollout_seed(cfg.trainer.seed, step, self.info.rank))
+        with torch.no_grad(), self.autocast():
             condition = model.encode_condition(texts, sources).repeat_interleave(rl.group_size)
             negative = None
             if rl.guidance_scale != 1.0:  # the negative of an edit keeps its image, as in the pipeline
                 negative = model.encode_condition([""] * len(texts), sources).repeat_interleave(rl.group_size)
             references = _reference_rows(model, sources, rl.group_size, generator)
-        # 3. Rollouts (no gradient), seeded by (seed, step, rank).
-        with autocast():
+        with self.autocast():
+            size = cfg.data.image_size
             trajectory = rollout(
-                model, condition, height=height, width=width, num_steps=rl.num_steps, group_size=rl.group_size,
+                model, condition, height=size, width=size, num_steps=rl.num_steps, group_size=rl.group_size,
                 eta=rl.eta, sampler=rl.sampler, logprob=rl.logprob, noise_level=rl.noise_level,
                 same_noise_in_group=rl.same_noise_in_group, generator=generator, micro_batch=rl.micro_batch,
                 negative_condition=negative, guidance_scale=rl.guidance_scale, reference_latents=references,
             )
-        # 4. Rewards: every reward on every image.
         count = condition.context.shape[0]
         chunks = [slice(s, s + rl.micro_batch) for s in range(0, count, rl.micro_batch)]
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), self.autocast():
             images = [im for rows in chunks
                       for im in pixels_to_pil(model.decode_latents(trajectory.final[rows].to(model.dtype)).float())]
         image_prompts = [d.get("reward_prompt", d["text"]) for d in drawn for _ in range(rl.group_size)]
         image_categories = [d["category"] for d in drawn for _ in range(rl.group_size)]
-        scores = torch.stack([rewards[name].score(images, image_prompts).float().cpu() for name in reward_names], dim=1)
-        weights = reward_weights(categories, image_categories, reward_names)
-        # 5. Advantages (GDPO: batch normalisation over every rank's images).
+        scores = torch.stack([self.rewards[name].score(images, image_prompts).float().cpu()
+                              for name in self.reward_names], dim=1)
+        weights = reward_weights(self.categories, image_categories, self.reward_names)
         if rl.advantages == "gdpo":
-            advantages = gdpo_advantages(scores, weights, rl.group_size, rl.adv_eps, rl.adv_clip, gather)
+            advantages = gdpo_advantages(scores, weights, rl.group_size, rl.adv_eps, rl.adv_clip, self.gather)
         else:
             advantages = grpo_advantages(scores, weights, rl.group_size, rl.adv_eps, rl.adv_clip)
-        advantages = advantages.to(device)
+        return _Rollouts(drawn, condition, negative, references, trajectory, chunks, scores, weights,
+                         advantages.to(self.device))
 
-        # 6. Policy update on a random subset of timesteps, shared by every image (and rank).
-        model.dit.train()
-        rng = random.Random(cfg.trainer.seed * 31 + step)
+    def optimizer_step(self, norms: list[float]) -> None:
+        """Average the gradients over ranks, clip, one AdamW step; records the pre-clip gradient norm."""
+        if not self.sharded:  # FSDP2's reduce-scatter has already averaged them
+            _sync_gradients(self.trainable, self.info)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip)))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def update_policy(self, step: int, r: _Rollouts, grad_norms: list[float]) -> tuple[dict, list[int]]:
+        """6. The clipped-ratio loss + KL to the reference DiT on a random subset of timesteps, shared by every image
+        (and rank); ``per_timestep``: one optimizer step after each. Returns the logged terms and the timesteps."""
+        rl, model, device, trajectory = self.rl, self.model, self.device, r.trajectory
+        rng = random.Random(self.cfg.trainer.seed * 31 + step)
         steps_trained = select_timesteps(rl.num_steps, rl.timestep_fraction, include_last=rl.include_last_step, rng=rng)
-        scale = 1.0 / (len(steps_trained) * len(chunks))
-        optimizer.zero_grad(set_to_none=True)
+        scale = 1.0 / (len(steps_trained) * len(r.chunks))
+        self.optimizer.zero_grad(set_to_none=True)
         logs = {"policy_loss": 0.0, "kl": 0.0, "ratio_mean": 0.0, "clip_fraction": 0.0}
-        grad_norms: list[float] = []  # one entry per optimizer step of this rollout
-        lr = optimizer.param_groups[0]["lr"]
         for i in steps_trained:
-            for rows in chunks:
+            for rows in r.chunks:
                 x = trajectory.latents[rows, i].to(device)
                 x_next = trajectory.latents[rows, i + 1].to(device)
-                cond = condition.select(rows)
-                neg = negative.select(rows) if negative is not None else None
-                refs = references[rows] if references is not None else None
-                with autocast():
+                cond = r.condition.select(rows)
+                neg = r.negative.select(rows) if r.negative is not None else None
+                refs = r.references[rows] if r.references is not None else None
+                with self.autocast():
                     log_prob, velocity = policy_step_log_prob(
                         model, x, x_next, i, trajectory.sigmas, trajectory.timesteps, cond,
                         eta=rl.eta, sampler=rl.sampler, logprob=rl.logprob, noise_level=rl.noise_level,
@@ -316,84 +297,99 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
                     )
                     with torch.no_grad():
                         t = trajectory.timesteps[i].expand(x.shape[0]).to(model.dtype)
-                        ref_velocity = _reference_velocity(reference_dit, model, x.to(model.dtype), t, cond, neg,
+                        ref_velocity = _reference_velocity(self.reference_dit, model, x.to(model.dtype), t, cond, neg,
                                                            rl.guidance_scale, refs)
-                terms = loss_fn(
-                    log_prob, trajectory.log_probs[rows, i].to(device), advantages[rows],
+                terms = self.loss_fn(
+                    log_prob, trajectory.log_probs[rows, i].to(device), r.advantages[rows],
                     velocity=velocity, reference_velocity=ref_velocity, sigma_next=trajectory.sigmas[i + 1],
                 )
-                (loss_fn.combine(terms["loss"], None) * scale).backward()
+                (self.loss_fn.combine(terms["loss"], None) * scale).backward()
                 for key in logs:
                     logs[key] += float(terms[key].detach()) * scale
             if rl.update_mode == "per_timestep":
-                optimizer_step(grad_norms)
-        # 7. SFT auxiliary loss: lambda * flow-matching loss on an image-caption batch.
-        sft_loss = None
-        if sft_plans is not None:
-            batch, plan = _next_batch(sft_plans, sft_sources)
-            prepared = prepare_batch(model, batch, plan, cfg.trainer.seed)
-            with autocast():
-                sft = model.flow_matching_loss(prepared, condition_dropout=0.0).loss
-            (rl.sft_lambda * sft).backward()
-            sft_loss = float(sft.detach())
+                self.optimizer_step(grad_norms)
+        return logs, steps_trained
+
+    def sft_loss(self) -> float | None:
+        """7. The SFT auxiliary loss, lambda * flow-matching loss on an image-caption batch (its gradient only)."""
+        if self.sft_plans is None:
+            return None
+        batch, plan = next_batch(self.sft_plans, self.sft_sources)
+        prepared = prepare_batch(self.model, batch, plan, self.cfg.trainer.seed)
+        with self.autocast():
+            sft = self.model.flow_matching_loss(prepared, condition_dropout=0.0).loss
+        (self.rl.sft_lambda * sft).backward()
+        return float(sft.detach())
+
+    def step(self, step: int) -> dict:
+        """One iteration (2-7 of the module docstring); returns its metrics record (without ``seconds``)."""
+        rl, info, device = self.rl, self.info, self.device
+        r = self.rollout_and_score(step)
+        self.model.dit.train()
+        grad_norms: list[float] = []  # one entry per optimizer step of this rollout
+        lr = self.optimizer.param_groups[0]["lr"]
+        logs, steps_trained = self.update_policy(step, r, grad_norms)
+        sft_loss = self.sft_loss()
         # per_rollout: the one step of this rollout; per_timestep: the official extra step for the SFT gradient.
         if rl.update_mode == "per_rollout" or sft_loss is not None:
-            optimizer_step(grad_norms)
-        schedule.step()
-        model.dit.eval()
-
-        # 8. Logs and checkpoints.
-        reward_means = all_reduce_mean(scores.mean(0).to(device), info).cpu()
-        weighted = all_reduce_mean((scores * weights).sum(1).mean().to(device), info)
-        record = {
+            self.optimizer_step(grad_norms)
+        self.schedule.step()
+        self.model.dit.eval()
+        reward_means = all_reduce_mean(r.scores.mean(0).to(device), info).cpu()
+        weighted = all_reduce_mean((r.scores * r.weights).sum(1).mean().to(device), info)
+        return {
             "step": step + 1,
             "loss": (1 - rl.sft_lambda) * (logs["policy_loss"] + rl.kl_beta * logs["kl"])
             + (rl.sft_lambda * sft_loss if sft_loss is not None else 0.0),
             "lr": lr,
             "grad_norm": sum(grad_norms) / max(1, len(grad_norms)),
             "reward": float(weighted),
-            **{f"reward/{name}": float(reward_means[k]) for k, name in enumerate(reward_names)},
+            **{f"reward/{name}": float(reward_means[k]) for k, name in enumerate(self.reward_names)},
             **logs,
             "sft_loss": sft_loss,
-            "advantage_abs_mean": float(advantages.abs().mean()),
+            "advantage_abs_mean": float(r.advantages.abs().mean()),
             "optimizer_updates": len(grad_norms),
             "timesteps": steps_trained,
-            "seconds": time.perf_counter() - started,
         }
+
+    def fresh_model(self) -> DeepGenModel:
+        """The layout of the policy, for gathering FSDP shards: the base model, with the stage-2 LoRA if any."""
+        fresh = build_model(self.cfg.model)
+        if self.cfg.lora is not None:
+            apply_lora(fresh, self.cfg.lora)
+        return fresh
+
+
+def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | None = None) -> RLResult:
+    """Run MR-GRPO as configured; resumes from the newest checkpoint in ``out``."""
+    _check(cfg)
+    out = Path(out or cfg.out)
+    total_steps = max_steps if max_steps is not None else cfg.trainer.max_steps
+    info = init_distributed(cfg.trainer.device)
+    torch.manual_seed(cfg.trainer.seed)
+    run = _Stage3(cfg, info, total_steps)
+    start_step = resume(out, **run.state)
+    metrics = open_logs(out, cfg, info, start_step=start_step, total_steps=total_steps)
+    run.sft_plans = iter(run.sft_sampler) if run.sft_sampler is not None else None
+
+    last_loss, last_ckpt = None, None
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        record = run.step(step)
+        record["seconds"] = time.perf_counter() - started
         last_loss = record["loss"]
         metrics.log(record)
         if not math.isfinite(record["loss"]):
             raise FloatingPointError(f"loss became non-finite at step {step + 1}")
+        # 8. Checkpoints (collectives under FSDP: every rank takes part).
         if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == total_steps:
-            weights = _full_state(model, model)  # collectives under FSDP: every rank takes part
-            optimizer_state = _optimizer_state(model, optimizer, sharded)
-            rng_states = gather_to_main(capture_rng(), info)
-            if info.is_main:
-                last_ckpt = save_checkpoint(
-                    ckpt_dir, step + 1,
-                    trainable=weights,
-                    optimizer_state=optimizer_state,
-                    scheduler_state=schedule.state_dict(),
-                    sampler_state=sft_sampler.state_dict() if sft_sampler is not None else None,
-                    extra={"stage": "rl", "model": cfg.to_dict()["model"]},
-                    keep_last=cfg.trainer.keep_last,
-                    rng_states=rng_states,
-                )
-            barrier(info)
+            extra = {"stage": "rl", "model": cfg.to_dict()["model"]}
+            last_ckpt = write_checkpoint(out, step + 1, **run.state, extra=extra, keep_last=cfg.trainer.keep_last)
     metrics.close()
     pipeline_dir = None
     if cfg.trainer.save_pipeline and total_steps > start_step:
-        from deepgen_components.training.trainer import save_training_pipeline
-
-        def fresh_model() -> DeepGenModel:  # the layout of the policy: the base model, with the stage-2 LoRA if any
-            fresh = build_model(cfg.model)
-            if cfg.lora is not None:
-                apply_lora(fresh, cfg.lora)
-            return fresh
-
-        whole = _unsharded_model(model, info, fresh_model) if sharded else model
-        if info.is_main:
-            pipeline_dir = save_training_pipeline(whole, out / "pipeline")
+        pipeline_dir = save_final_pipeline(out, module=run.model, model=run.model, sharded=run.sharded, info=info,
+                                           build=run.fresh_model)
     barrier(info)
     cleanup(info)
     return RLResult(out=out, steps=total_steps, final_loss=last_loss, checkpoint=last_ckpt, pipeline=pipeline_dir)

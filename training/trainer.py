@@ -13,53 +13,42 @@ every rank's own states.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 import zlib
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from deepgen_components.training.checkpoint import (
-    capture_rng,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_rank_rng,
-    save_checkpoint,
-)
-from deepgen_components.training.common import (
-    build_model,
-    build_optimizer,
-    build_schedule,
-    configure_stage,
-    load_init_weights,
-)
 from deepgen_components.training.config import TrainConfig
-from deepgen_components.training.data import build_sources, collate
+from deepgen_components.training.data import build_sources, next_batch
 from deepgen_components.training.distributed import (
     all_reduce_mean,
     apply_fsdp,
     barrier,
     cleanup,
-    gather_to_main,
     init_distributed,
     seed_rank_rng,
     wrap_ddp,
 )
-from deepgen_components.training.metrics import MetricsLogger
+from deepgen_components.training.optim import build_optimizer, build_schedule
+from deepgen_components.training.run import (
+    autocast,
+    open_logs,
+    resume,
+    save_final_pipeline,
+    write_checkpoint,
+)
 from deepgen_components.training.sampler import MicroBatchPlan, TaskBatchSampler
+from deepgen_components.training.stage_model import build_model, configure_stage, load_init_weights
 from deepgen_components.training.teacher import build_teacher
 from torch import nn
 
 from deepgen_components.model import DeepGenModel
 
-__all__ = ["FlowMatchingObjective", "TrainResult", "dry_run", "sample_seed", "train"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["FlowMatchingObjective", "TrainResult", "dry_run", "prepare_batch", "sample_seed", "train"]
 
 
 @dataclass
@@ -164,13 +153,6 @@ def prepare_batch(model: DeepGenModel, batch: dict, plan: MicroBatchPlan, seed: 
     return out
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    use_bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda")
-    if cfg.trainer.precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"trainer.precision must be auto, fp32 or bf16, got {cfg.trainer.precision!r}")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-
 def _enable_activation_checkpointing(model: DeepGenModel) -> None:
     model.dit.transformer.enable_gradient_checkpointing()
     model.bridge.connector.gradient_checkpointing = True
@@ -272,27 +254,10 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
     seed_rank_rng(cfg.trainer.seed, info)  # everything is built: from here on each rank has its own RNG
 
     # 4. Resume.
-    start_step = 0
-    ckpt_dir = out / "checkpoints"
-    resume = latest_checkpoint(ckpt_dir)
-    if resume is not None:
-        state = load_checkpoint(resume)
-        _load_trainable(objective, model, state["trainable"])
-        _load_optimizer(objective, optimizer, state["optimizer"], sharded)
-        schedule.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        if state["rng"] is not None:
-            restore_rank_rng(state["rng"], info.rank)  # each rank its own streams (its LoRA dropout masks)
-        start_step = state["step"]
-        if info.is_main:
-            logger.warning("resuming from %s (step %d)", resume, start_step)
-    metrics = MetricsLogger(out, enabled=info.is_main, resume_step=start_step,
-                            tensorboard=cfg.trainer.tensorboard, total_steps=total_steps)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        import yaml
-
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    run_state = dict(module=objective, model=model, optimizer=optimizer, schedule=schedule, sampler=sampler,
+                     sharded=sharded, info=info)
+    start_step = resume(out, **run_state)
+    metrics = open_logs(out, cfg, info, start_step=start_step, total_steps=total_steps)
 
     # 5. The loop.
     plans = iter(sampler)
@@ -303,13 +268,13 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
         optimizer.zero_grad(set_to_none=True)
         losses, samples = [], 0
         for micro in range(accum):
-            batch, plan = _next_batch(plans, sources)
+            batch, plan = next_batch(plans, sources)
             prepared = prepare_batch(model, batch, plan, cfg.trainer.seed, teacher,
                                      with_latents=cfg.model.flow_weight > 0)
             sync = nullcontext()
             if micro < accum - 1 and hasattr(objective, "no_sync"):
                 sync = objective.no_sync()
-            with sync, _autocast(cfg, device):
+            with sync, autocast(cfg, device):
                 loss = objective(prepared)
             (loss / accum).backward()
             losses.append(loss.detach().float())
@@ -333,8 +298,8 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
             raise FloatingPointError(f"loss became non-finite at step {step + 1}")
         done = step + 1 == total_steps
         if (step + 1) % cfg.trainer.checkpoint_every == 0 or done:
-            last_ckpt = _checkpoint(ckpt_dir, step + 1, objective, model, optimizer, schedule, sampler, cfg, info,
-                                    sharded)
+            extra = {"stage": cfg.stage, "model": cfg.to_dict()["model"], "lora": cfg.to_dict()["lora"]}
+            last_ckpt = write_checkpoint(out, step + 1, **run_state, extra=extra, keep_last=cfg.trainer.keep_last)
     metrics.close()
 
     pipeline_dir = None
@@ -344,117 +309,10 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
             configure_stage(fresh, cfg.stage, cfg.lora)
             return fresh
 
-        whole = _unsharded_model(objective, info, fresh_model) if sharded else model
-        if info.is_main:
-            pipeline_dir = out / "pipeline"
-            save_training_pipeline(whole, pipeline_dir)
+        pipeline_dir = save_final_pipeline(out, module=objective, model=model, sharded=sharded, info=info,
+                                           build=fresh_model)
     barrier(info)
     cleanup(info)
     return TrainResult(out=out, steps=total_steps, final_loss=last_loss, checkpoint=last_ckpt, pipeline=pipeline_dir)
 
 
-def _next_batch(plans, sources):
-    """The next micro-batch whose samples are not all skipped (corrupt images are counted, never fatal)."""
-    for _ in range(1000):
-        plan = next(plans)
-        source = sources[plan.source]
-        samples = [s for s in (source[i] for i in plan.indices) if s is not None]
-        if samples:
-            return collate(samples), plan
-    raise RuntimeError("1000 micro-batches in a row had no readable sample; check the data sources")
-
-
-def _full_state(objective: nn.Module, model: DeepGenModel) -> dict[str, torch.Tensor]:
-    """Trainable weights by model parameter name (gathered from FSDP shards when sharded)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        DTensor = ()
-    state = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            value = param.detach()
-            if DTensor and isinstance(value, DTensor):
-                value = value.full_tensor()
-            state[name] = value
-    return state
-
-
-def _load_trainable(objective: nn.Module, model: DeepGenModel, weights: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            if name not in params:
-                raise ValueError(f"checkpoint: parameter {name} does not exist in this model")
-            target = params[name]
-            try:
-                from torch.distributed.tensor import DTensor, distribute_tensor
-
-                if isinstance(target, DTensor):
-                    value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements)
-            except ImportError:  # pragma: no cover
-                pass
-            target.copy_(value)
-
-
-def _optimizer_state(objective: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict:
-    """The optimizer state to save; under FSDP the full state keyed by parameter name (a collective)."""
-    if not sharded:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the full state, on rank 0 only
-    return get_optimizer_state_dict(objective, optimizer, options=options)
-
-
-def _load_optimizer(objective: nn.Module, optimizer: torch.optim.Optimizer, state: dict, sharded: bool) -> None:
-    if not sharded:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    # strict=False: a parameter that never had a gradient (e.g. the LoRA of a VLM layer the bridge does not read)
-    # has no AdamW state, as with optimizer.load_state_dict.
-    set_optimizer_state_dict(objective, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
-
-
-def _checkpoint(ckpt_dir, step, objective, model, optimizer, schedule, sampler, cfg, info, sharded) -> Path | None:
-    state = _full_state(objective, model)
-    optimizer_state = _optimizer_state(objective, optimizer, sharded)
-    rng_states = gather_to_main(capture_rng(), info)  # every rank's RNG, written by the main process
-    if not info.is_main:
-        barrier(info)
-        return None
-    path = save_checkpoint(
-        ckpt_dir, step,
-        trainable=state,
-        optimizer_state=optimizer_state,
-        scheduler_state=schedule.state_dict(),
-        sampler_state=sampler.state_dict(),
-        extra={"stage": cfg.stage, "model": cfg.to_dict()["model"], "lora": cfg.to_dict()["lora"]},
-        keep_last=cfg.trainer.keep_last,
-        rng_states=rng_states,
-    )
-    barrier(info)
-    return path
-
-
-def _unsharded_model(sharded: nn.Module, info, build: Callable[[], DeepGenModel]) -> DeepGenModel | None:
-    """FSDP: gather the full weights of ``sharded`` (a DeepGenModel or an objective holding it as ``model``; a
-    collective) into ``build()``, a fresh unsharded model of the same layout, on the main process."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not info.is_main:
-        return None
-    model = build()
-    model.load_state_dict({name.removeprefix("model."): value for name, value in state.items()})
-    return model
-
-
-def save_training_pipeline(model: DeepGenModel, directory: str | Path) -> Path:
-    """Save a trained model as a DeepGenPipeline folder (``save_pretrained`` merges a LoRA into a copy)."""
-    from deepgen_components.pipeline import DeepGenPipeline
-
-    DeepGenPipeline(model).save_pretrained(directory)
-    return Path(directory)

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deepgen_components.denoising import euler_step, flow_match_sigmas, guidance
 from deepgen_components.dit import ConditionedDiT
 from deepgen_components.processing import pil_to_pixels
-from deepgen_components.rl.sampling import euler_step, flow_match_sigmas, guidance
 from deepgen_components.training.config import TeacherConfig
 from deepgen_components.training.registry import check_options
 

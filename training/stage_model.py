@@ -1,29 +1,24 @@
-"""Shared by every stage: build the model from a spec, choose what trains, LoRA, optimizer and LR schedule."""
+"""The model a stage trains: built from its spec, the stage's trainable parts, the VLM's LoRA, and the weights a
+run starts from (shared by every stage)."""
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 from pathlib import Path
 
 import torch
-from deepgen_components.training.config import LoraConfigSpec, ModelSpec, OptimConfig
+from deepgen_components.training.config import LoraConfigSpec, ModelSpec
 from torch import nn
 
-from deepgen_components.lora import lora_module_names, merge_lora
+from deepgen_components.lora import lora_module_names
 from deepgen_components.model import DeepGenModel
 
 __all__ = [
     "apply_lora",
     "build_model",
-    "build_optimizer",
-    "build_schedule",
     "configure_stage",
     "load_init_weights",
-    "lora_modules",
-    "merge_lora",
-    "trainable_state",
     "unread_decoder_layers",
 ]
 
@@ -107,14 +102,10 @@ def apply_lora(model: DeepGenModel, spec: LoraConfigSpec) -> list[str]:
         target_modules=targets,  # full module names: peft matches a name or a dotted suffix of one
     )
     inject_adapter_in_model(config, vlm)
-    wrapped = lora_modules(vlm)
+    wrapped = lora_module_names(vlm)
     if sorted(wrapped) != sorted(targets):  # pragma: no cover - a peft change in name matching
         raise RuntimeError(f"peft wrapped {len(wrapped)} modules, expected {len(targets)}")
     return wrapped
-
-
-def lora_modules(module: nn.Module) -> list[str]:
-    return lora_module_names(module)
 
 
 def configure_stage(model: DeepGenModel, stage: str, lora: LoraConfigSpec | None = None) -> list[str]:
@@ -133,7 +124,7 @@ def configure_stage(model: DeepGenModel, stage: str, lora: LoraConfigSpec | None
         model.bridge.requires_grad_(True)
         model.dit.requires_grad_(True)
         if lora is not None:
-            if not lora_modules(model.encoder.vlm):
+            if not lora_module_names(model.encoder.vlm):
                 apply_lora(model, lora)
             for name, param in model.encoder.vlm.named_parameters():
                 param.requires_grad_("lora_" in name)
@@ -177,39 +168,3 @@ def _drop_unread_lora(model: DeepGenModel, weights: dict[str, torch.Tensor]) -> 
         logger.info("model.init_from: ignoring %d LoRA tensors of VLM layers the bridge never reads", len(dropped))
     dropped = set(dropped)
     return {k: v for k, v in weights.items() if k not in dropped}
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def build_optimizer(params: list[tuple[str, nn.Parameter]], cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on parameters with >= 2 dims (official: biases and norms get none)."""
-    decay = [p for _, p in params if p.ndim >= 2]
-    no_decay = [p for _, p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    if not groups:
-        raise ValueError("no trainable parameters: check the stage and the model")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-
-
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up from ``warmup_start_factor * lr`` over ``warmup_ratio`` of the steps, then cosine to 0
-    (official stages 1-2) or constant."""
-    if cfg.warmup_steps is not None:
-        warmup = cfg.warmup_steps
-    else:
-        warmup = max(1, math.ceil(cfg.warmup_ratio * max_steps)) if cfg.warmup_ratio > 0 else 0
-    if cfg.schedule not in ("cosine", "constant"):
-        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return cfg.warmup_start_factor + (1.0 - cfg.warmup_start_factor) * step / warmup
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,123 @@
+"""What every stage's run does around its loop: precision, resume from the newest checkpoint, the run folder's
+logs (``metrics.jsonl``, ``config.yaml``), atomic checkpoints, and the final pipeline.
+
+A run folder ``out`` holds ``checkpoints/`` (``training.checkpoint``), ``metrics.jsonl`` (one line per step),
+``config.yaml`` (the resolved config) and, when the run is done, ``pipeline/`` (a ``DeepGenPipeline`` folder).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from deepgen_components.training.checkpoint import (
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rank_rng,
+    save_checkpoint,
+)
+from deepgen_components.training.config import TrainConfig
+from deepgen_components.training.distributed import DistInfo, barrier, gather_to_main
+from deepgen_components.training.metrics import MetricsLogger
+from deepgen_components.training.state import (
+    full_state,
+    load_optimizer,
+    load_trainable,
+    optimizer_state,
+    unsharded_model,
+)
+from torch import nn
+
+from deepgen_components.model import DeepGenModel
+
+__all__ = ["autocast", "open_logs", "resume", "save_final_pipeline", "save_training_pipeline", "write_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """``trainer.precision``: bf16 autocast (``bf16``, or ``auto`` on CUDA) or none (fp32)."""
+    use_bf16 = cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device.type == "cuda")
+    if cfg.trainer.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"trainer.precision must be auto, fp32 or bf16, got {cfg.trainer.precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def resume(out: Path, *, module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
+           sampler, sharded: bool, info: DistInfo) -> int:
+    """Load the newest complete checkpoint of ``out/checkpoints`` (if any) into the trainable weights of ``model``,
+    the optimizer (of the wrapped ``module``), the LR schedule, the ``sampler`` (if there is one and the checkpoint
+    saved its position) and this rank's RNG streams; returns the step to continue from (0 for a fresh run)."""
+    path = latest_checkpoint(out / "checkpoints")
+    if path is None:
+        return 0
+    state = load_checkpoint(path)
+    load_trainable(model, state["trainable"])
+    load_optimizer(module, optimizer, state["optimizer"], sharded)
+    schedule.load_state_dict(state["scheduler"])
+    if sampler is not None and state["sampler"]:
+        sampler.load_state_dict(state["sampler"])
+    if state["rng"] is not None:
+        restore_rank_rng(state["rng"], info.rank)  # each rank its own streams (its LoRA dropout masks)
+    if info.is_main:
+        logger.warning("resuming from %s (step %d)", path, state["step"])
+    return state["step"]
+
+
+def open_logs(out: Path, cfg: TrainConfig, info: DistInfo, *, start_step: int, total_steps: int) -> MetricsLogger:
+    """The run's ``metrics.jsonl`` (lines after ``start_step`` dropped) and, on the main process, ``config.yaml``."""
+    metrics = MetricsLogger(out, enabled=info.is_main, resume_step=start_step,
+                            tensorboard=cfg.trainer.tensorboard, total_steps=total_steps)
+    if info.is_main:
+        import yaml
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return metrics
+
+
+def write_checkpoint(out: Path, step: int, *, module: nn.Module, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, schedule, sampler, sharded: bool, info: DistInfo,
+                     extra: dict, keep_last: int) -> Path | None:
+    """Checkpoint ``step`` into ``out/checkpoints``: the trainable weights, the optimizer state, the schedule, the
+    sampler's position (if there is a sampler) and every rank's RNG states. Every rank must call it (gathering
+    the state is a collective); the main process writes, and gets the folder (the others None)."""
+    weights = full_state(model)
+    optimizer_saved = optimizer_state(module, optimizer, sharded)
+    rng_states = gather_to_main(capture_rng(), info)  # every rank's RNG, written by the main process
+    path = None
+    if info.is_main:
+        path = save_checkpoint(
+            out / "checkpoints", step,
+            trainable=weights,
+            optimizer_state=optimizer_saved,
+            scheduler_state=schedule.state_dict(),
+            sampler_state=sampler.state_dict() if sampler is not None else None,
+            extra=extra,
+            keep_last=keep_last,
+            rng_states=rng_states,
+        )
+    barrier(info)
+    return path
+
+
+def save_training_pipeline(model: DeepGenModel, directory: str | Path) -> Path:
+    """Save a trained model as a DeepGenPipeline folder (``save_pretrained`` merges a LoRA into a copy)."""
+    from deepgen_components.pipeline import DeepGenPipeline
+
+    DeepGenPipeline(model).save_pretrained(directory)
+    return Path(directory)
+
+
+def save_final_pipeline(out: Path, *, module: nn.Module, model: DeepGenModel, sharded: bool, info: DistInfo,
+                        build: Callable[[], DeepGenModel]) -> Path | None:
+    """Save the trained model as ``out/pipeline`` (under FSDP gathered into ``build()``, a fresh model of the same
+    layout: a collective, every rank calls it); the main process gets the folder, the others None."""
+    whole = unsharded_model(module, info, build) if sharded else model
+    if not info.is_main:
+        return None
+    return save_training_pipeline(whole, out / "pipeline")
