@@ -1,4 +1,4 @@
-"""The latency benchmark suite (``deepgen bench``, ``deepgen_components.cli.bench``), on the CPU."""
+"""The latency benchmark suite (``deepgen bench``: ``deepgen_components.cli.bench`` and ``bench_report``), on the CPU."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from deepgen_components.cli.bench import BenchConfig, fit_scaling, run_suite, time_fn, write_outputs
+from deepgen_components.cli.bench import BenchConfig, run_suite, time_fn
+from deepgen_components.cli.bench_report import fit_scaling, write_outputs
 
 
 def test_time_fn_reports_median_and_spread_in_milliseconds(monkeypatch):

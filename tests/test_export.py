@@ -370,7 +370,8 @@ def test_bench_exported_modes_time_onnx_runtime_and_record_tensorrt_availability
     here that is this module's export of the same tiny architecture (latency does not depend on weight values),
     which saves a second 20-second export. TensorRT cannot be installed here, so it must get its "not available"
     row (where it is installed, the row is a real timing instead)."""
-    from deepgen_components.cli.bench import BenchConfig, markdown_table, run_suite
+    from deepgen_components.cli.bench import BenchConfig, run_suite
+    from deepgen_components.cli.bench_report import markdown_table
 
     (tmp_path / "tiny_64px_b1_float32").symlink_to(exported[0], target_is_directory=True)
     cfg = BenchConfig(preset="tiny", device="cpu", dtype="float32", modes=("eager", "onnxruntime", "tensorrt"),

@@ -4,15 +4,16 @@
 warm-up first, CUDA events around the region, the median of repeats; compilation time is reported separately;
 every speed-up is a ratio against eager measured in the same process. Random weights are fine (latency does not
 depend on weight values); the ``deepgen-1.0`` preset is materialised directly on the device in the benchmark
-dtype (no CPU copy).
+dtype (no CPU copy). The PyTorch modes time the denoising runner's own step (``DenoiseRunner.prepare`` / ``step``,
+``denoising.kernels_context``, ``denoising.capture_cuda_graph``); the exported modes time the staged pipeline's
+stage calls (``StagedPipeline.condition_feeds`` / ``prepare_feeds`` / ``run_stage``). The environment record, the
+scaling fit, the table and the output files are :mod:`deepgen_components.cli.bench_report`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,11 +21,20 @@ from pathlib import Path
 
 import torch
 
+from deepgen_components.cli.bench_report import (
+    environment,
+    fit_scaling,
+    markdown_table,
+    tensorrt_status,
+    write_outputs,
+)
+from deepgen_components.denoising import MODES as TORCH_MODES
+from deepgen_components.denoising import DenoiseRunner, capture_cuda_graph, flow_match_sigmas, kernels_context
+
 __all__ = ["MODES", "BenchConfig", "Row", "add_commands", "measure_matmul_peak", "run_suite", "time_fn"]
 
 logger = logging.getLogger(__name__)
 
-TORCH_MODES = ("eager", "kernels", "compile", "compile+graphs")
 EXPORTED_MODES = ("onnxruntime", "tensorrt")  # the model exported to ONNX, run outside PyTorch
 MODES = TORCH_MODES + EXPORTED_MODES
 
@@ -145,56 +155,6 @@ def _flops(fn) -> float | None:
     return float(counter.get_total_flops())
 
 
-# -- environment ----------------------------------------------------------------------------------------------
-
-
-def environment(device: torch.device) -> dict:
-    import importlib.util
-    import os
-
-    env = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, sm_count=props.multi_processor_count, memory_gib=props.total_memory / 1024**3,
-                   cuda=torch.version.cuda)
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    env["tensorrt"] = _tensorrt_status()
-    env["onnxruntime"] = None
-    if importlib.util.find_spec("onnxruntime") is not None:
-        import onnxruntime
-
-        env["onnxruntime"] = onnxruntime.__version__
-        env["onnxruntime_providers"] = onnxruntime.get_available_providers()
-    return env
-
-
-def _tensorrt_status() -> dict:
-    """Whether ``import tensorrt`` works and whether the TensorRT libraries are present on this machine."""
-    import ctypes.util
-
-    status = {"import": False, "version": None, "error": None}
-    try:
-        import tensorrt
-
-        status.update({"import": True, "version": tensorrt.__version__})
-    except Exception as err:  # noqa: BLE001 - any failure means "not available"
-        status["error"] = f"{type(err).__name__}: {err}"
-    status["libraries"] = {name: ctypes.util.find_library(name) for name in ("nvinfer", "nvonnxparser", "nvinfer_plugin")}
-    return status
-
-
 # -- the suite ----------------------------------------------------------------------------------------------------
 
 
@@ -231,9 +191,7 @@ def _prompt(tokens: int) -> str:
 
 
 def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
-    from deepgen_components.denoising import DenoiseRunner
     from deepgen_components.pipeline import DeepGenPipeline
-    from deepgen_components.rl.sampling import flow_match_sigmas
 
     device = torch.device(cfg.device)
     dtype = _dtype(cfg.dtype)
@@ -388,7 +346,7 @@ def _exported_rows(cfg: BenchConfig, model, modes, result: SuiteResult, add, do_
                     continue
                 providers[mode] = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
             else:
-                status = _tensorrt_status()
+                status = tensorrt_status()
                 if not status.get("import"):
                     unavailable(mode, f"import tensorrt failed ({status.get('error') or 'not installed'})")
                     continue
@@ -477,9 +435,10 @@ def _repeat_rows(condition, batch: int, base: int, do_cfg: bool):
 
 
 def _step_args(runner, condition, timesteps, sigmas, guidance_scale, do_cfg, latents):
+    """The arguments of ``runner.step`` after the latents, for the first step (the runner's own precomputation)."""
     from deepgen_components.denoising import position_table
 
-    prepared = runner._prepare(condition, None, timesteps)
+    prepared = runner.prepare(condition, None, timesteps)
     dt = (sigmas[1] - sigmas[0]).float()
     table = position_table(runner.model.dit.transformer.pos_embed, *latents.shape[-2:])
     return (prepared.temb[0], dt, prepared.encoder_hidden, prepared.reference_tokens, prepared.context_mask,
@@ -488,13 +447,11 @@ def _step_args(runner, condition, timesteps, sigmas, guidance_scale, do_cfg, lat
 
 def _step_callable(runner, latents, args, device):
     """The timed per-step callable of a mode, and its compile time (first call minus a steady call)."""
-    from deepgen_components.denoising import _kernels_context
-
     if runner.mode == "eager":
         return (lambda: runner.step(latents, *args)), None
     if runner.mode == "kernels":
         def fn():
-            with _kernels_context(True):
+            with kernels_context(True):
                 return runner.step(latents, *args)
         return fn, None
     compiled = torch.compile(runner.step, fullgraph=True, dynamic=False)
@@ -504,94 +461,8 @@ def _step_callable(runner, latents, args, device):
     compile_s = time.perf_counter() - started
     if runner.mode == "compile" or device.type != "cuda":
         return (lambda: compiled(latents, *args)), compile_s
-    static_latents = latents.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            compiled(static_latents, *args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        compiled(static_latents, *args)
+    graph, _ = capture_cuda_graph(compiled, latents.clone(), *args, warmup=2)
     return graph.replay, compile_s
-
-
-def fit_scaling(rows: list[Row]) -> dict:
-    """Least-squares fit of DiT step time against image tokens x batch: ms = a + b*T + c*T^2 (T = tokens*batch)."""
-    points = [(r.tokens * r.batch, r.ms) for r in rows if r.tokens]
-    points = sorted(set(points))
-    if len(points) < 3:
-        return {}
-    import numpy as np
-
-    t = np.array([p[0] for p in points], dtype=np.float64)
-    y = np.array([p[1] for p in points], dtype=np.float64)
-    design = np.stack([np.ones_like(t), t, t**2], axis=1)
-    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-    pred = design @ coef
-    ss_res = float(((y - pred) ** 2).sum())
-    ss_tot = float(((y - y.mean()) ** 2).sum()) or 1.0
-    return {"model": "ms = a + b*T + c*T^2, T = image tokens x batch", "a_ms": coef[0], "b_ms_per_token": coef[1],
-            "c_ms_per_token2": coef[2], "r2": 1 - ss_res / ss_tot, "points": points}
-
-
-def markdown_table(result: SuiteResult) -> str:
-    lines = [
-        "| preset | mode | stage | res | batch | CFG | ms (median) | spread | peak GiB | TFLOP/s | vs eager | compile s | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    fmt = lambda v, p=2: "" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))
-    for r in result.rows:
-        lines.append(
-            f"| {r.preset} | {r.mode} | {r.stage}{'' if r.steps is None else f' ({r.steps} steps)'} | {r.resolution} | "
-            f"{r.batch} | {'on' if r.cfg else 'off'} | {fmt(r.ms)} | {fmt(r.ms_spread)} | {fmt(r.peak_memory_gib)} | "
-            f"{'' if r.tflops is None else f'{r.tflops:.3g}'} | {fmt(r.ratio_vs_eager)} | {fmt(r.compile_s, 1)} | {r.note} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(result: SuiteResult, out: str | Path) -> list[Path]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "bench.json", out / "bench.md"]
-    paths[0].write_text(json.dumps(result.to_json(), indent=1, default=float))
-    paths[1].write_text(markdown_table(result))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plots")
-        return paths
-    steps = [r for r in result.rows if r.stage == "dit_step" and r.resolution == result.config.resolution
-             and r.batch == result.config.batch]
-    if steps:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.bar([r.mode for r in steps], [r.ms for r in steps])
-        ax.set_ylabel("ms per DiT step (CFG batch)")
-        ax.set_title(f"{result.config.preset} {result.config.resolution}px, batch {result.config.batch}")
-        fig.tight_layout()
-        fig.savefig(out / "latency_by_mode.png", dpi=120)
-        paths.append(out / "latency_by_mode.png")
-        plt.close(fig)
-    sweep = [r for r in result.rows if r.stage == "dit_step" and r.mode == result.config.sweep_mode]
-    for key, label, name in (("resolution", "resolution (px)", "latency_vs_resolution.png"),
-                             ("batch", "batch", "latency_vs_batch.png")):
-        fixed = "batch" if key == "resolution" else "resolution"
-        points = sorted({(getattr(r, key), r.ms) for r in sweep if getattr(r, fixed) == getattr(result.config, fixed)})
-        if len(points) >= 2:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
-            ax.set_xlabel(label)
-            ax.set_ylabel("ms per DiT step")
-            ax.set_title(f"{result.config.preset}, {result.config.sweep_mode}")
-            fig.tight_layout()
-            fig.savefig(out / name, dpi=120)
-            paths.append(out / name)
-            plt.close(fig)
-    return paths
 
 
 def _parse_ints(text: str, flag: str = "--resolutions") -> tuple[int, ...]:
