@@ -36,22 +36,7 @@ def _print_timings(label: str, timings: dict) -> None:
 
 def cmd_generate(args) -> int:
     out = check_output_path(args.out, folder=False)
-    pipe = load_pipeline(args)
-    result = pipe(
-        args.prompt,
-        negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        num_images_per_prompt=args.num_images,
-        generator=_generator(args),
-        progress=not args.quiet,
-    )
-    for p in _save_images(result.images, out):
-        print(f"wrote {p}")
-    _print_timings("timings", result.timings)
-    return 0
+    return _sample_and_save(args, out, args.prompt)
 
 
 def cmd_edit(args) -> int:
@@ -66,10 +51,15 @@ def cmd_edit(args) -> int:
             raise FileNotFoundError(f"image {err}") from None
         except ValueError as err:
             raise ValueError(f"image {err}") from None
+    return _sample_and_save(args, out, args.instruction, image=images)
+
+
+def _sample_and_save(args, out: Path, prompt: str, **inputs) -> int:
+    """``generate`` / ``edit`` after their own checks: load the pipeline, run it with the sampling flags, write the
+    images to ``out`` and print the timings."""
     pipe = load_pipeline(args)
     result = pipe(
-        args.instruction,
-        image=images,
+        prompt,
         negative_prompt=args.negative_prompt,
         height=args.height,
         width=args.width,
@@ -78,6 +68,7 @@ def cmd_edit(args) -> int:
         num_images_per_prompt=args.num_images,
         generator=_generator(args),
         progress=not args.quiet,
+        **inputs,
     )
     for p in _save_images(result.images, out):
         print(f"wrote {p}")
