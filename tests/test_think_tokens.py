@@ -144,61 +144,42 @@ def test_forward_is_embed_append_think_tokens_and_decode(tokenizer, vlm):
 
 
 # -- the prompt's hidden states are untouched ------------------------------------------------------------
-def test_think_tokens_do_not_change_prompt_hidden_states_text_only(tokenizer, vlm):
+def check_prompt_states_untouched(vlm, enc, pixel_values=None, grid_thw=None):
+    """The wrapper's prompt positions hold exactly the hidden states of a plain VLM run on the prompt alone."""
     wrapper = ThinkTokenVLM(vlm, 6, LayerSelection.uniform(4, 3))
-    enc = tokenizer([t2i_prompt("a red cat")], return_tensors="pt")
+    images = {} if pixel_values is None else {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
     length = enc.input_ids.shape[1]
     with torch.no_grad():
-        out = wrapper(enc.input_ids, enc.attention_mask, output_all_hidden_states=True)
+        out = wrapper(enc.input_ids, enc.attention_mask, output_all_hidden_states=True, **images)
         plain = vlm.model(
             input_ids=enc.input_ids,
             attention_mask=enc.attention_mask,
             position_ids=out.position_ids[..., :length],
             output_hidden_states=True,
+            **images,
         )
     assert_prompt_states_equal_plain_run(out, plain.hidden_states, length)
 
 
+def test_think_tokens_do_not_change_prompt_hidden_states_text_only(tokenizer, vlm):
+    check_prompt_states_untouched(vlm, tokenizer([t2i_prompt("a red cat")], return_tensors="pt"))
+
+
 def test_think_tokens_do_not_change_prompt_hidden_states_in_a_left_padded_batch(tokenizer, vlm):
-    wrapper = ThinkTokenVLM(vlm, 6, LayerSelection.uniform(4, 3))
     enc = tokenizer(
         [t2i_prompt("a cat"), t2i_prompt("a lighthouse on a cliff at dusk")],
         padding=True,
         return_tensors="pt",
     )
     assert not enc.attention_mask.bool().all()  # the first prompt is left-padded
-    length = enc.input_ids.shape[1]
-    with torch.no_grad():
-        out = wrapper(enc.input_ids, enc.attention_mask, output_all_hidden_states=True)
-        plain = vlm.model(
-            input_ids=enc.input_ids,
-            attention_mask=enc.attention_mask,
-            position_ids=out.position_ids[..., :length],
-            output_hidden_states=True,
-        )
-    assert_prompt_states_equal_plain_run(out, plain.hidden_states, length)
+    check_prompt_states_untouched(vlm, enc)
 
 
 def test_think_tokens_do_not_change_prompt_hidden_states_with_images(tokenizer, vlm):
     grids = [(1, 4, 6), (1, 4, 4)]  # two references: 6 and 4 image tokens
-    wrapper = ThinkTokenVLM(vlm, 6, LayerSelection.uniform(4, 3))
     enc = tokenizer([edit_prompt(grids, "make the sky red")], return_tensors="pt")
     assert int((enc.input_ids == vlm.config.image_token_id).sum()) == 10
-    pixel_values, grid_thw = pixel_values_for(grids), torch.tensor(grids)
-    length = enc.input_ids.shape[1]
-    with torch.no_grad():
-        out = wrapper(
-            enc.input_ids, enc.attention_mask, pixel_values, grid_thw, output_all_hidden_states=True
-        )
-        plain = vlm.model(
-            input_ids=enc.input_ids,
-            attention_mask=enc.attention_mask,
-            pixel_values=pixel_values,
-            image_grid_thw=grid_thw,
-            position_ids=out.position_ids[..., :length],
-            output_hidden_states=True,
-        )
-    assert_prompt_states_equal_plain_run(out, plain.hidden_states, length)
+    check_prompt_states_untouched(vlm, enc, pixel_values_for(grids), torch.tensor(grids))
 
 
 def test_think_tokens_do_not_change_prompt_hidden_states_of_a_plain_causal_lm(causal_lm):
