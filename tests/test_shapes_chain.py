@@ -10,9 +10,11 @@ pieces are checked against the properties the chain relies on.
 import json
 import math
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from deepgen_components.cli import main
 from deepgen_components.cli.shapes import CONFIGS as SHAPES_CONFIGS
@@ -331,3 +333,34 @@ def test_stage1_on_the_feature_loss_alone_trains_the_bridge_without_running_the_
         assert torch.equal(weight, after.dit.state_dict()[name]), name
     moved = [n for n, w in before.bridge.state_dict().items() if not torch.equal(w, after.bridge.state_dict()[n])]
     assert moved and any("head" in n or "proj" in n for n in moved)
+
+
+def test_the_base_pipeline_is_bit_identical_to_its_recorded_outputs():
+    """``PromptEncoderPipeline`` (the base DiT under its own prompt encoder, as a pipeline) reproduces, bit for bit,
+    the images recorded before the one-runner redesign (``prompt_encoder/*`` of tests/data/denoising/
+    reference.safetensors, written by make_reference.py at c959c70: tiny preset seed 3, encoder seed 5, one
+    thread, 4 steps, CFG 4, text-to-image and an edit)."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from deepgen_components import DeepGenPipeline, deepgen_tiny
+    from deepgen_components.shapes.teacher import PromptEncoderPipeline
+
+    data = Path(__file__).resolve().parent / "data" / "denoising"
+    reference = load_file(str(data / "reference.safetensors"))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the script ran
+    try:
+        model = DeepGenPipeline(deepgen_tiny(seed=3)).model
+        torch.manual_seed(5)
+        cfg = model.dit.config
+        encoder = PromptEncoder(len(model.tokenizer), cfg.joint_attention_dim, cfg.pooled_projection_dim).eval()
+        base = PromptEncoderPipeline(model.dit, encoder, model.tokenizer, model.vae, model.scheduler, 64)
+        for name, kwargs in {"t2i": {}, "edit": {"image": [image, image]}}.items():
+            images = base(["a red circle on the left", "a blue square"], num_inference_steps=4, guidance_scale=4.0,
+                          generator=torch.Generator().manual_seed(0), **kwargs).images
+            got = torch.from_numpy(np.stack([np.asarray(im) for im in images]))
+            assert torch.equal(got, reference[f"prompt_encoder/{name}"]), name
+    finally:
+        torch.set_num_threads(threads)

@@ -157,7 +157,7 @@ class OcrEvaluator:
 
     def evaluate(self, samples, run_dir) -> EvalResult:
         matched = total = skipped = 0
-        neds, by_category, per_prompt = [], [], []
+        neds, category_rows, per_prompt = [], [], []
         for sample in samples:
             targets = sample.record.metadata.get("texts") or quoted_texts(sample.record.prompt)
             if not targets:
@@ -168,11 +168,11 @@ class OcrEvaluator:
                 m, n, ned = cvtg_text_scores(text, targets)
                 matched, total = matched + m, total + n
                 neds.append(ned)
-                by_category.append((sample.record.category, m / n if n else 0.0))
+                category_rows.append((sample.record.category, m / n if n else 0.0))
                 per_prompt.append({"id": sample.record.id, "ocr": text, "matched": m, "words": n, "ned": ned})
         word_accuracy = matched / total if total else float("nan")
         metrics = {"word_accuracy": word_accuracy, "ned": mean(neds), "words": total, "skipped": skipped}
-        return EvalResult(self.name, word_accuracy, by_category(by_category), metrics, per_prompt,
+        return EvalResult(self.name, word_accuracy, by_category(category_rows), metrics, per_prompt,
                           "overall = word accuracy; ned = mean 1 - normalised edit distance")
 
 
