@@ -21,7 +21,7 @@ from deepgen_components.layer_selection import LayerSelection
 from deepgen_components.processing import PromptBatch, reference_pixels, tokenize_prompts
 from deepgen_components.think_tokens import ThinkTokens, ThinkTokenVLM, VLMHiddenStates
 
-__all__ = ["DeepGenConfig", "DeepGenModel", "FlowMatchingOutput", "Condition"]
+__all__ = ["DeepGenConfig", "DeepGenModel", "FlowMatchingOutput"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,6 @@ class DeepGenConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-Condition = BridgeOutput
-
 
 @dataclass
 class FlowMatchingOutput:
@@ -92,8 +90,6 @@ class FlowMatchingOutput:
     condition: BridgeOutput | None = None  # the bridge's output the DiT was given
     input_ids: torch.Tensor | None = None  # (B, L) the VLM's prompt tokens (left padded)
 
-
-ImageLike = object  # a PIL image or a (3, H, W) tensor in [-1, 1]
 
 
 class DeepGenModel(nn.Module):
@@ -188,7 +184,6 @@ class DeepGenModel(nn.Module):
         (:func:`~deepgen_components.processing.reference_pixels`)."""
         return reference_pixels(images, self.config.image_size, resize_tensors=False, name="images[{i}][{j}]")
 
-    _reference_pixels = reference_pixels  # the old name, for training.rl until it calls reference_pixels (issue #21)
 
     def prepare_prompts(self, prompts: Sequence[str], images=None) -> PromptBatch:
         """Templates, tokenization (left padding) and vision patches, on the model's device."""

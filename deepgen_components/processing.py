@@ -23,12 +23,15 @@ from deepgen_components.conventions import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGE_PAD,
+    VISION_RESIZE_FACTOR,
     edit_prompt,
     fix_pixels_size,
     left_pad,
     limit_long_side_size,
+    patch_layout,
     pil_to_array,
     pixels_to_uint8_array,
+    prompts_with_references,
     t2i_prompt,
     truncate_official,
 )
@@ -124,7 +127,7 @@ def _tensor_reference(ref: torch.Tensor, image_size: int, resize: bool, where: s
     return ref.float()
 
 
-def vit_resize(pixels: torch.Tensor, resize_factor: float = 28 / 32) -> torch.Tensor:
+def vit_resize(pixels: torch.Tensor, resize_factor: float = VISION_RESIZE_FACTOR) -> torch.Tensor:
     """DeepGen's first VLM preprocessing step: bilinear resize by 28/32 (align_corners False), still in [-1, 1].
 
     (3, H, W) -> (1, 3, H', W'); a 512x512 reference becomes 448x448 (32x32 ViT patches of 14 px)."""
@@ -139,7 +142,7 @@ def vision_patches(
     patch_size: int = 14,
     temporal_patch_size: int = 2,
     merge_size: int = 2,
-    resize_factor: float = 28 / 32,
+    resize_factor: float = VISION_RESIZE_FACTOR,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepGen's VLM preprocessing of one reference: (3, H, W) in [-1, 1] -> (patches (N, 3*tp*p*p), grid (1, 3)).
 
@@ -149,25 +152,17 @@ def vision_patches(
     """
     x = vit_resize(pixels, resize_factor)
     height, width = x.shape[-2:]
-    unit = patch_size * merge_size
-    if height % unit or width % unit:
-        raise ValueError(
-            f"pixels: a {pixels.shape[-2]}x{pixels.shape[-1]} reference resizes to {height}x{width}, which is not "
-            f"a multiple of {unit}; reference sides must be multiples of 32"
-        )
+    blocks, order, shape, grid = patch_layout(
+        height, width, patch_size=patch_size, temporal_patch_size=temporal_patch_size, merge_size=merge_size,
+        source=tuple(pixels.shape[-2:]),
+    )
     mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     x = ((x + 1) / 2 - mean) / std
-    # (1, 3, H, W) -> (t=1, tp, 3, H, W)
+    # (1, 3, H, W) -> (t=1, tp, 3, H, W), then cut as conventions.patch_layout says
     frames = x.unsqueeze(1).expand(1, temporal_patch_size, 3, height, width)
-    gh, gw = height // unit, width // unit
-    # dims: t tp c (h m p) (w n q)
-    frames = frames.reshape(1, temporal_patch_size, 3, gh, merge_size, patch_size, gw, merge_size, patch_size)
-    # -> (t h w m n) (c tp p q)
-    patches = frames.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(
-        gh * gw * merge_size * merge_size, 3 * temporal_patch_size * patch_size * patch_size
-    )
-    grid = torch.tensor([[1, height // patch_size, width // patch_size]], dtype=torch.long)
+    patches = frames.reshape(blocks).permute(order).reshape(shape)
+    grid = torch.tensor([grid], dtype=torch.long)
     return patches, grid
 
 
@@ -203,16 +198,8 @@ def tokenize_prompts(
     text-to-image). Prompts longer than ``max_length`` text tokens (plus their image tokens) keep their last
     tokens, as the official code does, with a warning.
     """
-    if isinstance(prompts, str):
-        raise ValueError("prompts: expected a list of strings, got a single str")
-    references = list(references) if references is not None else [[] for _ in prompts]
-    if len(references) != len(prompts):
-        raise ValueError(f"references: got {len(references)} entries for {len(prompts)} prompts")
     texts, patches, grids, image_tokens = [], [], [], []
-    for prompt, refs in zip(prompts, references):
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompts: every prompt must be a str, got {type(prompt).__name__}")
-        refs = list(refs or [])
+    for prompt, refs in prompts_with_references(prompts, references):
         if refs:
             counts = []
             for ref in refs:

@@ -12,9 +12,6 @@ import math
 
 import torch
 
-# Not this module's: still importable from here for the callers that have not moved to denoising yet (issue #21).
-from deepgen_components.denoising import euler_step, flow_match_sigmas, guidance  # noqa: F401
-
 __all__ = ["cps_step", "flow_grpo_step"]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deepgen_components.denoising import euler_step, flow_match_sigmas, guidance
+from deepgen_components.denoising import denoise_loop, flow_match_sigmas
 from deepgen_components.dit import ConditionedDiT
 from deepgen_components.processing import pil_to_pixels
 from deepgen_components.training.config import TeacherConfig
@@ -135,11 +135,13 @@ class PromptEncoderPipeline:
         latents = torch.randn((len(prompts), 16, (height or size) // factor, (width or size) // factor),
                               generator=generator).to(device)
         timesteps, sigmas = flow_match_sigmas(self.scheduler, num_inference_steps, device=device)
-        for i in range(len(timesteps)):
-            t = timesteps[i].expand(2 * len(prompts))
-            velocity = self.dit(torch.cat([latents, latents]), t, context, pooled, references, context_mask=context_mask)
-            uncond, cond = velocity.chunk(2)
-            latents = euler_step(latents, guidance(uncond, cond, guidance_scale), sigmas[i], sigmas[i + 1])
+
+        def velocity(model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            return self.dit(model_input, timestep.expand(model_input.shape[0]), context, pooled, references,
+                            context_mask=context_mask)
+
+        # the library's one denoising loop; CFG against "" on every step, also at scale 1 (as the base was measured)
+        latents, _ = denoise_loop(velocity, latents, timesteps, sigmas, guidance_scale=guidance_scale, do_cfg=True)
         cfg = self.vae.config
         pixels = self.vae.decode(latents / cfg.scaling_factor + cfg.shift_factor).sample
         return SimpleNamespace(images=pixels_to_pil(pixels))
