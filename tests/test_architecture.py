@@ -2,7 +2,8 @@
 
 The library is built in floors; a module may import from its own floor or the floors below:
 
-0. ``conventions`` (torch-free rules) and ``triton_kernels`` (kernels with a torch reference per op): leaves;
+0. ``conventions`` (torch-free rules), ``jsonl`` (one JSON Lines reader) and ``triton_kernels`` (kernels with a torch
+   reference per op): leaves;
 1. components: ``ops``, ``layer_selection``, ``bridge``, ``connector``, ``dit``, ``think_tokens``, ``lora``,
    ``processing``;
 2. composition: ``model``, ``denoising``, ``serialization``, ``pipeline``, ``builders``, ``official``, ``tiny``;
@@ -32,7 +33,7 @@ PACKAGES = {
 }
 MAX_LINES = 600
 
-FLOOR_0 = ("conventions", "triton_kernels")
+FLOOR_0 = ("conventions", "jsonl", "triton_kernels")
 FLOOR_1 = ("ops", "layer_selection", "bridge", "connector", "dit", "think_tokens", "lora", "processing")
 FLOOR_2 = ("model", "denoising", "serialization", "pipeline", "builders", "official", "tiny")
 FLOOR_3 = ("rl", "export", "training", "evaluation")

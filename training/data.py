@@ -23,7 +23,6 @@ A corrupt or missing image never crashes an epoch: the sample is skipped, counte
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tarfile
 from collections import Counter
@@ -36,6 +35,7 @@ import torch
 from deepgen_components.training.config import SourceConfig, TrainConfig
 from deepgen_components.training.registry import Registry, check_options
 
+from deepgen_components.jsonl import read_objects
 from deepgen_components.processing import fix_pixels_size, pil_to_pixels
 
 __all__ = [
@@ -113,18 +113,9 @@ def _read_manifest(path: Path) -> list[dict]:
             raise ImportError(f"{path}: reading Parquet manifests needs pyarrow") from err
         return pq.read_table(path).to_pylist()
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ManifestError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise ManifestError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            row["_line"] = number
-            rows.append(row)
+    for number, _, row in read_objects(path, error=ManifestError):
+        row["_line"] = number
+        rows.append(row)
     return rows
 
 

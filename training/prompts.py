@@ -9,13 +9,14 @@ is imported.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from deepgen_components.training.config import RLConfig
 from deepgen_components.training.registry import Registry
+
+from deepgen_components.jsonl import read_objects
 
 __all__ = ["PromptPool", "PromptSourceFactory", "available_prompt_sources", "read_prompt_file",
            "register_prompt_source"]
@@ -40,29 +41,28 @@ def read_prompt_file(path: Path) -> list[dict]:
     optional ``category``); blank lines are skipped."""
     if not path.is_file():
         raise FileNotFoundError(f"rl.prompt_files: {path} does not exist")
-    items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            record = json.loads(line)
-            text = record.get("prompt", record.get("text"))
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{n}: a .jsonl prompt needs a 'prompt' or 'text' string")
-            item = {"text": text}
-            if "category" in record:
-                item["category"] = record["category"]
-            if record.get("image") is not None:  # an edit prompt: the instruction applies to this image
-                image = Path(record["image"])
-                item["image"] = image if image.is_absolute() else path.parent / image
-            if record.get("reward_prompt") is not None:
-                item["reward_prompt"] = str(record["reward_prompt"])
-            items.append(item)
-        else:
-            items.append({"text": line.strip()})
+    if path.suffix == ".jsonl":
+        items = [_jsonl_item(path, n, record) for n, _, record in read_objects(path, argument="rl.prompt_files")]
+    else:
+        items = [{"text": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not items:
         raise ValueError(f"rl.prompt_files: {path} holds no prompt")
     return items
+
+
+def _jsonl_item(path: Path, number: int, record: dict) -> dict:
+    text = record.get("prompt", record.get("text"))
+    if not isinstance(text, str):
+        raise ValueError(f"rl.prompt_files {path}:{number}: a .jsonl prompt needs a 'prompt' or 'text' string")
+    item = {"text": text}
+    if "category" in record:
+        item["category"] = record["category"]
+    if record.get("image") is not None:  # an edit prompt: the instruction applies to this image
+        image = Path(record["image"])
+        item["image"] = image if image.is_absolute() else path.parent / image
+    if record.get("reward_prompt") is not None:
+        item["reward_prompt"] = str(record["reward_prompt"])
+    return item
 
 
 class PromptPool:

@@ -12,11 +12,12 @@ through :func:`register_benchmark`: the shapes world registers ``shapes`` (its f
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from deepgen_components.jsonl import read_objects
 
 __all__ = [
     "BENCHMARKS",
@@ -97,20 +98,7 @@ class PromptRecord:
 
 
 def _jsonl_lines(path: Path) -> list[tuple[int, str, dict]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--prompts {path}:{number}: not JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"--prompts {path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append((number, line, row))
-    return rows
+    return read_objects(path, argument="--prompts")
 
 
 def _geneval(path: Path) -> list[PromptRecord]:
