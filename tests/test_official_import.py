@@ -127,6 +127,19 @@ def official(reference):
     return to_official_state_dict(reference)
 
 
+def save_scb(folder, scb: dict, relative: bool) -> None:
+    """The SCB tensors as a release writes them: per-module sub-folders (``connector/...: layers.0...``,
+    ``projector_1/...: weight``, ``meta_queries.safetensors``) or one ``deepgen_scb.safetensors``."""
+    if relative:
+        for module in SCB_MODULES[1:]:
+            (folder / module).mkdir()
+            part = {k[len(module) + 1 :]: v for k, v in scb.items() if k.startswith(module + ".")}
+            save_file(part, str(folder / module / "diffusion_pytorch_model.safetensors"))
+        save_file({"meta_queries": scb["meta_queries"]}, str(folder / "meta_queries.safetensors"))
+    else:
+        save_file(scb, str(folder / "deepgen_scb.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def files(reference, official, tmp_path_factory):
     """The reference model on disk: the VLM, VAE and tokenizer folders and both checkpoint layouts."""
@@ -145,15 +158,7 @@ def files(reference, official, tmp_path_factory):
         reference.vae.save_pretrained(folder / "vae")
         reference.scheduler.save_pretrained(folder / "scheduler")
         reference.tokenizer.save_pretrained(folder / "tokenizer")
-        scb = {k: v for k, v in contiguous.items() if not k.startswith("transformer.")}
-        if relative:  # connector/...: layers.0...; projector_1/...: weight
-            for module in SCB_MODULES[1:]:
-                (folder / module).mkdir()
-                part = {k[len(module) + 1 :]: v for k, v in scb.items() if k.startswith(module + ".")}
-                save_file(part, str(folder / module / "diffusion_pytorch_model.safetensors"))
-            save_file({"meta_queries": scb["meta_queries"]}, str(folder / "meta_queries.safetensors"))
-        else:
-            save_file(scb, str(folder / "deepgen_scb.safetensors"))
+        save_scb(folder, {k: v for k, v in contiguous.items() if not k.startswith("transformer.")}, relative)
         return folder
 
     return {
@@ -347,14 +352,7 @@ def hand_built(tmp_path_factory):
         # Documented as never searched for SCB weights: a decoy there must not replace projector_1.
         (folder / "vlm").mkdir()
         save_file({"projector_1.weight": torch.zeros(48, 64)}, str(folder / "vlm" / "decoy.safetensors"))
-        if relative:
-            for module in ("connector", "projector_1", "projector_2", "projector_3"):
-                (folder / module).mkdir()
-                part = {k[len(module) + 1 :]: v for k, v in scb.items() if k.startswith(module + ".")}
-                save_file(part, str(folder / module / "diffusion_pytorch_model.safetensors"))
-            save_file({"meta_queries": scb["meta_queries"]}, str(folder / "meta_queries.safetensors"))
-        else:
-            save_file(scb, str(folder / "deepgen_scb.safetensors"))
+        save_scb(folder, scb, relative)
         return folder
 
     return {

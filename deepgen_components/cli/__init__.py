@@ -13,41 +13,12 @@ import logging
 import os
 import sys
 
-from deepgen_components.cli import bench, evaluate, export, generate, shapes, train
-from deepgen_components.cli.args import (
-    DEFAULT_PRESET,
-    DTYPES,
-    USER_ERRORS,
-    ArgumentParser,
-    add_model_args,
-    check_device,
-    check_output_path,
-    image_side,
-    int_at_least,
-    load_pipeline,
-    non_negative_float,
-    positive_int,
-    write_images,
-)
+from deepgen_components.cli import args, bench, evaluate, export, generate, shapes, train
+from deepgen_components.cli.args import *  # noqa: F403 - the shared flags, public here too
+from deepgen_components.cli.args import USER_ERRORS, ArgumentParser
 from deepgen_components.cli.generate import DEMO_INSTRUCTION, DEMO_PROMPTS
 
-__all__ = [
-    "DEFAULT_PRESET",
-    "DEMO_INSTRUCTION",
-    "DEMO_PROMPTS",
-    "DTYPES",
-    "add_model_args",
-    "build_parser",
-    "check_device",
-    "check_output_path",
-    "image_side",
-    "int_at_least",
-    "load_pipeline",
-    "main",
-    "non_negative_float",
-    "positive_int",
-    "write_images",
-]
+__all__ = [*args.__all__, "DEMO_INSTRUCTION", "DEMO_PROMPTS", "build_parser", "main"]
 
 # The subcommand modules, in the order `deepgen --help` lists them.
 COMMANDS = (generate, export, train, shapes, bench, evaluate)

@@ -14,6 +14,26 @@ import math
 import os
 from pathlib import Path
 
+__all__ = [
+    "DEFAULT_PRESET",
+    "DTYPES",
+    "MAX_SEED",
+    "USER_ERRORS",
+    "ArgumentParser",
+    "add_model_args",
+    "check_device",
+    "check_model_source",
+    "check_output_path",
+    "image_side",
+    "int_at_least",
+    "load_pipeline",
+    "non_negative_float",
+    "positive_int",
+    "seed",
+    "text",
+    "write_images",
+]
+
 DEFAULT_PRESET = "deepgen-shapes"  # trained on the shapes world and shipped in the package; "tiny" is random
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_SEED = 2**64 - 1
