@@ -454,13 +454,12 @@ SHAPES_PRESET_DIR = Path(__file__).resolve().parent / "shapes" / "preset"
 def deepgen_shapes(
     *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> DeepGenModel:
-    """The shapes-world model shipped inside the package (``shapes/preset``, a ``DeepGenPipeline``
-    folder, 4.4M parameters, 64 px), trained from scratch by ``deepgen shapes``: base VAE / DiT / VLM (made on a
-    GPU), then DeepGen's stages 1-3 (on 2 CPU cores). It follows shapes-world prompts ("a red circle on the left
-    on a gray background"): all four attributes right in 97 % of its evaluation prompts, and 78 % of its held-out
-    edits ("turn the circle into a square") succeed at its own edit scale (no CFG). docs/shapes.md has the numbers, and
-    ``training_report.json`` in the folder has the run's. Loads offline in about 3 s on 2 CPU cores;
-    ``device="meta"`` builds the same modules from the folder's configs without reading any weights."""
+    """The shapes-world model shipped inside the package (``shapes/preset``, a ``DeepGenPipeline`` folder, 64 px),
+    trained from scratch by ``deepgen shapes``: base VAE / DiT / VLM, then DeepGen's stages 1-3. It follows
+    shapes-world prompts ("a red circle on the left on a gray background") and edits ("turn the circle into a
+    square"); its measured quality is in docs/shapes.md and the run's own numbers in ``training_report.json``
+    beside the weights. Loads offline, reading the folder only; ``device="meta"`` builds the same modules from the
+    folder's configs without reading any weights."""
     path = SHAPES_PRESET_DIR
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
