@@ -4,11 +4,11 @@ RL prompt pools: each names its file, line and argument on a bad line."""
 from __future__ import annotations
 
 import pytest
+from deepgen_components.training.data import ManifestError, ManifestSource
+from deepgen_components.training.prompts import read_prompt_file
 
 from deepgen_components.evaluation.prompts import load_prompt_file
 from deepgen_components.jsonl import read_objects
-from deepgen_components.training.data import ManifestError, ManifestSource
-from deepgen_components.training.prompts import read_prompt_file
 
 
 def test_read_objects_skips_blank_lines_and_numbers_lines_from_one(tmp_path):
