@@ -14,19 +14,24 @@ Two options decide how faithful to the official model the bridge is:
   left padding a batch has. With ``mask_padding=True`` pads are excluded everywhere and the outputs of a
   prompt no longer depend on the batch it is in. Official parity needs ``False``; new training should
   use ``True`` (the default).
+
+The bridge is a diffusers model (``ModelMixin`` + ``ConfigMixin``): ``bridge.save_pretrained(folder)`` and
+``StackedChannelBridge.from_pretrained(folder, torch_dtype=...)``. Build one from a ``BridgeConfig`` (the friendly
+way) or from the flat keyword arguments of its config.json; ``bridge.config`` is the ``BridgeConfig``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from deepgen_components import ops
-from deepgen_components.connector import ConnectorConfig, ConnectorEncoder
+from deepgen_components.connector import ComponentModel, ConnectorConfig, ConnectorEncoder
 
 __all__ = ["BridgeConfig", "BridgeOutput", "StackedChannelBridge"]
 
@@ -111,16 +116,70 @@ class BridgeOutput:
         )
 
 
-class StackedChannelBridge(nn.Module):
-    def __init__(self, config: BridgeConfig) -> None:
+def _config_arguments(config: BridgeConfig) -> dict[str, Any]:
+    """``config`` as the bridge's flat config.json keys (the connector's sizes under ``connector_config``)."""
+    values = config.to_dict()
+    values["connector_config"] = values.pop("connector")
+    return values
+
+
+class StackedChannelBridge(ComponentModel):
+    """``StackedChannelBridge(BridgeConfig(...))``, or the same values as keyword arguments (the keys of its
+    config.json; ``connector_config`` a ``ConnectorConfig`` or its dict); an argument left out takes the
+    ``BridgeConfig`` default. ``config`` is the ``BridgeConfig`` (read it, do not change it: build a new bridge)."""
+
+    ignore_for_config = ["config"]
+    # pipeline folder format 1 wrote BridgeConfig.to_dict(): the connector's sizes under "connector"
+    _legacy_renames = {"connector": "connector_config"}
+
+    @register_to_config
+    def __init__(
+        self,
+        config: BridgeConfig | None = None,
+        *,
+        num_stacked_layers: int | None = None,
+        vlm_hidden_size: int | None = None,
+        connector_config: ConnectorConfig | dict | None = None,
+        context_dim: int | None = None,
+        pooled_dim: int | None = None,
+        tokens: Literal["all", "think"] | None = None,
+        mask_padding: bool | None = None,
+    ) -> None:
         super().__init__()
-        self.config = config
+        given = {
+            name: value
+            for name, value in dict(
+                num_stacked_layers=num_stacked_layers, vlm_hidden_size=vlm_hidden_size, connector=connector_config,
+                context_dim=context_dim, pooled_dim=pooled_dim, tokens=tokens, mask_padding=mask_padding,
+            ).items()
+            if value is not None
+        }
+        if config is None:
+            config = BridgeConfig(**given)
+        elif not isinstance(config, BridgeConfig):
+            raise TypeError(f"config: expected a BridgeConfig, got {type(config).__name__}")
+        elif given:
+            raise ValueError(f"config: give a BridgeConfig or keyword arguments, not both (got {sorted(given)} too)")
+        # the config.json of the bridge: every value spelled out, whichever way it was built
+        self.register_to_config(**_config_arguments(config), _use_default_values=[])
+        self._bridge_config = (self._internal_dict, config)
         width = config.connector.hidden_size
         self.projector = nn.Linear(config.stacked_dim, width)
         self.connector = ConnectorEncoder(config.connector)
         self.pooled_head = nn.Linear(width, config.pooled_dim)
         self.context_head = nn.Linear(width, config.context_dim)
         self.reset_heads()
+
+    @property
+    def config(self) -> BridgeConfig:
+        """The bridge's ``BridgeConfig`` (diffusers' dict of the same values is what config.json holds)."""
+        source, config = self._bridge_config
+        if source is not self._internal_dict:  # register_to_config replaced the dict
+            values = {k: v for k, v in self._internal_dict.items() if not k.startswith("_")}
+            values["connector"] = values.pop("connector_config")
+            config = BridgeConfig.from_dict(values)
+            self._bridge_config = (self._internal_dict, config)
+        return config
 
     @torch.no_grad()
     def reset_heads(self) -> None:

@@ -1,4 +1,5 @@
-"""The SCB connector: a SigLIP-style pre-LN bidirectional transformer encoder.
+"""The SCB connector: a SigLIP-style pre-LN bidirectional transformer encoder, and ``ComponentModel``, the
+diffusers model base of the library's own components (the bridge and the think tokens).
 
 As the official DeepGen 1.0 connector: ``x = x + Attn(LN1(x))``, ``x = x + FC2(gelu_tanh(FC1(LN2(x))))``,
 biased q/k/v/out projections, softmax scale 1/sqrt(head_dim), no positional encoding (the VLM states
@@ -8,15 +9,27 @@ already carry positions), no final LayerNorm. Module names match the official ch
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
 from torch import nn
 
 from deepgen_components import ops
 
-__all__ = ["ConnectorConfig", "ConnectorEncoder"]
+__all__ = ["LEGACY_WEIGHTS_NAME", "ComponentModel", "ConnectorConfig", "ConnectorEncoder"]
+
+# The weights file of a component folder written before the components were diffusers models (pipeline folder
+# format 1): our own config.json (no ``_class_name``) beside ``model.safetensors``.
+LEGACY_WEIGHTS_NAME = "model.safetensors"
+_DIFFUSERS_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+)
 
 
 @dataclass
@@ -131,3 +144,84 @@ class ConnectorEncoder(nn.Module):
             else:
                 x = layer(x, key_padding_mask)
         return x
+
+
+class ComponentModel(ModelMixin, ConfigMixin):
+    """diffusers ``ModelMixin`` + ``ConfigMixin`` with the library's loading rules, the base of
+    ``StackedChannelBridge`` and ``ThinkTokens``.
+
+    ``save_pretrained`` / ``from_pretrained(folder, torch_dtype=...)`` are diffusers' own (config.json with
+    ``_class_name`` beside ``diffusion_pytorch_model.safetensors``, built on the meta device and materialised in the
+    target dtype). On top of them:
+
+    * a config key that is not an ``__init__`` argument is an error naming it (diffusers only logs it), and so is a
+      config.json that names another class;
+    * a folder written before the components were diffusers models (our own config.json beside
+      ``model.safetensors``) loads too, also with ``torch_dtype`` (cast tensor by tensor, no full-precision copy);
+      ``_legacy_renames`` maps its config keys to today's arguments;
+    * a local folder without config.json is a ``FileNotFoundError`` naming the folder.
+    """
+
+    _legacy_renames: dict[str, str] = {}
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        config_dict = dict(config_dict)
+        for old, new in cls._legacy_renames.items():
+            if old in config_dict and new not in config_dict:
+                config_dict[new] = config_dict.pop(old)
+        class_name = config_dict.get("_class_name")
+        if isinstance(class_name, str) and class_name != cls.__name__:
+            raise ValueError(f"config: _class_name is {class_name!r}; this config is not a {cls.__name__} config")
+        known = cls._get_init_keys(cls) - {"self", "kwargs"} - set(cls.ignore_for_config)
+        unknown = sorted(k for k in config_dict if not k.startswith("_") and k != "quantization_config" and k not in known)
+        if unknown:
+            raise ValueError(f"config: unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """diffusers' ``ModelMixin.from_pretrained`` (same arguments: ``torch_dtype``, ``subfolder``,
+        ``device_map``, ...), which also reads a component folder of the library's pipeline folder format 1."""
+        folder = Path(pretrained_model_name_or_path)
+        if kwargs.get("subfolder"):
+            folder = folder / kwargs["subfolder"]
+        if folder.is_dir():
+            if not (folder / cls.config_name).is_file():
+                raise FileNotFoundError(
+                    f"pretrained_model_name_or_path: {folder} has no {cls.config_name}; a {cls.__name__} folder holds "
+                    f"{cls.config_name} and the weights written by save_pretrained"
+                )
+            if (folder / LEGACY_WEIGHTS_NAME).is_file() and not any((folder / n).is_file() for n in _DIFFUSERS_WEIGHTS):
+                return cls._from_legacy_folder(folder, **kwargs)
+        elif folder.exists():
+            raise ValueError(f"pretrained_model_name_or_path: {folder} is a file, not a {cls.__name__} folder")
+        elif folder.is_absolute() or str(pretrained_model_name_or_path).startswith(".") or len(folder.parts) > 2:
+            raise FileNotFoundError(f"pretrained_model_name_or_path: no folder {folder}")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def _from_legacy_folder(cls, folder: Path, *, torch_dtype=None, dtype=None, device_map=None, **_ignored):
+        from safetensors import safe_open
+
+        dtype = dtype if dtype is not None else torch_dtype
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"torch_dtype: expected a torch.dtype, got {dtype!r}")
+        if isinstance(device_map, dict) and set(device_map) == {""}:
+            device_map = device_map[""]
+        if device_map is not None and not isinstance(device_map, (str, int, torch.device)):
+            raise ValueError(f"device_map: a folder in the old format loads onto one device, got {device_map!r}")
+        device = torch.device("cpu" if device_map is None else device_map)
+        with torch.device("meta"):
+            model = cls.from_config(cls.load_config(folder))
+        state = {}
+        with safe_open(str(folder / LEGACY_WEIGHTS_NAME), framework="pt", device=str(device)) as weights:
+            for key in weights.keys():
+                tensor = weights.get_tensor(key)
+                state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as error:
+            raise ValueError(f"pretrained_model_name_or_path: {folder / LEGACY_WEIGHTS_NAME} does not fit the config: {error}") from None
+        model.register_to_config(_name_or_path=str(folder))
+        return model.eval()

@@ -4,6 +4,11 @@ The layout (``DeepGenPipeline.save_pretrained`` / ``from_pretrained``, the ``dee
 sub-folder per component with its config and safetensors weights (``vlm``, ``think_tokens``, ``bridge``,
 ``transformer``, ``vae``) plus ``scheduler`` and ``tokenizer``, and ``model_index.json`` with the model's
 config, the layer selection and the VLM class. No pickles.
+
+Format 2: ``think_tokens`` and ``bridge`` are written by their diffusers ``save_pretrained`` (config.json with
+``_class_name`` beside ``diffusion_pytorch_model.safetensors``). Format 1 (before the components were diffusers
+models) had our own config.json beside ``model.safetensors`` there; both load, through the components'
+``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from deepgen_components.bridge import BridgeConfig, StackedChannelBridge
+from deepgen_components.bridge import StackedChannelBridge
 from deepgen_components.dit import ConditionedDiT
 from deepgen_components.layer_selection import LayerSelection
 from deepgen_components.lora import lora_module_names, merge_lora
@@ -29,31 +34,21 @@ __all__ = ["COMPONENTS", "FORMAT_VERSION", "load_model_folder", "model_skeleton"
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: think_tokens/ and bridge/ in diffusers' layout; 1 still loads
 COMPONENTS = ("vlm", "think_tokens", "bridge", "transformer", "vae", "scheduler", "tokenizer")
 
 
 def save_model_folder(model: DeepGenModel, path: str | os.PathLike) -> None:
     """Write ``model`` to the folder ``path``, atomically: into a temporary folder beside it, then moved in place
     (an existing folder is replaced only once the new one is complete; a failed save leaves it untouched)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         vlm = _plain_vlm(model.encoder.vlm)
         vlm.save_pretrained(tmp / "vlm", safe_serialization=True)
-        (tmp / "think_tokens").mkdir()
-        think = model.think_tokens
-        _write_json(tmp / "think_tokens" / "config.json", {"num_tokens": think.num_tokens, "hidden_size": think.hidden_size})
-        save_file({"weight": think.weight.detach().contiguous().cpu()}, str(tmp / "think_tokens" / "model.safetensors"))
-        (tmp / "bridge").mkdir()
-        _write_json(tmp / "bridge" / "config.json", model.bridge.config.to_dict())
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in model.bridge.state_dict().items()},
-            str(tmp / "bridge" / "model.safetensors"),
-        )
+        model.think_tokens.save_pretrained(tmp / "think_tokens")
+        model.bridge.save_pretrained(tmp / "bridge")
         model.dit.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
         model.vae.save_pretrained(tmp / "vae", safe_serialization=True)
         model.scheduler.save_pretrained(tmp / "scheduler")
@@ -87,7 +82,6 @@ def load_model_folder(path: str | os.PathLike, *, device=None, dtype: torch.dtyp
     FileNotFoundError naming the path when the folder or a component folder is missing."""
     import transformers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -100,11 +94,8 @@ def load_model_folder(path: str | os.PathLike, *, device=None, dtype: torch.dtyp
         raise ValueError(f"path: unknown VLM class {index['vlm_class']!r} in {path / 'model_index.json'}")
     kwargs = {"dtype": dtype} if dtype is not None else {}
     vlm = vlm_class.from_pretrained(path / "vlm", attn_implementation="sdpa", **kwargs)
-    think_cfg = json.loads((path / "think_tokens" / "config.json").read_text())
-    think = ThinkTokens(think_cfg["num_tokens"], think_cfg["hidden_size"])
-    think.load_state_dict(load_file(str(path / "think_tokens" / "model.safetensors")))
-    bridge = StackedChannelBridge(BridgeConfig.from_dict(json.loads((path / "bridge" / "config.json").read_text())))
-    bridge.load_state_dict(load_file(str(path / "bridge" / "model.safetensors")))
+    think = ThinkTokens.from_pretrained(path / "think_tokens", torch_dtype=dtype)
+    bridge = StackedChannelBridge.from_pretrained(path / "bridge", torch_dtype=dtype)
     transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
     vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
@@ -128,17 +119,16 @@ def model_skeleton(path: str | os.PathLike) -> DeepGenModel:
     from transformers import AutoConfig, AutoTokenizer
 
     path = Path(path)
-    index = json.loads((path / "model_index.json").read_text())
+    index = _read_index(path)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     tokenizer.padding_side = "left"
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
-    think_cfg = json.loads((path / "think_tokens" / "config.json").read_text())
     with torch.device("meta"):
         vlm_config = AutoConfig.from_pretrained(path / "vlm")
         vlm_config._attn_implementation = "sdpa"
         vlm = getattr(transformers, index["vlm_class"])(vlm_config)
-        think = ThinkTokens(think_cfg["num_tokens"], think_cfg["hidden_size"])
-        bridge = StackedChannelBridge(BridgeConfig.from_dict(json.loads((path / "bridge" / "config.json").read_text())))
+        think = ThinkTokens.from_config(ThinkTokens.load_config(path / "think_tokens"))
+        bridge = StackedChannelBridge.from_config(StackedChannelBridge.load_config(path / "bridge"))
         transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(path / "transformer"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path / "vae"))
         return DeepGenModel(
@@ -151,7 +141,14 @@ def _read_index(path: Path) -> dict:
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise FileNotFoundError(f"path: {index_file} not found (not a DeepGenPipeline folder)")
-    return json.loads(index_file.read_text())
+    index = json.loads(index_file.read_text())
+    version = index.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"path: {index_file} has format_version {version!r}; this version of deepgen-components reads folder "
+            f"formats 1 to {FORMAT_VERSION}"
+        )
+    return index
 
 
 def _plain_vlm(vlm: torch.nn.Module) -> torch.nn.Module:

@@ -4,6 +4,9 @@ DeepGen 1.0 appends N learnable embeddings ("meta queries", N = 128) after the l
 causal VLM once and hands the hidden states of several decoder layers to the Stacked Channel Bridge.
 Think token i sees every real prompt token and think tokens <= i; prompt tokens never see think tokens,
 so the prompt's own hidden states are those of the plain prompt.
+
+``ThinkTokens`` is a diffusers model (``ModelMixin`` + ``ConfigMixin``): ``save_pretrained(folder)`` and
+``ThinkTokens.from_pretrained(folder, torch_dtype=...)``.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from deepgen_components.connector import ComponentModel
 from deepgen_components.conventions import OFFICIAL_PAD_POSITION, mrope_positions
 from deepgen_components.layer_selection import LayerSelection
 
@@ -23,17 +28,22 @@ __all__ = ["ThinkTokens", "ThinkTokenVLM", "VLMHiddenStates", "mrope_position_id
 _QWEN_VL_TYPES = ("qwen2_5_vl", "qwen2_vl")
 
 
-class ThinkTokens(nn.Module):
-    """N learnable embeddings of width D, identical for every sample; init N(0, 1/sqrt(D)) as official."""
+class ThinkTokens(ComponentModel):
+    """N learnable embeddings of width D, identical for every sample; init N(0, 1/sqrt(D)) as official
+    (``init_std`` overrides the std). Built on the meta device (``from_pretrained``) it draws no random numbers."""
 
+    @register_to_config
     def __init__(self, num_tokens: int, hidden_size: int, init_std: float | None = None) -> None:
         super().__init__()
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         if hidden_size < 1:
             raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
-        std = 1.0 / math.sqrt(hidden_size) if init_std is None else init_std
-        self.weight = nn.Parameter(torch.randn(num_tokens, hidden_size) * std)
+        self.weight = nn.Parameter(torch.empty(num_tokens, hidden_size))
+        if not self.weight.is_meta:
+            std = 1.0 / math.sqrt(hidden_size) if init_std is None else init_std
+            with torch.no_grad():
+                self.weight.copy_(torch.randn(num_tokens, hidden_size) * std)
 
     @property
     def num_tokens(self) -> int:
