@@ -39,6 +39,7 @@ __all__ = [
     "deepgen_shapes",
     "deepgen_small",
     "deepgen_tiny",
+    "materialize_random",
 ]
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,108 @@ def _randomise_heads(bridge: StackedChannelBridge, std: float = 0.02) -> None:
         for head in (bridge.pooled_head, bridge.context_head):
             head.weight.normal_(0.0, std)
             head.bias.normal_(0.0, std)
+
+
+def _fresh_like(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised memory for a meta tensor (floating tensors in ``dtype``), filled with NaN so that a tensor no
+    init touches is caught afterwards."""
+    out = torch.empty_like(t, device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    return out.fill_(float("nan")) if out.is_floating_point() else out.zero_()
+
+
+def _init_rule(module: torch.nn.Module):
+    """The init a module's constructor gives its own tensors (its children's for the connector), or None."""
+    from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+
+    if isinstance(module, PatchEmbed) and module.pos_embed is not None:  # the fixed sin-cos position table
+
+        def table():
+            grid = module.pos_embed_max_size or int((module.height * module.width) ** 0.5)
+            value = get_2d_sincos_pos_embed(module.pos_embed.shape[-1], grid, base_size=module.base_size,
+                                            interpolation_scale=module.interpolation_scale, output_type="pt")
+            module.pos_embed.copy_(value.float().unsqueeze(0))
+
+        return table
+    if isinstance(module, ThinkTokens):  # N(0, 1/sqrt(D)), the official init
+        return lambda: module.weight.normal_(0.0, module.hidden_size**-0.5)
+    if isinstance(module, StackedChannelBridge):  # zero heads (its other layers have their own rules)
+        return module.reset_heads
+    if hasattr(module, "reset_parameters"):  # torch layers; the connector's official init
+        return module.reset_parameters
+    if "Norm" in type(module).__name__:  # RMSNorm-like layers without reset_parameters: weight 1, bias 0
+
+        def norm():
+            for name, value in (("weight", 1.0), ("bias", 0.0)):
+                if isinstance(getattr(module, name, None), torch.Tensor):
+                    getattr(module, name).fill_(value)
+
+        return norm
+    return None
+
+
+def _uninitialised(named_tensors) -> list[str]:
+    return [name for name, t in named_tensors if t.is_floating_point() and t.isnan().any()]
+
+
+@torch.no_grad()
+def materialize_random(
+    model: torch.nn.Module, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+) -> torch.nn.Module:
+    """Give every tensor of ``model`` still on the meta device memory in ``dtype`` (floating tensors) on ``device``
+    (default CPU) and its initial value, without an fp32 copy: a model built on meta becomes the random model its
+    constructors would have built, directly in ``dtype``; tensors already materialised (loaded weights) are kept.
+
+    A Hugging Face model wholly on meta gets its own ``init_weights`` (rotary tables included, tied weights
+    re-tied). Every other module, children before parents, gets the init its constructor runs:
+    ``reset_parameters`` (torch layers, the connector's official init), zero bridge heads, N(0, 1/sqrt(D)) think
+    tokens, weight 1 / bias 0 for norm layers without ``reset_parameters``, the DiT's sin-cos position table;
+    loaded tensors a parent's init would overwrite are restored. Every new tensor starts as NaN, and one that no
+    init reached raises ValueError naming it: nothing is left uninitialised. Returns ``model``."""
+    from transformers import PreTrainedModel
+
+    device = torch.device(device if device is not None else "cpu")
+    left: list[str] = []
+    hf_roots = [(n, m) for n, m in model.named_modules() if isinstance(m, PreTrainedModel)]
+    hf_roots = [(n, m) for n, m in hf_roots if not any(n.startswith(f"{o}.") for o, _ in hf_roots if o and o != n)]
+    for name, module in hf_roots:
+        tensors = [*module.parameters(), *module.buffers()]
+        if not any(t.is_meta for t in tensors):
+            continue
+        if not all(t.is_meta for t in tensors):
+            raise ValueError(f"model: {name or type(module).__name__} is partly on the meta device; load it whole")
+        module.to(dtype=dtype).to_empty(device=device)
+        for t in (*module.parameters(), *module.buffers()):
+            t.fill_(float("nan")) if t.is_floating_point() else t.zero_()
+        module.init_weights()
+        left += _uninitialised([(f"{name}.{k}", t) for k, t in (*module.named_parameters(), *module.named_buffers())])
+    skip = {id(m) for _, root in hf_roots for m in root.modules()}
+    fresh: dict[int, tuple[str, torch.Tensor]] = {}  # every tensor allocated below, by id (kept alive here)
+
+    def visit(module: torch.nn.Module, prefix: str) -> bool:
+        """Materialise and initialise ``module``'s subtree; True when it holds a tensor allocated here."""
+        if id(module) in skip:
+            return False
+        touched = any([visit(child, f"{prefix}{name}.") for name, child in module.named_children()])
+        for registry in (module._parameters, module._buffers):
+            for key, t in registry.items():
+                if t is not None and t.is_meta:
+                    new = _fresh_like(t, dtype, device)
+                    registry[key] = torch.nn.Parameter(new, t.requires_grad) if registry is module._parameters else new
+                    fresh[id(registry[key])] = (prefix + key, registry[key])
+                    touched = True
+        rule = _init_rule(module) if touched else None
+        if rule is not None:
+            kept = [(t, t.clone()) for t in (*module.parameters(), *module.buffers()) if id(t) not in fresh]
+            rule()
+            for t, value in kept:
+                t.copy_(value)
+        return touched
+
+    visit(model, "")
+    left += _uninitialised(fresh.values())
+    if left:
+        raise ValueError(f"model: no initialisation rule for {len(left)} tensors built on meta: {', '.join(left[:10])}")
+    return model
 
 
 def deepgen_tiny(
@@ -290,7 +393,7 @@ def deepgen_from_official(
     if not (vlm_path / "config.json").is_file():
         raise FileNotFoundError(f"vlm_path: no config.json in {vlm_path} (expected a Qwen2.5-VL folder)")
     release = official.find_release_folder(weights_path)
-    state = official.read_official_weights(weights_path)
+    state = official.read_official_weights(weights_path, dtype=dtype)  # cast tensor by tensor as read
     for key in ("meta_queries", "projector_1.weight", "projector_2.weight", "projector_3.weight"):
         if key not in state:
             raise ValueError(f"weights_path: {weights_path} has no {key!r}; is it an official DeepGen checkpoint?")
@@ -300,67 +403,64 @@ def deepgen_from_official(
     )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.padding_side = "left"
-    with _default_device(device):
+    with _default_device(device):  # the libraries' own low-RAM loaders, in the target dtype
         vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(vlm_path, dtype=dtype, attn_implementation="sdpa")
-        text = vlm.config.text_config
-        layers = LayerSelection.official(text.num_hidden_layers)
-        num_tokens, hidden = state["meta_queries"].shape
-        width, stacked = state["projector_1.weight"].shape
-        if stacked != len(layers) * hidden:
-            raise ValueError(
-                f"weights_path: projector_1 takes {stacked} channels but the official rule selects {len(layers)} layers "
-                f"x {hidden} = {len(layers) * hidden} from this {text.num_hidden_layers}-layer VLM"
-            )
-        depth = len({k.split(".")[2] for k in state if k.startswith("connector.layers.")})
-        heads = connector_heads or (width // 64 if width % 64 == 0 else None)
-        if heads is None:
-            raise ValueError(f"connector_heads: the connector is {width} wide (not a multiple of 64); give its head count")
+    text = vlm.config.text_config
+    layers = LayerSelection.official(text.num_hidden_layers)
+    num_tokens, hidden = state["meta_queries"].shape
+    width, stacked = state["projector_1.weight"].shape
+    if stacked != len(layers) * hidden:
+        raise ValueError(
+            f"weights_path: projector_1 takes {stacked} channels but the official rule selects {len(layers)} layers "
+            f"x {hidden} = {len(layers) * hidden} from this {text.num_hidden_layers}-layer VLM"
+        )
+    depth = len({k.split(".")[2] for k in state if k.startswith("connector.layers.")})
+    heads = connector_heads or (width // 64 if width % 64 == 0 else None)
+    if heads is None:
+        raise ValueError(f"connector_heads: the connector is {width} wide (not a multiple of 64); give its head count")
+    if isinstance(transformer_config, dict):
+        dit_cfg = transformer_config
+    elif transformer_config is not None:
+        cfg_path = Path(transformer_config)
+        dit_cfg = json.loads((cfg_path / "config.json" if cfg_path.is_dir() else cfg_path).read_text())
+    elif release is not None:
+        dit_cfg = SD3Transformer2DModel.load_config(release / "transformer")
+    else:
+        dit_cfg = SD35_MEDIUM_TRANSFORMER_CONFIG
+    vae_dir = Path(vae_path) if vae_path is not None else (release / "vae" if release is not None else None)
+    if vae_dir is None or not (vae_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"vae_path: {'no config.json in ' + str(vae_dir) if vae_dir else 'not given'}; an original-layout "
+            "DeepGen checkpoint holds no VAE: pass the SD3 VAE folder (e.g. UniPic2-SD3.5M-Kontext-2B/vae)"
+        )
+    with _default_device(device):
+        vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=dtype)
+    scheduler_dir = Path(scheduler_path) if scheduler_path else (
+        release / "scheduler" if release is not None and (release / "scheduler").is_dir() else None
+    )
+    scheduler = (
+        FlowMatchEulerDiscreteScheduler.from_pretrained(scheduler_dir)
+        if scheduler_dir is not None
+        else FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    )
+    connector = ConnectorConfig(hidden_size=width, num_layers=depth, num_heads=heads,
+                                intermediate_size=state["connector.layers.0.mlp.fc1.weight"].shape[0])
+    with torch.device("meta"):  # the checkpoint's tensors become these modules' weights: no allocation here
         bridge = StackedChannelBridge(
             BridgeConfig(
-                num_stacked_layers=len(layers),
-                vlm_hidden_size=hidden,
-                connector=ConnectorConfig(
-                    hidden_size=width,
-                    num_layers=depth,
-                    num_heads=heads,
-                    intermediate_size=state["connector.layers.0.mlp.fc1.weight"].shape[0],
-                ),
-                context_dim=state["projector_3.weight"].shape[0],
-                pooled_dim=state["projector_2.weight"].shape[0],
-                tokens=tokens,
-                mask_padding=mask_padding,
+                num_stacked_layers=len(layers), vlm_hidden_size=hidden, connector=connector,
+                context_dim=state["projector_3.weight"].shape[0], pooled_dim=state["projector_2.weight"].shape[0],
+                tokens=tokens, mask_padding=mask_padding,
             )
         )
-        if isinstance(transformer_config, dict):
-            dit_cfg = transformer_config
-        elif transformer_config is not None:
-            cfg_path = Path(transformer_config)
-            dit_cfg = json.loads((cfg_path / "config.json" if cfg_path.is_dir() else cfg_path).read_text())
-        elif release is not None:
-            dit_cfg = SD3Transformer2DModel.load_config(release / "transformer")
-        else:
-            dit_cfg = SD35_MEDIUM_TRANSFORMER_CONFIG
-        transformer = SD3Transformer2DModel.from_config(dit_cfg)
-        vae_dir = Path(vae_path) if vae_path is not None else (release / "vae" if release is not None else None)
-        if vae_dir is None or not (vae_dir / "config.json").is_file():
-            raise FileNotFoundError(
-                f"vae_path: {'no config.json in ' + str(vae_dir) if vae_dir else 'not given'}; an original-layout "
-                "DeepGen checkpoint holds no VAE: pass the SD3 VAE folder (e.g. UniPic2-SD3.5M-Kontext-2B/vae)"
-            )
-        vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=dtype)
-        scheduler_dir = Path(scheduler_path) if scheduler_path else (
-            release / "scheduler" if release is not None and (release / "scheduler").is_dir() else None
-        )
-        scheduler = (
-            FlowMatchEulerDiscreteScheduler.from_pretrained(scheduler_dir)
-            if scheduler_dir is not None
-            else FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-        )
-        model = DeepGenModel(
-            vlm, ThinkTokens(num_tokens, hidden), layers, bridge, ConditionedDiT(transformer), vae, scheduler,
-            tokenizer, config or DeepGenConfig(),
-        )
-    report = official.import_official_weights(model, weights_path, state=state, strict=strict, merge_lora=merge_lora)
+        think, transformer = ThinkTokens(num_tokens, hidden), SD3Transformer2DModel.from_config(dit_cfg)
+    model = DeepGenModel(vlm, think, layers, bridge, ConditionedDiT(transformer), vae, scheduler, tokenizer,
+                         config or DeepGenConfig())
+    report = official.import_official_weights(
+        model, weights_path, state=state, strict=strict, merge_lora=merge_lora, dtype=dtype, device=device
+    )
+    del state
+    materialize_random(model, dtype=dtype, device=device)  # what the checkpoint lacks (strict=False, old tables)
     logger.info("imported official weights from %s: %s", weights_path, report.summary())
     model.import_report = report
     return model.to(dtype).eval()
@@ -413,6 +513,8 @@ def deepgen_1_0(
                                ("vae_path", vae_path, "a diffusers AutoencoderKL folder")):
         if folder is not None and not (Path(folder) / "config.json").is_file():
             raise FileNotFoundError(f"{name}: no config.json in {folder} (expected {what})")
+    # Given folders load with their libraries' loaders in ``dtype``; the random parts are built on meta and
+    # materialised in ``dtype`` (no fp32 copy), unless device="meta".
     with _default_device(device):
         if vlm_path is not None:
             from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
@@ -420,7 +522,10 @@ def deepgen_1_0(
             vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(vlm_path, dtype=dtype, attn_implementation="sdpa")
             tokenizer = AutoTokenizer.from_pretrained(vlm_path)
             tokenizer.padding_side = "left"
-        else:
+        transformer = SD3Transformer2DModel.from_pretrained(transformer_path, torch_dtype=dtype) if transformer_path else None
+        vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype) if vae_path is not None else None
+    with torch.device("meta"):
+        if vlm_path is None:
             tokenizer = tiny_tokenizer()
             vlm = _qwen_vl(QWEN2_5_VL_3B_CONFIG, tokenizer)
         text = vlm.config.text_config
@@ -428,23 +533,15 @@ def deepgen_1_0(
         bridge = StackedChannelBridge(
             BridgeConfig.deepgen_1_0(mask_padding=True if mask_padding is None else mask_padding, tokens=tokens)
         )
-        if transformer_path is not None:
-            transformer = SD3Transformer2DModel.from_pretrained(transformer_path, torch_dtype=dtype)
-        else:
-            transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER_CONFIG)
-        if vae_path is not None:
-            vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype)
-        else:
-            vae = AutoencoderKL(**SD3_VAE_CONFIG)
-        scheduler = (
-            FlowMatchEulerDiscreteScheduler.from_pretrained(scheduler_path) if scheduler_path else tiny_scheduler()
-        )
-        model = DeepGenModel(
-            vlm, think, LayerSelection.official(text.num_hidden_layers), bridge, ConditionedDiT(transformer), vae,
-            scheduler, tokenizer, DeepGenConfig(),
-        )
+        transformer = transformer if transformer is not None else SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER_CONFIG)
+        vae = vae if vae is not None else AutoencoderKL(**SD3_VAE_CONFIG)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(scheduler_path) if scheduler_path else tiny_scheduler()
+    model = DeepGenModel(
+        vlm, think, LayerSelection.official(text.num_hidden_layers), bridge, ConditionedDiT(transformer), vae,
+        scheduler, tokenizer, DeepGenConfig(),
+    )
     if not is_meta:
-        model = model.to(dtype)
+        model = materialize_random(model, dtype=dtype, device=device).to(dtype)
     return model.eval()
 
 

@@ -74,15 +74,51 @@ def to_official_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file: safetensors, or a torch pickle with ``weights_only=True`` (no code runs)."""
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _read_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """A safetensors file read tensor by tensor with plain reads (no memory map, whose touched pages would count
+    as resident), each floating tensor cast to ``dtype`` as soon as it is read: the peak is the result plus one
+    tensor in the file's dtype."""
+    import json
+    import struct
+
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        start = 8 + size
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"weights_path: {path}: tensor {name} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(start + begin)
+            if end > begin and f.readinto(raw.numpy()) != end - begin:
+                raise ValueError(f"weights_path: {path} is truncated (tensor {name})")
+            out[name] = _cast(raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]), dtype)
+    return out
+
+
+def load_state_dict_file(path: str | Path, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file: safetensors, or a torch pickle with ``weights_only=True`` (no code runs).
+    ``dtype``: floating tensors are cast to it one at a time while reading (no full copy in the file's dtype)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights_path: no such file: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return _read_safetensors(path, dtype)
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         data = torch.load(path, map_location="cpu", weights_only=True)
         for wrapper in ("state_dict", "model", "module"):
@@ -90,7 +126,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
                 data = data[wrapper]
         if not isinstance(data, dict):
             raise ValueError(f"weights_path: {path} does not hold a state dict (got {type(data).__name__})")
-        return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+        # A pickle is read whole; each tensor is cast and its original dropped in turn.
+        tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+        del data
+        return {k: _cast(tensors.pop(k), dtype) for k in list(tensors)}
     raise ValueError(f"weights_path: unsupported file type {path.suffix!r}; use .safetensors, .pt, .pth or .bin")
 
 
@@ -109,33 +148,32 @@ def find_release_folder(path: str | Path) -> Path | None:
     return path
 
 
-def _read_release_folder(root: Path) -> dict[str, torch.Tensor]:
+def _read_release_folder(root: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Collect official-named keys from a diffusers-format release folder."""
-    from safetensors.torch import load_file
-
     state: dict[str, torch.Tensor] = {}
     transformer_files = sorted((root / "transformer").glob("*.safetensors"))
     if not transformer_files:
         raise FileNotFoundError(f"weights_path: no *.safetensors in {root / 'transformer'}")
     for f in transformer_files:
-        state.update({f"transformer.{k}": v for k, v in load_file(str(f)).items()})
+        state.update({f"transformer.{k}": v for k, v in _read_safetensors(f, dtype).items()})
     for f in sorted(root.rglob("*.safetensors")):
         relative = f.relative_to(root)
         if relative.parts[0] in _SKIP_FOLDERS:
             continue
         folder = relative.parts[0] if len(relative.parts) > 1 else None
-        for key, value in load_file(str(f)).items():
+        for key, value in _read_safetensors(f, dtype).items():
             if map_official_key(key) is None and key != "meta_queries" and folder is not None:
                 key = f"{folder}.{key}" if folder != "meta_queries" else "meta_queries"
             state[key] = value
     return state
 
 
-def read_official_weights(weights_path: str | Path) -> dict[str, torch.Tensor]:
-    """All official-named tensors of a layout (a) file or a layout (b) release folder."""
+def read_official_weights(weights_path: str | Path, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All official-named tensors of a layout (a) file or a layout (b) release folder; floating tensors cast to
+    ``dtype`` (when given) one at a time as they are read."""
     path = Path(weights_path)
     release = find_release_folder(path)
-    return _read_release_folder(release) if release is not None else load_state_dict_file(path)
+    return _read_release_folder(release, dtype) if release is not None else load_state_dict_file(path, dtype=dtype)
 
 
 @dataclass
@@ -269,6 +307,8 @@ def import_official_weights(
     strict: bool = True,
     merge_lora: bool = True,
     lora_alpha: float | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
 ) -> ImportReport:
     """Load official DeepGen weights (layout (a) file or layout (b) folder, or an already read ``state``)
     into a ``DeepGenModel``.
@@ -277,6 +317,10 @@ def import_official_weights(
     are reported and logged. The VLM LoRA (``lmm.*``) is merged into the VLM weights (``merge_lora``) or
     injected with peft (exact unmerged computation). The LoRA scale is ``lora_alpha / r`` (official
     alpha 128 at r 64, i.e. 2r, when ``lora_alpha`` is None).
+
+    A think-token / bridge / DiT tensor still on the meta device (a model built on meta, as
+    ``deepgen_from_official`` does) is replaced by the checkpoint's tensor itself, cast to ``dtype`` (default: the
+    target's) and moved to ``device`` (default: CPU): no second copy. A materialised one is copied into in place.
     """
     if state is None:
         if weights_path is None:
@@ -315,9 +359,17 @@ def import_official_weights(
         )
     with torch.no_grad():
         params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        for target, value in mapped.items():
-            params[target].copy_(value.to(params[target].dtype))
+        assign = {}
+        for target in list(mapped):
+            value, current = mapped.pop(target), params[target]
+            if current.is_meta:
+                cast = (dtype or current.dtype) if value.is_floating_point() else None
+                assign[target] = value.to(device=device or "cpu", dtype=cast)
+            else:
+                current.copy_(value.to(current.dtype))
             report.loaded.append(target)
+        if assign:
+            model.load_state_dict(assign, strict=False, assign=True)
     if lmm:
         _apply_vlm_weights(model.encoder.vlm, lmm, report, merge=merge_lora, lora_alpha=lora_alpha)
     if report.unexpected:
