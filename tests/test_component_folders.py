@@ -3,6 +3,7 @@ round trips, the folders the library wrote before (pipeline folder format 1, ``t
 errors for bad folders and configs (issue #22)."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from deepgen_components import (
 )
 from deepgen_components.serialization import load_model_folder, model_skeleton, save_model_folder
 
-LEGACY = Path(__file__).parent / "data" / "legacy_v1"
+ROOT = Path(__file__).resolve().parents[1]
+LEGACY = ROOT / "tests" / "data" / "legacy_v1"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 CONFIG = BridgeConfig(
     num_stacked_layers=3,
@@ -136,6 +138,19 @@ def test_bridge_from_keyword_arguments_equals_the_bridge_from_its_config():
         StackedChannelBridge({"num_stacked_layers": 3})
     with pytest.raises(ValueError, match="tokens must be 'all' or 'think'"):
         StackedChannelBridge(tokens="prompt")
+
+
+def test_the_readme_save_and_load_block_runs_as_written(tmp_path, monkeypatch):
+    """README.md, "Put the SCB bridge between another VLM/LLM and DiT pair": the save/load block, run verbatim."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    (block,) = [b for b in blocks if 'bridge.save_pretrained("my_bridge")' in b]
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    loaded = scope["bridge"]
+    assert isinstance(loaded, StackedChannelBridge) and loaded.dtype == torch.bfloat16
+    saved = load_file(str(tmp_path / "my_bridge" / WEIGHTS))
+    assert_same_weights(loaded, {k: v.to(torch.bfloat16) for k, v in saved.items()})
 
 
 # -- folders written before (pipeline folder format 1) -------------------------------------------------------
