@@ -7,10 +7,12 @@ FlowMatch Euler loop with classifier-free guidance as one batched DiT call -> VA
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 from deepgen_components.conventions import cfg_order, output_size, references_per_prompt
 from deepgen_components.denoising import MODES, DenoiseRunner, flow_match_sigmas
 from deepgen_components.model import DeepGenModel
-from deepgen_components.processing import pixels_to_pil, pixels_to_uint8, reference_pixels
+from deepgen_components.processing import pixels_to_pil, reference_pixels
 from deepgen_components.serialization import load_model_folder, save_model_folder
 
 __all__ = ["DeepGenPipeline", "DeepGenPipelineOutput"]
@@ -27,7 +29,8 @@ __all__ = ["DeepGenPipeline", "DeepGenPipelineOutput"]
 
 @dataclass
 class DeepGenPipelineOutput:
-    """images: list of PIL images, uint8 array (B, H, W, 3), float tensor (B, 3, H, W) in [-1, 1], or latents.
+    """images: list of PIL images (``output_type="pil"``), float32 array (B, H, W, 3) in [0, 1] (``"np"``, as
+    diffusers), float tensor (B, 3, H, W) in [-1, 1] (``"pt"``), or the final latents (``"latent"``).
     timings: seconds per stage (condition, denoise, decode, total)."""
 
     images: list | np.ndarray | torch.Tensor
@@ -63,6 +66,8 @@ def _sync(device: torch.device) -> None:
 
 class DeepGenPipeline:
     """Text-to-image and (multi-reference) editing with a :class:`DeepGenModel`."""
+
+    _callback_tensor_inputs = ["latents", "velocity_uncond", "velocity_cond"]
 
     def __init__(self, model: DeepGenModel) -> None:
         self.model = model
@@ -135,45 +140,68 @@ class DeepGenPipeline:
         num_inference_steps: int = 50,
         guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
-        progress: bool = True,
+        return_dict: bool = True,
         reference_latents=None,
         callback_on_step_end=None,
-    ) -> DeepGenPipelineOutput:
+        callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
+        progress: bool | None = None,
+    ) -> DeepGenPipelineOutput | tuple:
         """Generate (``image=None``) or edit (``image``: one image or a list per prompt, several = multi-reference).
 
         ``guidance_scale``: the CFG scale (1 = no CFG); None takes the model's default for the task,
         ``config.guidance_scale`` for text-to-image and ``config.edit_guidance_scale`` for editing (4.0 unless the
         loaded model says otherwise).
 
+        diffusers' call contract (docs/pipeline.md): ``output_type`` "pil" | "np" (float32 (B, H, W, 3) in [0, 1])
+        | "pt" (float (B, 3, H, W) in [-1, 1]) | "latent"; ``return_dict=False`` returns the tuple ``(images,)``;
+        ``generator`` one ``torch.Generator`` or a list of them, one per image (``len(prompt) *
+        num_images_per_prompt``); ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict`` is called
+        after every Euler step with ``callback_kwargs`` holding the tensors named in
+        ``callback_on_step_end_tensor_inputs`` (of :attr:`_callback_tensor_inputs`: "latents", "velocity_uncond"
+        (None without CFG), "velocity_cond"); a ``"latents"`` entry in the returned dict replaces the current
+        latents. Progress bars: :meth:`set_progress_bar_config`.
+
         ``latents``: the initial noise (default: drawn from ``generator``); ``reference_latents``: per prompt, a
         list of precomputed clean reference latents (C, h, w) used instead of VAE-encoding ``image`` for the DiT
-        (the VLM still reads ``image``); ``callback_on_step_end(step, timestep, latents, velocity_uncond,
-        velocity_cond)`` is called after every Euler step (``velocity_uncond`` is None without CFG).
+        (the VLM still reads ``image``; the VAE posterior of ``image`` is sampled with each prompt's first
+        generator).
+
+        Deprecated, for one release (``DeprecationWarning``): ``progress=False`` (use ``set_progress_bar_config(
+        disable=True)``) and the old callback ``callback_on_step_end(step, timestep, latents, velocity_uncond,
+        velocity_cond)`` (told apart by its five positional parameters; its return value is ignored).
 
         Accepted (checked before any model work; docs/pipeline.md, "Bad input"): ``prompt`` a non-blank str or a
         non-empty list of them; ``height`` / ``width`` positive multiples of 32 up to :attr:`max_image_side`;
         ``num_inference_steps`` and ``num_images_per_prompt`` ints >= 1; ``guidance_scale`` a finite number >= 0;
-        ``generator`` a ``torch.Generator``. A wrong kind of value raises TypeError, a value out of range ValueError,
-        both naming the argument.
+        ``generator`` a ``torch.Generator`` or a list of one per image. A wrong kind of value raises TypeError, a
+        value out of range ValueError, both naming the argument.
         """
         from deepgen_components.triton_kernels import use_kernels
 
-        with use_kernels(self.kernels_active()):
-            return self._generate(
-                prompt, image, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                num_images_per_prompt, generator, latents, output_type, progress, reference_latents,
-                callback_on_step_end,
+        if progress is not None:
+            warnings.warn(
+                "DeepGenPipeline(progress=...) is deprecated and will be removed in the next release; use "
+                "pipe.set_progress_bar_config(disable=True)", DeprecationWarning, stacklevel=2,
             )
+        with use_kernels(self.kernels_active()):
+            output = self._generate(
+                prompt, image, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                num_images_per_prompt, generator, latents, output_type, progress is not False, reference_latents,
+                callback_on_step_end, callback_on_step_end_tensor_inputs,
+            )
+        return output if return_dict else (output.images,)
 
     def _generate(
         self, prompt, image, negative_prompt, height, width, num_inference_steps, guidance_scale,
         num_images_per_prompt, generator, latents, output_type, progress, reference_latents, callback_on_step_end,
+        tensor_inputs,
     ) -> DeepGenPipelineOutput:
         call = self._check_inputs(prompt, image, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                   num_images_per_prompt, generator, latents, output_type, callback_on_step_end)
+        step_callback = self._step_callback(callback_on_step_end, tensor_inputs)
         model = self.model
         device = model.device
         timings: dict[str, float] = {}
@@ -194,7 +222,7 @@ class DeepGenPipeline:
         timesteps, sigmas = flow_match_sigmas(model.scheduler, call.steps, device=device)
         latents = self.runner(latents, condition, reference_latents, timesteps, sigmas, call.guidance_scale,
                               call.do_cfg, self._progress(len(timesteps), progress),
-                              callback_on_step_end=callback_on_step_end)
+                              callback_on_step_end=step_callback)
         _sync(device)
         timings["denoise"] = time.perf_counter() - start
 
@@ -226,6 +254,12 @@ class DeepGenPipeline:
                 f"height/width: {height}x{width} exceeds what this model's DiT can place ({self.max_image_side} px "
                 "per side)"
             )
+        if isinstance(generator, (list, tuple)) and len(generator) != len(prompts) * num_images_per_prompt:
+            raise ValueError(
+                f"generator: a list needs one torch.Generator per image ({len(prompts)} prompts x "
+                f"{num_images_per_prompt} images per prompt = {len(prompts) * num_images_per_prompt}), got "
+                f"{len(generator)}"
+            )
         if guidance_scale is None:
             config = self.model.config
             guidance_scale = config.guidance_scale if references is None else config.edit_guidance_scale
@@ -247,7 +281,12 @@ class DeepGenPipeline:
         model = self.model
         scale = model.vae_scale_factor
         shape = (call.images, model.latent_channels, call.height // scale, call.width // scale)
-        if latents is None:
+        if latents is None and isinstance(generator, (list, tuple)):  # one draw per image, each from its generator
+            latents = torch.cat([
+                torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32).to(model.device)
+                for g in generator
+            ])
+        elif latents is None:
             gen_device = generator.device if generator is not None else torch.device("cpu")
             latents = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
@@ -264,7 +303,10 @@ class DeepGenPipeline:
                 )
             encoded = [[r.to(model.device) for r in refs] for refs in given]
         elif references is not None:
-            encoded = [model.encode_images(refs, generator) for refs in references]
+            per_prompt = call.images_per_prompt
+            generators = (generator[::per_prompt] if isinstance(generator, (list, tuple))
+                          else [generator] * len(references))  # a list: each prompt's first image's generator
+            encoded = [model.encode_images(refs, g) for refs, g in zip(references, generators)]
         if references is None:
             return None
         per_image = [refs for refs in encoded for _ in range(call.images_per_prompt)]
@@ -285,9 +327,51 @@ class DeepGenPipeline:
         pixels = self.model.decode_latents(latents).float()
         if output_type == "pt":
             return pixels
-        if output_type == "np":
-            return pixels_to_uint8(pixels).cpu().numpy()
+        if output_type == "np":  # diffusers' convention: float32 (B, H, W, 3) in [0, 1]
+            return (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return pixels_to_pil(pixels)
+
+    # -- the step callback ------------------------------------------------------------------------------
+    def _step_callback(self, callback, tensor_inputs):
+        """The denoising runner's per-step callback ``(step, timestep, latents, velocity_uncond, velocity_cond)``
+        for the user's ``callback_on_step_end``: diffusers' ``callback(pipe, step, timestep, callback_kwargs) ->
+        dict`` (a returned ``"latents"`` is written into the runner's latents), or the old five-argument form,
+        passed through with a DeprecationWarning."""
+        if callback is None:
+            return None
+        if _old_callback(callback):
+            warnings.warn(
+                "callback_on_step_end(step, timestep, latents, velocity_uncond, velocity_cond) is deprecated and will "
+                "be removed in the next release; use diffusers' callback_on_step_end(pipe, step, timestep, "
+                "callback_kwargs) -> dict with callback_on_step_end_tensor_inputs", DeprecationWarning, stacklevel=4,
+            )
+            return callback
+        names = list(getattr(callback, "tensor_inputs", None) or tensor_inputs or [])
+        unknown = [n for n in names if n not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs: {unknown} not available; choose from {self._callback_tensor_inputs}"
+            )
+
+        def on_step_end(step, timestep, latents, velocity_uncond, velocity_cond):
+            tensors = {"latents": latents, "velocity_uncond": velocity_uncond, "velocity_cond": velocity_cond}
+            outputs = callback(self, step, timestep, {n: tensors[n] for n in names})
+            if outputs is None:
+                return
+            if not isinstance(outputs, dict):
+                raise TypeError(
+                    f"callback_on_step_end must return a dict (e.g. callback_kwargs), got {type(outputs).__name__}"
+                )
+            new = outputs.get("latents")
+            if new is not None and new is not latents:
+                if tuple(new.shape) != tuple(latents.shape):
+                    raise ValueError(
+                        f"callback_on_step_end returned latents of shape {tuple(new.shape)}, expected "
+                        f"{tuple(latents.shape)}"
+                    )
+                latents.copy_(new)  # the runner's loop continues from these latents
+
+        return on_step_end
 
     # -- persistence ------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -329,6 +413,31 @@ def _check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
     return list(prompts), list(negatives)
 
 
+def _old_callback(callback) -> bool:
+    """Whether ``callback`` has the old signature ``(step, timestep, latents, velocity_uncond, velocity_cond)``:
+    it takes five positional arguments (a callable that takes both four and five, e.g. ``*args``, counts as old,
+    as does one whose signature cannot be read); diffusers' ``(pipe, step, timestep, callback_kwargs)`` takes four.
+    TypeError naming the argument for a callable that takes neither."""
+    try:
+        signature = inspect.signature(callback)
+    except (TypeError, ValueError):
+        return True
+
+    def takes(count: int) -> bool:
+        try:
+            signature.bind(*range(count))
+        except TypeError:
+            return False
+        return True
+
+    if not (takes(4) or takes(5)):
+        raise TypeError(
+            f"callback_on_step_end must take (pipe, step, timestep, callback_kwargs), got a callable with signature "
+            f"{signature}"
+        )
+    return takes(5)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -359,9 +468,13 @@ def _check_call_arguments(
             raise TypeError(f"guidance_scale must be a number >= 0 (1 = no CFG) or None, got {type(guidance_scale).__name__}")
         if not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no CFG), got {guidance_scale}")
-    if generator is not None and not isinstance(generator, torch.Generator):
+    if isinstance(generator, (list, tuple)):
+        for i, g in enumerate(generator):
+            if not isinstance(g, torch.Generator):
+                raise TypeError(f"generator[{i}] must be a torch.Generator, got {type(g).__name__}")
+    elif generator is not None and not isinstance(generator, torch.Generator):
         hint = f"; e.g. torch.Generator().manual_seed({generator})" if _is_int(generator) else ""
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}{hint}")
+        raise TypeError(f"generator must be a torch.Generator, a list of them or None, got {type(generator).__name__}{hint}")
     if latents is not None and not isinstance(latents, torch.Tensor):
         raise TypeError(f"latents must be a torch.Tensor or None, got {type(latents).__name__}")
     if output_type not in ("pil", "np", "pt", "latent"):

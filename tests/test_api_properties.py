@@ -70,8 +70,7 @@ def test_a_call_returns_images_or_raises_a_named_user_error(
 ):
     try:
         out = pipe(prompt, image=image, height=height, width=width, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
-                   progress=False)
+                   guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator)
     except USER_ERRORS as err:
         assert str(err).strip(), f"{type(err).__name__} without a message"
         assert raised_by_our_code(err), f"{type(err).__name__} from inside a library: {err}"

@@ -243,13 +243,14 @@ def test_official_weights_flags_load_a_release_folder(tmp_path, capsys):
         ]
     )
     assert code == 0, capsys.readouterr().err
-    expected = DeepGenPipeline(model)(
+    reference = DeepGenPipeline(model)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(
         "a red cat",
         height=64,
         width=64,
         num_inference_steps=2,
         generator=torch.Generator().manual_seed(3),
-        progress=False,
     ).images[0]
     with Image.open(out) as image:
         assert list(image.getdata()) == list(expected.getdata())

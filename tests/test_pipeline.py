@@ -222,12 +222,17 @@ def test_output_types_are_views_of_the_same_result(pipe):
     images = run(pipe, seed=9, output_type="pil")
     assert latents.shape == (1, 16, 8, 8)
     assert pixels.shape == (1, 3, 64, 64) and pixels.dtype == torch.float32
-    assert isinstance(arrays, np.ndarray) and arrays.shape == (1, 64, 64, 3) and arrays.dtype == np.uint8
+    # "np" as diffusers returns it: float32 (B, H, W, 3) in [0, 1], the "pt" pixels / 2 + 0.5
+    assert isinstance(arrays, np.ndarray) and arrays.shape == (1, 64, 64, 3) and arrays.dtype == np.float32
+    assert arrays.min() >= 0.0 and arrays.max() <= 1.0
     assert isinstance(images, list) and images[0].size == (64, 64) and images[0].mode == "RGB"
     with torch.no_grad():
         assert torch.equal(pipe.model.decode_latents(latents).float(), pixels)
-    assert np.array_equal(pixels_to_uint8(pixels).numpy(), arrays)
-    assert np.array_equal(np.asarray(images[0]), arrays[0])
+    assert np.array_equal((pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), arrays)
+    # PIL takes the official uint8 rule, clamp(127.5 x + 128): the np floats rounded to 255 levels, within one
+    # level of float32 rounding of the two formulas.
+    assert np.array_equal(np.asarray(images[0]), pixels_to_uint8(pixels).numpy()[0])
+    assert np.abs(np.asarray(images[0]).astype(np.float32) - arrays[0] * 255).max() <= 1.0
     with pytest.raises(ValueError, match="output_type"):
         run(pipe, output_type="jpeg")
 
@@ -243,7 +248,8 @@ def test_progress_bar_can_be_turned_off(pipe, capfd):
     fresh = DeepGenPipeline(pipe.model)
     fresh(PROMPT, num_inference_steps=STEPS, generator=seeded(0))
     assert f"{STEPS}/{STEPS}" in capfd.readouterr().err  # on by default (tqdm, stderr)
-    fresh(PROMPT, num_inference_steps=STEPS, generator=seeded(0), progress=False)
+    with pytest.warns(DeprecationWarning, match="set_progress_bar_config"):  # the old per-call switch, one release
+        fresh(PROMPT, num_inference_steps=STEPS, generator=seeded(0), progress=False)
     assert capfd.readouterr().err == ""
     fresh.set_progress_bar_config(disable=True)
     fresh(PROMPT, num_inference_steps=STEPS, generator=seeded(0))

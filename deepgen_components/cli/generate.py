@@ -58,6 +58,7 @@ def _sample_and_save(args, out: Path, prompt: str, **inputs) -> int:
     """``generate`` / ``edit`` after their own checks: load the pipeline, run it with the sampling flags, write the
     images to ``out`` and print the timings."""
     pipe = load_pipeline(args)
+    pipe.set_progress_bar_config(disable=args.quiet)
     result = pipe(
         prompt,
         negative_prompt=args.negative_prompt,
@@ -67,7 +68,6 @@ def _sample_and_save(args, out: Path, prompt: str, **inputs) -> int:
         guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images,
         generator=_generator(args),
-        progress=not args.quiet,
         **inputs,
     )
     for p in _save_images(result.images, out):
@@ -133,13 +133,13 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     pipe = load_pipeline(args)
     print(f"loaded {args.preset or args.pipeline or args.default_preset} in {time.perf_counter() - start:.2f} s")
+    pipe.set_progress_bar_config(disable=args.quiet)
     prompts = args.prompt or list(DEMO_PROMPTS)
     generated = pipe(
         prompts,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         generator=_generator(args),
-        progress=not args.quiet,
     )
     instruction = args.instruction
     edited = pipe(
@@ -148,7 +148,6 @@ def cmd_demo(args) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         generator=_generator(args),
-        progress=not args.quiet,
     )
     # Written only once both calls succeeded: a failing edit leaves no generate_*.png behind.
     items = [(image, out / f"generate_{i}.png") for i, image in enumerate(generated.images)]

@@ -146,12 +146,14 @@ def generate(pipe, records: list[PromptRecord], layout: Layout, settings: Genera
     """Generate this rank's share of the unfinished prompts into ``layout``, ``batch_size`` prompts per call.
 
     ``pending``: the unfinished prompts, when the caller listed them (under torchrun every rank must list them
-    before any rank writes); by default listed here.
+    before any rank writes); by default listed here. The pipeline's own per-step progress bar is switched off
+    (``pipe.set_progress_bar_config(disable=True)``); ``progress`` is the harness's bar over the prompts.
     """
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     pending = [r for r in records if not layout.is_done(r)] if pending is None else pending
     mine = shard(pending, rank, world_size)
+    pipe.set_progress_bar_config(disable=True)
     facts = model_facts(pipe)
     scale = facts["vae_scale_factor"]
     latent_shape = (facts["latent_channels"], settings.height // scale, settings.width // scale)
@@ -181,7 +183,7 @@ def generate(pipe, records: list[PromptRecord], layout: Layout, settings: Genera
                 result = pipe([r.prompt for r in batch], image=images, negative_prompt=settings.negative_prompt,
                               height=settings.height, width=settings.width, num_inference_steps=settings.steps,
                               guidance_scale=settings.guidance, num_images_per_prompt=settings.samples,
-                              latents=latents, progress=False)
+                              latents=latents)
             outputs = result.images  # PIL, prompt-major: the samples of prompt j are outputs[j*S : (j+1)*S]
             for j, record in enumerate(batch):
                 layout.write(record, outputs[j * settings.samples : (j + 1) * settings.samples])

@@ -80,13 +80,15 @@ def _mean(rows: list[dict], key: str) -> float:
 
 @torch.no_grad()
 def generate_t2i(pipe, prompts: list[str], *, steps: int, guidance: float, seed: int, batch: int = 64) -> list:
-    """Images for ``prompts`` in chunks; the initial noise of prompt i depends only on (seed, i)."""
+    """Images for ``prompts`` in chunks; the initial noise of prompt i depends only on (seed, i). The pipeline's
+    progress bar is switched off."""
+    pipe.set_progress_bar_config(disable=True)
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         generator = torch.Generator().manual_seed(seed + start)
         images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                       progress=False, height=pipe.model.config.image_size, width=pipe.model.config.image_size).images
+                       height=pipe.model.config.image_size, width=pipe.model.config.image_size).images
     return images
 
 
@@ -95,12 +97,13 @@ def generate_edits(pipe, tasks: list[EditTask], *, steps: int, guidance: float, 
                    image_size: int = 64, batch: int = 64) -> tuple[list, list]:
     world = ShapesWorld(image_size)
     sources = [world.render(t.source) for t in tasks]
+    pipe.set_progress_bar_config(disable=True)
     images = []
     for start in range(0, len(tasks), batch):
         chunk = tasks[start : start + batch]
         generator = torch.Generator().manual_seed(seed + 10_000 + start)
         images += pipe([t.instruction for t in chunk], image=sources[start : start + len(chunk)],
-                       num_inference_steps=steps, guidance_scale=guidance, generator=generator, progress=False).images
+                       num_inference_steps=steps, guidance_scale=guidance, generator=generator).images
     return sources, images
 
 
