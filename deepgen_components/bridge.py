@@ -162,6 +162,7 @@ class StackedChannelBridge(ComponentModel):
             raise ValueError(f"config: give a BridgeConfig or keyword arguments, not both (got {sorted(given)} too)")
         # the config.json of the bridge: every value spelled out, whichever way it was built
         self.register_to_config(**_config_arguments(config), _use_default_values=[])
+        config = BridgeConfig.from_dict(config.to_dict())  # its own copy: the caller may reuse theirs
         self._bridge_config = (self._internal_dict, config)
         width = config.connector.hidden_size
         self.projector = nn.Linear(config.stacked_dim, width)

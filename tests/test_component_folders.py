@@ -132,6 +132,10 @@ def test_bridge_from_keyword_arguments_equals_the_bridge_from_its_config():
     )
     assert flat.config == CONFIG
     assert StackedChannelBridge().config == BridgeConfig()  # every argument left out: the BridgeConfig defaults
+    mine = BridgeConfig(**{**CONFIG.to_dict(), "mask_padding": True})
+    bridge = StackedChannelBridge(mine)
+    mine.mask_padding = False  # the caller reuses its config for another bridge: this one keeps its own
+    assert bridge.config.mask_padding is True
     with pytest.raises(ValueError, match=r"config: give a BridgeConfig or keyword arguments, not both \(got \['tokens'\]"):
         StackedChannelBridge(CONFIG, tokens="think")
     with pytest.raises(TypeError, match="config: expected a BridgeConfig"):
