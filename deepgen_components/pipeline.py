@@ -1,4 +1,4 @@
-"""DeepGenPipeline: prompt (+ reference images) -> images, in the style of diffusers pipelines.
+"""DeepGenPipeline: prompt (+ reference images) -> images, a diffusers ``DiffusionPipeline``.
 
 ``__call__`` reads like the algorithm: encode the condition once (prompt and negative prompt in one
 left-padded batch, as the official model does) -> prepare latents (and reference latents for editing) ->
@@ -7,24 +7,42 @@ FlowMatch Euler loop with classifier-free guidance as one batched DiT call -> VA
 
 from __future__ import annotations
 
-import inspect
-import math
-import numbers
+import json
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (see COMPONENT_LIBRARY)
 
+from deepgen_components.bridge import StackedChannelBridge
 from deepgen_components.conventions import cfg_order, output_size, references_per_prompt
 from deepgen_components.denoising import MODES, DenoiseRunner, flow_match_sigmas
-from deepgen_components.model import DeepGenModel
+from deepgen_components.layer_selection import LayerSelection
+from deepgen_components.model import DeepGenConfig, DeepGenModel
+from deepgen_components.pipeline_inputs import check_call_arguments, check_prompts, is_old_callback
 from deepgen_components.processing import pixels_to_pil, reference_pixels
-from deepgen_components.serialization import load_model_folder, save_model_folder
+from deepgen_components.serialization import COMPONENTS, load_model_folder, save_model_folder
+from deepgen_components.think_tokens import ThinkTokens
 
-__all__ = ["DeepGenPipeline", "DeepGenPipelineOutput"]
+__all__ = ["COMPONENT_LIBRARY", "PIPELINE_FILE", "DeepGenPipeline", "DeepGenPipelineOutput"]
+
+# The module model_index.json names as the library of think_tokens and bridge. diffusers resolves a custom
+# component's class from an imported module (the pipeline file imports this one) and picks its loader by looking
+# up ``ModelMixin`` in that same module: this module holds both names.
+COMPONENT_LIBRARY = __name__
+# The pipeline file saved beside model_index.json: diffusers' DiffusionPipeline.from_pretrained loads the pipeline
+# class it names (``_class_name: [module file, class]``).
+PIPELINE_FILE = "pipeline_deepgen"
+_PIPELINE_SOURCE = '''"""DeepGenPipeline (deepgen-components), for diffusers' DiffusionPipeline.from_pretrained."""
+from deepgen_components.pipeline import DeepGenPipeline  # noqa: F401
+'''
 
 
 @dataclass
@@ -64,14 +82,53 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class DeepGenPipeline:
-    """Text-to-image and (multi-reference) editing with a :class:`DeepGenModel`."""
+class DeepGenPipeline(DiffusionPipeline):
+    """Text-to-image and (multi-reference) editing with a :class:`DeepGenModel`, as a diffusers ``DiffusionPipeline``.
+
+    ``DeepGenPipeline(model)`` wraps a composed model; diffusers builds it from its registered modules instead
+    (``vlm``, ``tokenizer``, ``think_tokens``, ``bridge``, ``transformer``, ``vae``, ``scheduler``, plus the
+    ``layers`` selection and the :class:`DeepGenConfig` as dicts). Either way ``pipe.model`` is the composed
+    :class:`DeepGenModel` (training, export) and holds the very module objects the pipeline registers.
+    ``vlm_class`` and ``format_version`` are model_index.json entries for format-2 readers, not used here.
+    """
 
     _callback_tensor_inputs = ["latents", "velocity_uncond", "velocity_cond"]
+    _optional_components = ["vlm", "tokenizer", "think_tokens", "bridge", "transformer", "vae", "scheduler"]
+    model_cpu_offload_seq = "vlm->think_tokens->bridge->transformer->vae"
 
-    def __init__(self, model: DeepGenModel) -> None:
+    def __init__(
+        self,
+        model: DeepGenModel | None = None,
+        *,
+        vlm=None,
+        tokenizer=None,
+        think_tokens: ThinkTokens | None = None,
+        bridge: StackedChannelBridge | None = None,
+        transformer=None,
+        vae=None,
+        scheduler=None,
+        layers: dict | None = None,
+        config: dict | None = None,
+        vlm_class: str | None = None,
+        format_version: int | None = None,
+    ) -> None:
+        super().__init__()
+        if model is None:
+            given = dict(vlm=vlm, tokenizer=tokenizer, think_tokens=think_tokens, bridge=bridge,
+                         transformer=transformer, vae=vae, scheduler=scheduler, layers=layers)
+            missing = [name for name, value in given.items() if value is None]
+            if missing:
+                raise ValueError(f"DeepGenPipeline: give a DeepGenModel or every component; missing {missing}")
+            tokenizer.padding_side = "left"
+            model = DeepGenModel(vlm, think_tokens, LayerSelection.from_dict(layers), bridge, transformer, vae,
+                                 scheduler, tokenizer, DeepGenConfig.from_dict(config or {})).eval()
+        elif not isinstance(model, DeepGenModel):
+            raise TypeError(f"model must be a DeepGenModel, got {type(model).__name__}")
         self.model = model
-        self._progress_config: dict = {}
+        self.register_modules(
+            vlm=model.vlm, tokenizer=model.tokenizer, think_tokens=model.think_tokens, bridge=model.bridge,
+            transformer=model.dit.transformer, vae=model.vae, scheduler=model.scheduler,
+        )
         self.mode = "auto"  # eager PyTorch, plus our Triton kernels on CUDA (see optimize)
         self.runner = DenoiseRunner(model, "plain")
 
@@ -86,13 +143,15 @@ class DeepGenPipeline:
     def device(self) -> torch.device:
         return self.model.device
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> DeepGenPipeline:
+    def to(self, *args, **kwargs) -> DeepGenPipeline:
+        """diffusers' ``to``: ``to(device)``, ``to(dtype)``, ``to(device, dtype)`` (or ``device=`` / ``dtype=``).
+        The registered modules move with diffusers; then the composed model, so that what lives on it besides
+        them (its training tables) follows."""
+        super().to(*args, **kwargs)
+        dtype = kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None))
+        device = kwargs.get("device", next((a for a in args if not isinstance(a, torch.dtype)), None))
         self.model.to(device=device, dtype=dtype)
         return self
-
-    def set_progress_bar_config(self, **kwargs) -> None:
-        """tqdm options for the denoising loop, e.g. ``disable=True``."""
-        self._progress_config = dict(kwargs)
 
     def optimize(self, mode: str = "compile+graphs", *, dtype: torch.dtype | None = None) -> DeepGenPipeline:
         """Pick the inference path: ``eager`` (plain PyTorch, SDPA) | ``kernels`` (our Triton kernels) | ``compile``
@@ -240,8 +299,8 @@ class DeepGenPipeline:
     ) -> _Call:
         """The documented checks (docs/pipeline.md, "Bad input"), then the call's settings: the references'
         pixels, the output size, the CFG scale (the model's default for the task when None)."""
-        prompts, negatives = _check_prompts(prompt, negative_prompt)
-        _check_call_arguments(
+        prompts, negatives = check_prompts(prompt, negative_prompt)
+        check_call_arguments(
             height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
             output_type=output_type, callback_on_step_end=callback_on_step_end, max_side=self.max_image_side,
@@ -314,12 +373,8 @@ class DeepGenPipeline:
         return [[r.to(model.dtype) for r in refs] for refs in rows]
 
     def _progress(self, count: int, progress: bool):
-        steps = range(count)
-        if progress and not self._progress_config.get("disable", False):
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, total=count, **{k: v for k, v in self._progress_config.items() if k != "disable"})
-        return steps
+        """The step indices, through diffusers' progress bar (``set_progress_bar_config``) unless switched off."""
+        return self.progress_bar(range(count)) if progress else range(count)
 
     def _decode(self, latents: torch.Tensor, output_type: str):
         if output_type == "latent":
@@ -339,7 +394,7 @@ class DeepGenPipeline:
         passed through with a DeprecationWarning."""
         if callback is None:
             return None
-        if _old_callback(callback):
+        if is_old_callback(callback):
             warnings.warn(
                 "callback_on_step_end(step, timestep, latents, velocity_uncond, velocity_cond) is deprecated and will "
                 "be removed in the next release; use diffusers' callback_on_step_end(pipe, step, timestep, "
@@ -374,110 +429,89 @@ class DeepGenPipeline:
         return on_step_end
 
     # -- persistence ------------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Our layout: one sub-folder per component with config.json + safetensors, written atomically
-        (:func:`deepgen_components.serialization.save_model_folder`)."""
-        save_model_folder(self.model, path)
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """A folder diffusers reads: one sub-folder per component (each with its own ``save_pretrained``: config +
+        safetensors, a LoRA-carrying VLM merged first), diffusers' ``model_index.json`` (each component as
+        ``[library, class]``, ``_class_name`` as ``[pipeline file, class]``, plus ``layers`` and ``config``) and the
+        pipeline file for ``DiffusionPipeline.from_pretrained``. Written atomically: into a temporary folder beside
+        it, then moved in place (a failed save leaves an existing folder untouched). ``kwargs``: diffusers' options
+        (``safe_serialization`` is always True; ``push_to_hub`` is not supported)."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("push_to_hub: not supported; save to a folder and upload it")
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("safe_serialization: DeepGenPipeline writes safetensors only (no pickles)")
+        path = Path(save_directory)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / "pipeline"
+        try:
+            save_model_folder(self.model, staging)  # the components, and the format-2 index rewritten below
+            index = json.loads((staging / "model_index.json").read_text())
+            (staging / "model_index.json").write_text(json.dumps(self._model_index(index), indent=2) + "\n")
+            (staging / f"{PIPELINE_FILE}.py").write_text(_PIPELINE_SOURCE)
+            if path.exists():
+                backup = path.with_name(f".{path.name}.old")
+                shutil.rmtree(backup, ignore_errors=True)
+                os.replace(path, backup)
+                os.replace(staging, path)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(staging, path)
+        finally:
+            shutil.rmtree(staging.parent, ignore_errors=True)
+
+    def _model_index(self, saved: dict) -> dict:
+        """diffusers' model_index.json for this pipeline; ``saved``: the index ``save_model_folder`` wrote."""
+        import diffusers
+
+        def entry(module) -> list[str]:
+            return [type(module).__module__.split(".")[0], type(module).__name__]
+
+        model = self.model
+        return {
+            "_class_name": [PIPELINE_FILE, type(self).__name__],
+            "_diffusers_version": diffusers.__version__,
+            "_library": "deepgen-components",
+            "format_version": saved["format_version"],
+            "vlm": ["transformers", saved["vlm_class"]],
+            "tokenizer": entry(model.tokenizer),
+            "think_tokens": [COMPONENT_LIBRARY, type(model.think_tokens).__name__],
+            "bridge": [COMPONENT_LIBRARY, type(model.bridge).__name__],
+            "transformer": entry(model.dit.transformer),
+            "vae": entry(model.vae),
+            "scheduler": entry(model.scheduler),
+            "layers": saved["layers"],
+            "config": saved["config"],
+            "vlm_class": saved["vlm_class"],
+        }
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+        device=None, dtype: torch.dtype | None = None, **kwargs,
     ) -> DeepGenPipeline:
-        """A pipeline around the model saved in ``path`` (:func:`deepgen_components.serialization.load_model_folder`)."""
-        return cls(load_model_folder(path, device=device, dtype=dtype))
-
-
-def _check_prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
-    """``prompt``: a non-empty str or a non-empty list of them; ``negative_prompt``: a str (may be empty) or one per
-    prompt."""
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)):
-        raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
-    if not prompts:
-        raise ValueError("prompt: give at least one prompt (got an empty list)")
-    for i, text in enumerate(prompts):
-        where = "prompt" if isinstance(prompt, str) else f"prompt[{i}]"
-        if not isinstance(text, str):
-            raise TypeError(f"{where} must be a str, got {type(text).__name__}")
-        if not text.strip():
-            raise ValueError(f"{where} is empty; describe the image (or the edit) in words")
-    batch = len(prompts)
-    negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt
-    if not isinstance(negatives, (list, tuple)):
-        raise TypeError(f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}")
-    if len(negatives) != batch:
-        raise ValueError(f"negative_prompt: got {len(negatives)} for {batch} prompts")
-    for i, text in enumerate(negatives):
-        if not isinstance(text, str):
-            raise TypeError(f"negative_prompt[{i}] must be a str, got {type(text).__name__}")
-    return list(prompts), list(negatives)
-
-
-def _old_callback(callback) -> bool:
-    """Whether ``callback`` has the old signature ``(step, timestep, latents, velocity_uncond, velocity_cond)``:
-    it takes five positional arguments (a callable that takes both four and five, e.g. ``*args``, counts as old,
-    as does one whose signature cannot be read); diffusers' ``(pipe, step, timestep, callback_kwargs)`` takes four.
-    TypeError naming the argument for a callable that takes neither."""
-    try:
-        signature = inspect.signature(callback)
-    except (TypeError, ValueError):
-        return True
-
-    def takes(count: int) -> bool:
-        try:
-            signature.bind(*range(count))
-        except TypeError:
-            return False
-        return True
-
-    if not (takes(4) or takes(5)):
-        raise TypeError(
-            f"callback_on_step_end must take (pipe, step, timestep, callback_kwargs), got a callable with signature "
-            f"{signature}"
-        )
-    return takes(5)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_call_arguments(
-    *, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, generator, latents, output_type,
-    callback_on_step_end, max_side: int,
-) -> None:
-    """The documented ranges of ``__call__`` (docs/pipeline.md, "Bad input"): TypeError for a wrong kind of value,
-    ValueError for a value out of range, each naming the argument, before any model work."""
-    for name, value in (("height", height), ("width", width)):
-        if value is None:
-            continue
-        if not _is_int(value):
-            raise TypeError(f"{name} must be an int (a positive multiple of 32) or None, got {type(value).__name__}")
-        if value > max_side:
-            raise ValueError(f"{name} must be at most {max_side} (this model's DiT position table), got {value}")
-    if not _is_int(num_inference_steps):
-        raise TypeError(f"num_inference_steps must be an int >= 1, got {type(num_inference_steps).__name__}")
-    if num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    if not _is_int(num_images_per_prompt):
-        raise TypeError(f"num_images_per_prompt must be an int >= 1, got {type(num_images_per_prompt).__name__}")
-    if num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-    if guidance_scale is not None:
-        if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool):
-            raise TypeError(f"guidance_scale must be a number >= 0 (1 = no CFG) or None, got {type(guidance_scale).__name__}")
-        if not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no CFG), got {guidance_scale}")
-    if isinstance(generator, (list, tuple)):
-        for i, g in enumerate(generator):
-            if not isinstance(g, torch.Generator):
-                raise TypeError(f"generator[{i}] must be a torch.Generator, got {type(g).__name__}")
-    elif generator is not None and not isinstance(generator, torch.Generator):
-        hint = f"; e.g. torch.Generator().manual_seed({generator})" if _is_int(generator) else ""
-        raise TypeError(f"generator must be a torch.Generator, a list of them or None, got {type(generator).__name__}{hint}")
-    if latents is not None and not isinstance(latents, torch.Tensor):
-        raise TypeError(f"latents must be a torch.Tensor or None, got {type(latents).__name__}")
-    if output_type not in ("pil", "np", "pt", "latent"):
-        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-    if callback_on_step_end is not None and not callable(callback_on_step_end):
-        raise TypeError(f"callback_on_step_end must be callable or None, got {type(callback_on_step_end).__name__}")
+        """The pipeline saved in the folder ``pretrained_model_name_or_path``, in ``torch_dtype``: a folder of
+        :meth:`save_pretrained` or one written before the diffusers schema (format 1 and 2). The components load
+        through :func:`deepgen_components.serialization.load_model_folder` (each in the target dtype; no code from
+        the folder runs); other diffusers options (``kwargs``, e.g. ``device_map``, ``variant``) go to
+        ``DiffusionPipeline.from_pretrained`` (a saved folder only; its pipeline file runs with
+        ``trust_remote_code=True``). ``device=`` / ``dtype=`` are the old keywords (DeprecationWarning; use
+        ``torch_dtype=`` and ``.to(device)``). FileNotFoundError naming the path of a missing folder or component."""
+        if device is not None or dtype is not None:
+            warnings.warn(
+                "DeepGenPipeline.from_pretrained(path, device=, dtype=) is deprecated and will be removed in the next "
+                "release; use from_pretrained(path, torch_dtype=...).to(device)", DeprecationWarning, stacklevel=2,
+            )
+            torch_dtype = torch_dtype if torch_dtype is not None else dtype
+        path = Path(pretrained_model_name_or_path)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"pretrained_model_name_or_path: {path / 'model_index.json'} not found (not a DeepGenPipeline folder)"
+            )
+        for sub in COMPONENTS:
+            if not (path / sub).is_dir():
+                raise FileNotFoundError(f"pretrained_model_name_or_path: component folder {path / sub} is missing")
+        if kwargs:
+            pipe = super().from_pretrained(str(path), torch_dtype=torch_dtype, **kwargs)
+        else:
+            pipe = cls(load_model_folder(path, dtype=torch_dtype))
+        return pipe.to(device) if device is not None else pipe

@@ -141,3 +141,86 @@ def test_the_old_five_argument_callback_warns_and_still_works(pipe):
         old = run(pipe, seed=8, callback_on_step_end=lambda i, t, x, vu, vc: steps.append((i, vu is None))).images
     assert steps == [(i, False) for i in range(STEPS)]
     assert torch.equal(old, run(pipe, seed=8).images)
+
+
+def test_the_old_from_pretrained_keywords_warn_and_still_work(pipe, saved):
+    with pytest.warns(DeprecationWarning, match="torch_dtype"):
+        old = DeepGenPipeline.from_pretrained(saved, device="cpu", dtype=torch.bfloat16)
+    assert old.model.dtype == torch.bfloat16 and old.model.device.type == "cpu"
+
+
+# -- a diffusers DiffusionPipeline ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("diffusers") / "tiny"
+    pipe.save_pretrained(path)
+    return path
+
+
+def test_the_pipeline_registers_the_models_own_modules(pipe):
+    from diffusers import DiffusionPipeline
+
+    model = pipe.model
+    assert isinstance(pipe, DiffusionPipeline)
+    assert set(pipe.components) == {"vlm", "tokenizer", "think_tokens", "bridge", "transformer", "vae", "scheduler"}
+    assert pipe.vlm is model.vlm and pipe.think_tokens is model.think_tokens and pipe.bridge is model.bridge
+    assert pipe.transformer is model.dit.transformer and pipe.vae is model.vae and pipe.scheduler is model.scheduler
+    assert pipe.tokenizer is model.tokenizer
+
+
+def test_save_pretrained_writes_diffusers_model_index(saved):
+    import json
+
+    index = json.loads((saved / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_deepgen", "DeepGenPipeline"]
+    assert (saved / "pipeline_deepgen.py").is_file()
+    assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    assert index["vlm"] == ["transformers", "Qwen2_5_VLForConditionalGeneration"]
+    assert index["think_tokens"][1] == "ThinkTokens" and index["bridge"][1] == "StackedChannelBridge"
+    assert index["layers"] == {"indices": [3, 2, 1], "num_layers": 4}
+    assert index["config"]["image_size"] == 64
+
+
+def test_diffusion_pipeline_from_pretrained_returns_a_working_deepgen_pipeline(pipe, saved):
+    from diffusers import DiffusionPipeline
+
+    loaded = DiffusionPipeline.from_pretrained(saved, trust_remote_code=True)  # runs the folder's two-line file
+    assert isinstance(loaded, DeepGenPipeline)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.model.think_tokens is loaded.think_tokens and loaded.model.bridge is loaded.bridge
+    ours, theirs = pipe.model.state_dict(), loaded.model.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert loaded.model.config == pipe.model.config and loaded.model.layers == pipe.model.layers
+    for output_type in ("latent", "np"):
+        expected = run(pipe, seed=9, output_type=output_type).images
+        got = run(loaded, seed=9, output_type=output_type).images
+        assert np.array_equal(np.asarray(expected), np.asarray(got))
+
+
+def test_from_pretrained_takes_torch_dtype(saved):
+    loaded = DeepGenPipeline.from_pretrained(saved, torch_dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    assert loaded.dtype == torch.bfloat16
+
+
+def test_a_folder_written_before_the_diffusers_schema_still_loads():
+    """tests/data/legacy_v1: format 1, written at 00bbf6b, and the latents it generated there."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(__file__).parent / "data" / "legacy_v1"
+    loaded = DeepGenPipeline.from_pretrained(folder / "pipeline")
+    loaded.set_progress_bar_config(disable=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        latents = loaded(["a red circle on the left"], num_inference_steps=3, guidance_scale=4.0,
+                         output_type="latent", generator=seeded(0)).images
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(latents, next(iter(load_file(str(folder / "expected_latents.safetensors")).values())))
