@@ -116,14 +116,9 @@ SD3_VAE_CONFIG = {
 }
 
 
-@contextlib.contextmanager
 def _default_device(device):
     """Create parameters directly on ``device`` (meta: no memory at all; cuda: no CPU copy)."""
-    if device is None:
-        yield
-        return
-    with torch.device(device):
-        yield
+    return torch.device(device) if device is not None else contextlib.nullcontext()
 
 
 def _qwen_vl(config_dict: dict, tokenizer=None):
@@ -142,6 +137,25 @@ def _qwen_vl(config_dict: dict, tokenizer=None):
     config = Qwen2_5_VLConfig(**config_dict)
     config._attn_implementation = "sdpa"
     return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def _qwen_vl_from_folder(vlm_path: Path, dtype: torch.dtype):
+    """transformers' own ``from_pretrained`` of a VLM folder, fed with its safetensors read tensor by tensor and
+    already cast to ``dtype`` (transformers' memory-mapped read would keep the file's pages resident while it
+    casts: twice the bf16 bytes for a float32 folder)."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    from deepgen_components.official import load_state_dict_file
+
+    files = sorted(Path(vlm_path).glob("*.safetensors"))
+    if not files:  # .bin folders: transformers' own reader
+        return Qwen2_5_VLForConditionalGeneration.from_pretrained(vlm_path, dtype=dtype, attn_implementation="sdpa")
+    state = {}
+    for file in files:
+        state.update(load_state_dict_file(file, dtype=dtype))
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        None, config=AutoConfig.from_pretrained(vlm_path), state_dict=state, dtype=dtype, attn_implementation="sdpa"
+    )
 
 
 def _randomise_heads(bridge: StackedChannelBridge, std: float = 0.02) -> None:
@@ -178,13 +192,8 @@ def _init_rule(module: torch.nn.Module):
     if hasattr(module, "reset_parameters"):  # torch layers; the connector's official init
         return module.reset_parameters
     if "Norm" in type(module).__name__:  # RMSNorm-like layers without reset_parameters: weight 1, bias 0
-
-        def norm():
-            for name, value in (("weight", 1.0), ("bias", 0.0)):
-                if isinstance(getattr(module, name, None), torch.Tensor):
-                    getattr(module, name).fill_(value)
-
-        return norm
+        affine = [(getattr(module, n), v) for n, v in (("weight", 1.0), ("bias", 0.0)) if hasattr(module, n)]
+        return lambda: [t.fill_(v) for t, v in affine if isinstance(t, torch.Tensor)]
     return None
 
 
@@ -385,7 +394,7 @@ def deepgen_from_official(
     import json
 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoTokenizer
 
     from deepgen_components import official
 
@@ -403,8 +412,8 @@ def deepgen_from_official(
     )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.padding_side = "left"
-    with _default_device(device):  # the libraries' own low-RAM loaders, in the target dtype
-        vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(vlm_path, dtype=dtype, attn_implementation="sdpa")
+    with _default_device(device):  # the libraries' own loaders, in the target dtype
+        vlm = _qwen_vl_from_folder(vlm_path, dtype)
     text = vlm.config.text_config
     layers = LayerSelection.official(text.num_hidden_layers)
     num_tokens, hidden = state["meta_queries"].shape
@@ -517,9 +526,9 @@ def deepgen_1_0(
     # materialised in ``dtype`` (no fp32 copy), unless device="meta".
     with _default_device(device):
         if vlm_path is not None:
-            from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+            from transformers import AutoTokenizer
 
-            vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(vlm_path, dtype=dtype, attn_implementation="sdpa")
+            vlm = _qwen_vl_from_folder(vlm_path, dtype)
             tokenizer = AutoTokenizer.from_pretrained(vlm_path)
             tokenizer.padding_side = "left"
         transformer = SD3Transformer2DModel.from_pretrained(transformer_path, torch_dtype=dtype) if transformer_path else None

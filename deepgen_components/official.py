@@ -85,14 +85,18 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
+_CHUNK_BYTES = 16 << 20
+
+
 def _read_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """A safetensors file read tensor by tensor with plain reads (no memory map, whose touched pages would count
-    as resident), each floating tensor cast to ``dtype`` as soon as it is read: the peak is the result plus one
-    tensor in the file's dtype."""
+    as resident), each floating tensor allocated in ``dtype`` and filled in 16 MiB chunks cast as they are read:
+    the peak is the result plus one chunk."""
     import json
     import struct
 
     out: dict[str, torch.Tensor] = {}
+    chunk = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
@@ -102,12 +106,25 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.
                 continue
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 raise ValueError(f"weights_path: {path}: tensor {name} has unsupported dtype {info['dtype']}")
+            source = _SAFETENSORS_DTYPES[info["dtype"]]
             begin, end = info["data_offsets"]
-            raw = torch.empty(end - begin, dtype=torch.uint8)
+            target = dtype if dtype is not None and source.is_floating_point else source
+            tensor = torch.empty(info["shape"], dtype=target)
+            flat = tensor.reshape(-1)
             f.seek(start + begin)
-            if end > begin and f.readinto(raw.numpy()) != end - begin:
+            if target == source:
+                read = f.readinto(flat.view(torch.uint8).numpy()) if end > begin else 0
+            else:
+                read, step = 0, _CHUNK_BYTES // source.itemsize * source.itemsize
+                while read < end - begin:
+                    n = f.readinto(chunk[: min(step, end - begin - read)].numpy())
+                    if not n:
+                        break
+                    flat[read // source.itemsize : (read + n) // source.itemsize].copy_(chunk[:n].view(source))
+                    read += n
+            if read != end - begin:
                 raise ValueError(f"weights_path: {path} is truncated (tensor {name})")
-            out[name] = _cast(raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"]), dtype)
+            out[name] = tensor
     return out
 
 
