@@ -6,7 +6,8 @@ The library is built in floors; a module may import from its own floor or the fl
    reference per op): leaves;
 1. components: ``ops``, ``layer_selection``, ``bridge``, ``connector``, ``dit``, ``think_tokens``, ``lora``,
    ``processing``;
-2. composition: ``model``, ``denoising``, ``serialization``, ``pipeline``, ``builders``, ``official``, ``tiny``;
+2. composition: ``model``, ``denoising``, ``serialization``, ``pipeline`` (+ ``pipeline_inputs``), ``builders``,
+   ``official``, ``tiny``;
 3. libraries on the composition: ``rl`` (MR-GRPO and rewards), ``export``, ``training``, ``evaluation``; above them
    the ``shapes`` world, which plugs itself into their registries;
 4. the application, ``cli``: the ``deepgen`` command, the bench suite and the fidelity report. Nothing imports it.
@@ -35,7 +36,7 @@ MAX_LINES = 600
 
 FLOOR_0 = ("conventions", "jsonl", "triton_kernels")
 FLOOR_1 = ("ops", "layer_selection", "bridge", "connector", "dit", "think_tokens", "lora", "processing")
-FLOOR_2 = ("model", "denoising", "serialization", "pipeline", "builders", "official", "tiny")
+FLOOR_2 = ("model", "denoising", "serialization", "pipeline", "pipeline_inputs", "builders", "official", "tiny")
 FLOOR_3 = ("rl", "export", "training", "evaluation")
 FLOOR_3_TOP = ("shapes",)
 FLOOR_4 = ("cli",)

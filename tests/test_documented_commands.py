@@ -125,6 +125,9 @@ RUN_GROUPS: list[list[str]] = [
     ],
     ["time python benchmarks/fidelity.py --golden tests/data/golden/deepgen_tiny_a --json fidelity_a.json"],
     ["python benchmarks/kernel_bench.py --device cpu --quick"],
+    ["python benchmarks/load_memory.py --quick --out out/load_memory_quick"],
+    # The README's SCB-between-other-models block: build, run, save and load the bridge as a diffusers model.
+    ["README.md: bridge = StackedChannelBridge(BridgeConfig(num_stacked_layers=4, vlm_hidden_size=896, context_dim=1536, pooled_dim=2048,"],
     [
         "deepgen train --config training/configs/rl_tiny.yaml --max-steps 2 --out /tmp/rl rl.update_mode=per_timestep"
     ],
@@ -147,6 +150,8 @@ _WEIGHTS = "needs the official DeepGen 1.0 / Qwen2.5-VL weights (local folders a
 _GPU = "needs CUDA (the GPU tier; benchmarks/gpu_*.sh run it on the device machine)"
 _FRAGMENT = "an API fragment (names defined by the surrounding text); the same calls run in the test named"
 NOT_RUN: dict[str, str] = {
+    "python benchmarks/load_memory.py --out out/load_memory": "the small preset: about 2 minutes and 1.5 GB of "
+    "inputs on disk; its --quick form runs above and tests/test_load_memory.py checks the loaders it measures",
     "deepgen eval --benchmark shapes --preset deepgen-shapes --protocol official --out runs/eval_shapes": "27 s of "
     "generation; tests/test_eval_distributed.py runs it under torchrun and checks the documented numbers",
     "torchrun --standalone --nproc-per-node 8 -m deepgen_components.cli eval --benchmark geneval --pipeline my_deepgen "
@@ -329,6 +334,23 @@ def test_the_demo_as_documented_draws_its_prompts_and_performs_its_edit(ran):
         images["generate_0"], DEMO_INSTRUCTION, images["edit_0"], source_caption=DEMO_PROMPTS[0]
     )
     assert edit == {"success": True, "changed_ok": True, "kept_ok": True}, (DEMO_INSTRUCTION, edit)
+
+
+def test_the_load_memory_benchmark_as_documented_reports_every_case(ran):
+    """``--quick`` (the tiny preset) measures every loading path in both dtypes, each against its own loaded bytes."""
+    work, _ = ran
+    result = json.loads((work / "out" / "load_memory_quick" / "load_memory.json").read_text())
+    assert result["preset"] == "tiny"
+    cases = {(c["path"], c["dtype"]): c for c in result["cases"]}
+    assert set(cases) == {(p, d) for p in ("folder", "official-file", "official-release")
+                          for d in ("float32", "bfloat16")}
+    for (path, dtype), case in cases.items():
+        assert case["weight_dtypes"] == [dtype], (path, dtype)
+        assert case["peak_increase_bytes"] > 0 and case["seconds"] > 0
+        assert case["ratio"] == pytest.approx(case["peak_increase_bytes"] / case["loaded_bytes"], rel=1e-2)
+        fp32 = cases[(path, "float32")]["loaded_bytes"]
+        if dtype == "bfloat16":  # the same weights at half the bytes (the integer buffers aside)
+            assert 0.45 * fp32 < case["loaded_bytes"] < 0.55 * fp32
 
 
 def test_the_training_chain_as_documented_writes_its_outputs(ran):

@@ -6,10 +6,9 @@
 * ``materialize_random`` turns a model built on meta into the random model its constructors would have built, in
   the target dtype: same dtypes and buffers (bit-exact), constant inits (ones, zeros) exact, random inits with the
   constructors' mean and spread; nothing left on meta or uninitialised.
-* ``benchmarks/load_memory.py --quick`` runs and reports every case.
+* ``benchmarks/load_memory.py`` answers ``--help`` (its ``--quick`` run is in tests/test_documented_commands.py).
 """
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -216,21 +215,8 @@ def test_materialize_keeps_loaded_tensors_and_names_what_it_cannot_initialise():
 # -- the benchmark ------------------------------------------------------------------------------------------
 
 
-def test_load_memory_benchmark_quick_mode_reports_every_case(tmp_path):
+def test_load_memory_benchmark_answers_help():
+    """Its ``--quick`` run, as docs/benchmarks.md shows it, is in tests/test_documented_commands.py."""
     script = ROOT / "benchmarks" / "load_memory.py"
     help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True)
-    assert "--quick" in help_text.stdout
-    subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], check=True, cwd=ROOT,
-                   capture_output=True, text=True)
-    result = json.loads((tmp_path / "load_memory.json").read_text())
-    assert result["preset"] == "tiny"
-    cases = {(c["path"], c["dtype"]): c for c in result["cases"]}
-    assert set(cases) == {(p, d) for p in ("folder", "official-file", "official-release")
-                          for d in ("float32", "bfloat16")}
-    for (path, dtype), case in cases.items():
-        assert case["weight_dtypes"] == [dtype], (path, dtype)
-        assert case["peak_increase_bytes"] > 0 and case["seconds"] > 0
-        assert case["ratio"] == pytest.approx(case["peak_increase_bytes"] / case["loaded_bytes"], rel=1e-2)
-        fp32 = cases[(path, "float32")]["loaded_bytes"]
-        if dtype == "bfloat16":  # the same weights at half the bytes (the integer buffers aside)
-            assert 0.45 * fp32 < case["loaded_bytes"] < 0.55 * fp32
+    assert "--quick" in help_text.stdout and "--out" in help_text.stdout
