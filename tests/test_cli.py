@@ -254,3 +254,18 @@ def test_official_weights_flags_load_a_release_folder(tmp_path, capsys):
     ).images[0]
     with Image.open(out) as image:
         assert list(image.getdata()) == list(expected.getdata())
+
+
+def test_the_shapes_preset_loads_through_diffusers_from_pretrained():
+    """``deepgen demo`` (and every --preset deepgen-shapes command) reads the shipped folder with diffusers'
+    DiffusionPipeline.from_pretrained: a DeepGenPipeline with the very weights builders.deepgen_shapes reads."""
+    from diffusers import DiffusionPipeline
+
+    from deepgen_components.builders import build_preset
+    from deepgen_components.cli.args import load_pipeline
+
+    pipe = load_pipeline(build_parser().parse_args(["demo", "--preset", "deepgen-shapes"]))
+    assert isinstance(pipe, DiffusionPipeline) and isinstance(pipe, DeepGenPipeline)
+    assert str(pipe.name_or_path).endswith("preset")  # diffusers recorded where it loaded from
+    ours, theirs = build_preset("deepgen-shapes").state_dict(), pipe.model.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -241,11 +241,21 @@ def load_pipeline(args):
     check_model_source(args)
     dtype = _dtype(args.dtype)
     if args.pipeline:
-        return DeepGenPipeline.from_pretrained(args.pipeline, device=args.device, dtype=dtype)
+        return DeepGenPipeline.from_pretrained(args.pipeline, torch_dtype=dtype).to(args.device)
     if args.vlm:
         model = deepgen_1_0(args.vlm, args.weights, vae_path=args.vae, dtype=dtype)
         return DeepGenPipeline(model.to(args.device))
     name = args.preset or args.default_preset
+    if name == "deepgen-shapes":  # a saved pipeline folder in the package, read the way diffusers users read one
+        from diffusers import DiffusionPipeline
+
+        from deepgen_components.builders import SHAPES_PRESET_DIR
+
+        if not (SHAPES_PRESET_DIR / "model_index.json").is_file():
+            raise FileNotFoundError(f"--preset deepgen-shapes: {SHAPES_PRESET_DIR} is missing; reinstall the package")
+        # trust_remote_code runs the folder's pipeline file: two lines of this package, importing DeepGenPipeline
+        pipe = DiffusionPipeline.from_pretrained(str(SHAPES_PRESET_DIR), torch_dtype=dtype, trust_remote_code=True)
+        return pipe.to(args.device)
     torch.manual_seed(args.seed)
     model = build_preset(name)
     return DeepGenPipeline(model.to(device=args.device, dtype=dtype))
