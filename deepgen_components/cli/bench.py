@@ -269,7 +269,7 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
                 pipe.optimize(mode)
                 call = lambda: pipe(prompts, height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.steps,
                                     guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(0),
-                                    output_type="pil", progress=False)
+                                    output_type="pil")
                 started = time.perf_counter()
                 call()  # first call: compilation happens here
                 _sync(device)

@@ -292,6 +292,7 @@ def check_generation(model, golden, rec, task: str, spec: Task) -> None:
 
     # End to end from the prompts.
     pipe = DeepGenPipeline(model)
+    pipe.set_progress_bar_config(disable=True)
     common = dict(
         negative_prompt=spec.negatives if do_cfg else "",
         height=height,
@@ -305,16 +306,15 @@ def check_generation(model, golden, rec, task: str, spec: Task) -> None:
         common["image"] = spec.images if batch > 1 else spec.images[0]
         common["reference_latents"] = spec.reference_latents  # the recorded posterior draws, not our VAE's
     call = f"DeepGenPipeline(prompts, latents=initial_noise, {steps} steps, cfg {scale:g}"
-    final = pipe(spec.prompts, latents=noise, output_type="latent", progress=False, **common).images
+    final = pipe(spec.prompts, latents=noise, output_type="latent", **common).images
     rec.compare(f"{prefix}.final_latents", final, call + ", output_type='latent')")
-    pixels = pipe(spec.prompts, latents=noise, output_type="pt", progress=False, **common).images
+    pixels = pipe(spec.prompts, latents=noise, output_type="pt", **common).images
     rec.compare(f"{prefix}.pixels", pixels, call + ", output_type='pt')")
     if seed is not None:
         final = pipe(
             spec.prompts,
             generator=torch.Generator().manual_seed(seed),
             output_type="latent",
-            progress=False,
             **common,
         ).images
         rec.compare(

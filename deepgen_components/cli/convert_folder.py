@@ -1,10 +1,11 @@
 """Rewrite a DeepGenPipeline folder of format 1 or 2 in the diffusers schema (issue #22), in place.
 
-    .venv/bin/python tools/convert_pipeline_folder.py deepgen_components/shapes/preset
+    python -m deepgen_components.cli.convert_folder deepgen_components/shapes/preset
 
 Loads the folder, saves it with ``DeepGenPipeline.save_pretrained`` beside it, checks that every tensor of the
 model reads back bit-identical, carries over the files that are not part of the pipeline (e.g. the preset's
-training_report.json), then replaces the folder. Used once for the shipped ``deepgen-shapes`` preset.
+training_report.json), then replaces the folder. Used for the shipped ``deepgen-shapes`` preset. (Folders of
+formats 1 and 2 also load as they are; this only brings one up to date.)
 """
 
 from __future__ import annotations
