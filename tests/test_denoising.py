@@ -25,15 +25,32 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def pipe():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield DeepGenPipeline(deepgen_tiny(seed=3))
+    pipe = DeepGenPipeline(deepgen_tiny(seed=3))
+    pipe.set_progress_bar_config(disable=True)
+    yield pipe
     torch.set_num_threads(threads)
 
 
+def _uint8(images):
+    """diffusers' "np" output (float32 in [0, 1]) as 8-bit images, what a user saves and compares."""
+    return (images * 255).round().astype(np.uint8) if isinstance(images, np.ndarray) else images
+
+
 def _generate(pipe, **kwargs):
-    args = dict(num_inference_steps=6, guidance_scale=4.0, output_type="np", progress=False,
-                generator=torch.Generator().manual_seed(0))
+    args = dict(num_inference_steps=6, guidance_scale=4.0, output_type="np", generator=torch.Generator().manual_seed(0))
     args.update(kwargs)
-    return pipe(["a red circle on the left", "a blue square"], **args).images
+    pipe.set_progress_bar_config(disable=True)
+    return _uint8(pipe(["a red circle on the left", "a blue square"], **args).images)
+
+
+def _latents_seen(store: list, key: str = "latents"):
+    """A diffusers step callback that records one of its tensor inputs' dtype (or the step index)."""
+
+    def callback(pipe, step, timestep, callback_kwargs):
+        store.append(step if key == "step" else callback_kwargs[key].dtype)
+        return callback_kwargs
+
+    return callback
 
 
 def test_optimize_rejects_unknown_modes(pipe):
@@ -73,12 +90,12 @@ def test_fast_path_handles_editing_references(pipe):
     from PIL import Image
 
     image = Image.fromarray(source)
-    eager = pipe("make the circle green", image=image, num_inference_steps=4, output_type="np", progress=False,
-                 generator=torch.Generator().manual_seed(1)).images
+    eager = _uint8(pipe("make the circle green", image=image, num_inference_steps=4, output_type="np",
+                        generator=torch.Generator().manual_seed(1)).images)
     pipe.runner = DenoiseRunner(pipe.model, "eager")
     try:
-        fast = pipe("make the circle green", image=image, num_inference_steps=4, output_type="np", progress=False,
-                    generator=torch.Generator().manual_seed(1)).images
+        fast = _uint8(pipe("make the circle green", image=image, num_inference_steps=4, output_type="np",
+                           generator=torch.Generator().manual_seed(1)).images)
     finally:
         pipe.optimize("eager")
     assert np.array_equal(eager, fast)
@@ -90,8 +107,9 @@ def test_bf16_weights_keep_fp32_latents_and_stay_close_to_fp32():
     reference = _generate(pipe32)
     pipe16 = DeepGenPipeline(deepgen_tiny(seed=5)).optimize("eager", dtype=torch.bfloat16)
     captured = []
-    pipe16(["a red circle"], num_inference_steps=2, guidance_scale=4.0, output_type="latent", progress=False,
-           callback_on_step_end=lambda i, t, x, vu, vc: captured.append(x.dtype))
+    pipe16.set_progress_bar_config(disable=True)
+    pipe16(["a red circle"], num_inference_steps=2, guidance_scale=4.0, output_type="latent",
+           callback_on_step_end=_latents_seen(captured))
     assert captured == [torch.float32, torch.float32]
     low = _generate(pipe16)
     # bf16 weights: images differ by bf16 noise only. Measured 48.0 dB on the tiny preset (x86 CPU); asked >= 40 dB.
@@ -117,7 +135,7 @@ def test_fast_path_reports_non_finite_latents(pipe):
     try:
         bad = torch.full((1, 16, 8, 8), float("nan"))
         with pytest.raises(FloatingPointError, match=r"at denoising step 0 of 2 \(found by replaying the eager loop\)"):
-            pipe(["x"], num_inference_steps=2, latents=bad, output_type="latent", progress=False)
+            pipe(["x"], num_inference_steps=2, latents=bad, output_type="latent")
     finally:
         pipe.optimize("eager")
 
@@ -204,13 +222,13 @@ def test_runner_modes_plain_loop_and_fast_path(pipe):
     pipe.optimize("eager")
     assert pipe.runner.mode == "plain" and not pipe.runner.uses_fast_path()
     steps = []
-    plain = _generate(pipe, output_type="latent", callback_on_step_end=lambda i, *rest: steps.append(i))
+    plain = _generate(pipe, output_type="latent", callback_on_step_end=_latents_seen(steps, "step"))
     assert steps == list(range(6))
     pipe.runner = DenoiseRunner(pipe.model, "compile")
     assert pipe.runner.uses_fast_path() and not pipe.runner.uses_fast_path(callback_on_step_end=print)
     try:
         steps.clear()
-        with_callback = _generate(pipe, output_type="latent", callback_on_step_end=lambda i, *rest: steps.append(i))
+        with_callback = _generate(pipe, output_type="latent", callback_on_step_end=_latents_seen(steps, "step"))
     finally:
         pipe.optimize("eager")
     assert steps == list(range(6)) and torch.equal(plain, with_callback)
