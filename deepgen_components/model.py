@@ -163,6 +163,14 @@ class DeepGenModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the model computes: its bridge's device, or, while accelerate's offload hooks (diffusers'
+        ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload``) keep the weights on the CPU or the meta
+        device between calls, the hooks' execution device (where inputs and latents must be created)."""
+        if hasattr(self.bridge, "_hf_hook"):
+            for module in self.bridge.modules():
+                device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+                if device is not None:
+                    return torch.device(device)
         return self.bridge.projector.weight.device
 
     @property

@@ -7,6 +7,7 @@ FlowMatch Euler loop with classifier-free guidance as one batched DiT call -> VA
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -94,7 +95,11 @@ class DeepGenPipeline(DiffusionPipeline):
 
     _callback_tensor_inputs = ["latents", "velocity_uncond", "velocity_cond"]
     _optional_components = ["vlm", "tokenizer", "think_tokens", "bridge", "transformer", "vae", "scheduler"]
-    model_cpu_offload_seq = "vlm->think_tokens->bridge->transformer->vae"
+    # diffusers' enable_model_cpu_offload chain: each component's hook, when it fires, moves the previous one back
+    # to the CPU. The think tokens come first because the VLM calls them in the middle of its own pass (a later
+    # place would send the VLM away before its decoder runs); the bridge's hook sends the VLM away, so it has left
+    # the accelerator before denoising starts. docs/pipeline.md, "Memory modes".
+    model_cpu_offload_seq = "think_tokens->vlm->bridge->transformer->vae"
 
     def __init__(
         self,
@@ -175,8 +180,46 @@ class DeepGenPipeline(DiffusionPipeline):
         return config.pos_embed_max_size * config.patch_size * self.model.vae_scale_factor
 
     def kernels_active(self) -> bool:
-        """Whether this pipeline's calls run with the Triton kernels switched on."""
+        """Whether this pipeline's calls run with the Triton kernels switched on (never under sequential offload:
+        a kernel reads a module's weights outside that module's forward, where accelerate has not loaded them)."""
+        if self._weights_offloaded():
+            return False
         return self.mode == "kernels" or (self.mode == "auto" and self.model.device.type == "cuda")
+
+    # -- memory modes (diffusers' enable_model_cpu_offload / enable_sequential_cpu_offload) -----------------
+    def _weights_offloaded(self) -> bool:
+        """Whether accelerate's per-module hooks (``enable_sequential_cpu_offload``) hold the DiT's weights off the
+        execution device between calls of its layers."""
+        transformer = self.model.dit.transformer
+        if not hasattr(transformer, "_hf_hook"):
+            return False
+        from accelerate.utils import has_offloaded_params
+
+        return any(has_offloaded_params(module) for module in transformer.modules())
+
+    @staticmethod
+    def _onload(component) -> None:
+        """Fire ``component``'s offload hook, as its ``forward`` would: the pipeline uses the VLM through its
+        decoder and vision tower and the DiT through its blocks, never through their ``forward`` (diffusers'
+        ``apply_forward_hook`` does the same for the VAE's ``encode`` / ``decode``). Without hooks: nothing."""
+        hook = getattr(component, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(component)
+
+    def enable_vae_tiling(self) -> None:
+        """Decode (and encode references) in overlapping tiles: the VAE's own ``enable_tiling``, for large images
+        (the result differs slightly from untiled decoding at the tile seams)."""
+        self.model.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.model.vae.disable_tiling()
+
+    def enable_vae_slicing(self) -> None:
+        """Decode a batch one image at a time: the VAE's own ``enable_slicing``."""
+        self.model.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.model.vae.disable_slicing()
 
     # -- inputs ---------------------------------------------------------------------------------------
     def _references(self, image, batch: int) -> list[list[torch.Tensor]] | None:
@@ -251,6 +294,7 @@ class DeepGenPipeline(DiffusionPipeline):
                 num_images_per_prompt, generator, latents, output_type, progress is not False, reference_latents,
                 callback_on_step_end, callback_on_step_end_tensor_inputs,
             )
+        self.maybe_free_model_hooks()  # under enable_model_cpu_offload: every component back on the CPU
         return output if return_dict else (output.images,)
 
     def _generate(
@@ -261,6 +305,12 @@ class DeepGenPipeline(DiffusionPipeline):
         call = self._check_inputs(prompt, image, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                   num_images_per_prompt, generator, latents, output_type, callback_on_step_end)
         step_callback = self._step_callback(callback_on_step_end, tensor_inputs)
+        if self.runner.mode != "plain" and self._weights_offloaded():
+            raise ValueError(
+                f"optimize({self.runner.mode!r}) cannot run under enable_sequential_cpu_offload (its kernels and "
+                "compiled steps read weights that accelerate loads only inside each layer's forward); use "
+                "optimize('eager') or 'auto', or enable_model_cpu_offload()"
+            )
         model = self.model
         device = model.device
         timings: dict[str, float] = {}
@@ -278,6 +328,7 @@ class DeepGenPipeline(DiffusionPipeline):
         reference_latents = self._reference_latents(call, reference_latents, generator)
 
         # 3. Denoising: FlowMatch Euler on diffusers' grid; CFG as one batched DiT call (the runner).
+        self._onload(self.model.dit.transformer)  # under model offload: the DiT in, the bridge (and VLM) out
         timesteps, sigmas = flow_match_sigmas(model.scheduler, call.steps, device=device)
         latents = self.runner(latents, condition, reference_latents, timesteps, sigmas, call.guidance_scale,
                               call.do_cfg, self._progress(len(timesteps), progress),
@@ -330,10 +381,23 @@ class DeepGenPipeline(DiffusionPipeline):
         references, do_cfg = call.references, call.do_cfg
         texts = call.prompts + call.negatives if do_cfg else call.prompts
         refs_for_vlm = None if references is None else (references + references if do_cfg else references)
-        condition = self.model.encode_condition(texts, refs_for_vlm).repeat_interleave(call.images_per_prompt)
+        self._onload(self.model.vlm)
+        with self._projector_loaded():
+            condition = self.model.encode_condition(texts, refs_for_vlm)
+        condition = condition.repeat_interleave(call.images_per_prompt)
         if do_cfg:
             condition = condition.select(torch.from_numpy(cfg_order(call.images)))
         return condition
+
+    def _projector_loaded(self):
+        """The bridge reads its projector's weight outside the projector's forward (the stacked projection): under
+        sequential offload, accelerate's ``align_module_device`` loads it for the bridge's pass."""
+        projector = self.model.bridge.projector
+        if not hasattr(projector, "_hf_hook"):
+            return contextlib.nullcontext()
+        from accelerate.utils import align_module_device
+
+        return align_module_device(projector)
 
     def _initial_latents(self, call: _Call, latents, generator) -> torch.Tensor:
         """The given initial noise (checked) or the generator's, as fp32 on the model's device."""
