@@ -28,6 +28,7 @@ from deepgen_components.dit import ConditionedDiT
 from deepgen_components.layer_selection import LayerSelection
 from deepgen_components.lora import lora_module_names, merge_lora
 from deepgen_components.model import DeepGenConfig, DeepGenModel
+from deepgen_components.official import load_state_dict_file
 from deepgen_components.think_tokens import ThinkTokens
 
 __all__ = ["COMPONENTS", "FORMAT_VERSION", "load_model_folder", "model_skeleton", "save_model_folder"]
@@ -79,7 +80,15 @@ def save_model_folder(model: DeepGenModel, path: str | os.PathLike) -> None:
 
 def load_model_folder(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None) -> DeepGenModel:
     """The model saved in the folder ``path`` (in eval mode), optionally cast to ``dtype`` and moved to ``device``.
-    FileNotFoundError naming the path when the folder or a component folder is missing."""
+    FileNotFoundError naming the path when the folder or a component folder is missing.
+
+    Low-RAM: each component is built on the meta device from its config and takes the tensors of its safetensors
+    files, read with plain reads (no memory map) and cast to ``dtype`` in 16 MiB chunks as they are read
+    (:func:`deepgen_components.official.load_state_dict_file`): the weights are allocated once, in ``dtype``. The VLM
+    goes through transformers' ``from_pretrained`` with its tensors already read and cast (its rotary tables and
+    tied weights are transformers' business). Bit-identical to each library's own ``from_pretrained`` of the
+    component followed by ``.to(dtype)``. A component folder without safetensors (``.bin``) loads through that
+    ``from_pretrained``."""
     import transformers
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import AutoTokenizer
@@ -92,12 +101,11 @@ def load_model_folder(path: str | os.PathLike, *, device=None, dtype: torch.dtyp
     vlm_class = getattr(transformers, index["vlm_class"], None)
     if vlm_class is None:
         raise ValueError(f"path: unknown VLM class {index['vlm_class']!r} in {path / 'model_index.json'}")
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    vlm = vlm_class.from_pretrained(path / "vlm", attn_implementation="sdpa", **kwargs)
-    think = ThinkTokens.from_pretrained(path / "think_tokens", torch_dtype=dtype)
-    bridge = StackedChannelBridge.from_pretrained(path / "bridge", torch_dtype=dtype)
-    transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
+    vlm = _load_vlm(vlm_class, path / "vlm", dtype)
+    think = _load_component(ThinkTokens, path / "think_tokens", dtype)
+    bridge = _load_component(StackedChannelBridge, path / "bridge", dtype)
+    transformer = _load_component(SD3Transformer2DModel, path / "transformer", dtype)
+    vae = _load_component(AutoencoderKL, path / "vae", dtype)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     tokenizer.padding_side = "left"
@@ -106,10 +114,70 @@ def load_model_folder(path: str | os.PathLike, *, device=None, dtype: torch.dtyp
         DeepGenConfig.from_dict(index.get("config", {})),
     )
     if dtype is not None:
-        model = model.to(dtype)
+        model = model.to(dtype)  # what is left in another dtype (e.g. the VLM's rotary tables); loaded tensors stay
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+# Weight file stems: diffusers' models, then the VLM's and a format-1 component's (``LEGACY_WEIGHTS_NAME``).
+_DIFFUSERS_STEM, _LEGACY_STEM = "diffusion_pytorch_model", "model"
+
+
+def _safetensors_files(folder: Path, stems: tuple[str, ...]) -> list[Path] | None:
+    """The safetensors files of a component folder (a sharded one through its index), first stem found; None when
+    the folder holds none of them."""
+    for stem in stems:
+        shard_index = folder / f"{stem}.safetensors.index.json"
+        if shard_index.is_file():
+            shards = sorted(set(json.loads(shard_index.read_text())["weight_map"].values()))
+            return [folder / name for name in shards]
+        if (folder / f"{stem}.safetensors").is_file():
+            return [folder / f"{stem}.safetensors"]
+    return None
+
+
+def _read_state(files: list[Path], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_state_dict_file(file, dtype=dtype))
+    return state
+
+
+def _load_component(cls, folder: Path, dtype: torch.dtype | None):
+    """A diffusers model (ours or diffusers') built on meta from the folder's config, taking the folder's tensors
+    (already in ``dtype``) as its parameters and buffers; in eval mode, as ``from_pretrained`` returns it."""
+    files = _safetensors_files(folder, (_DIFFUSERS_STEM, _LEGACY_STEM))
+    if files is None:
+        return cls.from_pretrained(folder, torch_dtype=dtype)
+    with torch.device("meta"):
+        module = cls.from_config(cls.load_config(folder))
+    try:
+        module.load_state_dict(_read_state(files, dtype), strict=True, assign=True)
+    except RuntimeError as error:
+        raise ValueError(f"path: the weights in {folder} do not fit its config: {error}") from None
+    if left := [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]:
+        raise ValueError(f"path: {folder} leaves {cls.__name__} tensors unloaded: {', '.join(left)}")
+    module.register_to_config(_name_or_path=str(folder))
+    return module.eval()
+
+
+def _load_vlm(vlm_class, folder: Path, dtype: torch.dtype | None):
+    """The VLM through transformers' ``from_pretrained``, fed with the folder's tensors read and cast to ``dtype``
+    (its own read would keep a float32 file's memory-mapped pages resident while casting)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    files = _safetensors_files(folder, (_LEGACY_STEM,))
+    if files is None:  # .bin folders: transformers' own reader
+        return vlm_class.from_pretrained(folder, attn_implementation="sdpa", **kwargs)
+    vlm = vlm_class.from_pretrained(
+        None, config=AutoConfig.from_pretrained(folder), state_dict=_read_state(files, dtype),
+        attn_implementation="sdpa", **kwargs,
+    )
+    if (folder / "generation_config.json").is_file():
+        vlm.generation_config = GenerationConfig.from_pretrained(folder)
+    return vlm
 
 
 def model_skeleton(path: str | os.PathLike) -> DeepGenModel:
