@@ -65,3 +65,24 @@ def test_bench_suite_runs_on_cpu_and_writes_json_markdown_and_plots(tmp_path):
     assert len(data["rows"]) == len(result.rows)
     assert "| preset | mode |" in (tmp_path / "bench.md").read_text()
     assert any(p.suffix == ".png" for p in paths)
+
+
+@pytest.mark.parametrize("memory_mode", ["none", "model"])
+def test_bench_memory_mode_reports_each_stage_and_records_the_mode(tmp_path, memory_mode):
+    """``--memory-mode``: one pipeline call, a row per stage (condition, denoise, decode) with its time; on the CPU
+    the peak memory is not measured (None) and the rows say so, without failing; bench.json records the mode."""
+    cfg = BenchConfig(preset="tiny", device="cpu", dtype="float32", modes=("eager",), steps=2, repeats=1, warmup=0,
+                      threads=1, memory_mode=memory_mode)
+    result = run_suite(cfg, progress=False)
+    memory = [r for r in result.rows if r.stage.startswith("memory_")]
+    assert [r.stage for r in memory] == ["memory_condition", "memory_denoise", "memory_decode"]
+    assert all(r.ms > 0 and r.peak_memory_gib is None and "not measured on cpu" in r.note for r in memory)
+    if memory_mode != "none":
+        assert result.rows == memory  # the stage rows run the model outside the offload hooks: only these
+    write_outputs(result, tmp_path)
+    assert json.loads((tmp_path / "bench.json").read_text())["config"]["memory_mode"] == memory_mode
+
+
+def test_bench_rejects_an_unknown_memory_mode():
+    with pytest.raises(ValueError, match="memory_mode: 'disk' is not one of none, model, sequential"):
+        run_suite(BenchConfig(preset="tiny", device="cpu", memory_mode="disk"), progress=False)

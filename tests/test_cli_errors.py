@@ -128,6 +128,8 @@ CASES = [
      "--resolutions 64,big: expected a comma list of integers", 2),
     ("bench-out-under-a-file", ["bench", "--device", "cpu", "--out", "{file}/bench"],
      "--out {file}/bench: {file} is a file", 2),
+    ("bench-unknown-memory-mode", ["bench", "--memory-mode", "disk", "--out", "{out}"],
+     "argument --memory-mode: invalid choice: 'disk'", 2),
     # shapes
     ("shapes-set-not-an-integer", ["shapes", "--quick", "--out", "{out}", "--set", "base.dit_steps=many"],
      "--set base.dit_steps: 'many' is not a int", 2),

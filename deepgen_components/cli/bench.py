@@ -31,12 +31,13 @@ from deepgen_components.cli.bench_report import (
 from deepgen_components.denoising import MODES as TORCH_MODES
 from deepgen_components.denoising import DenoiseRunner, capture_cuda_graph, flow_match_sigmas, kernels_context
 
-__all__ = ["MODES", "BenchConfig", "Row", "add_commands", "measure_matmul_peak", "run_suite", "time_fn"]
+__all__ = ["MEMORY_MODES", "MODES", "BenchConfig", "Row", "add_commands", "measure_matmul_peak", "run_suite", "time_fn"]
 
 logger = logging.getLogger(__name__)
 
 EXPORTED_MODES = ("onnxruntime", "tensorrt")  # the model exported to ONNX, run outside PyTorch
 MODES = TORCH_MODES + EXPORTED_MODES
+MEMORY_MODES = ("none", "model", "sequential")  # --memory-mode: diffusers' offload methods (docs/pipeline.md)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None
     export_dir: str | None = None  # where the exported modes keep their ONNX files (default: a temporary folder)
+    memory_mode: str = "none"  # none | model | sequential: diffusers' enable_model/sequential_cpu_offload
 
 
 @dataclass
@@ -205,8 +207,11 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
     result = SuiteResult(cfg, environment(device))
     peak = measure_matmul_peak(device, dtype) if dtype != torch.float32 else measure_matmul_peak(device, torch.float32)
     result.environment["matmul_peak_tflops"] = peak
+    if cfg.memory_mode not in MEMORY_MODES:
+        raise ValueError(f"memory_mode: {cfg.memory_mode!r} is not one of {', '.join(MEMORY_MODES)}")
+    offload = cfg.memory_mode != "none" and device.type != "cpu"
     t0 = time.perf_counter()
-    model = build_model(cfg.preset, device, dtype, cfg.seed)
+    model = build_model(cfg.preset, torch.device("cpu") if offload else device, dtype, cfg.seed)
     _sync(device)
     result.environment["build_seconds"] = time.perf_counter() - t0
     pipe = DeepGenPipeline(model)
@@ -220,6 +225,9 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
             extra = f" x{row.ratio_vs_eager:.2f}" if row.ratio_vs_eager else ""
             print(f"  {row.mode:<15} {row.stage:<12} {row.resolution:>5}px b{row.batch} {row.ms:10.2f} ms{extra}", flush=True)
 
+    memory_rows(cfg, pipe, prompts, device, offload, add)
+    if cfg.memory_mode != "none":  # the stage rows below run the model's parts directly, outside the offload hooks
+        return result
     with torch.no_grad():
         # Condition encode (VLM + think tokens + bridge), prompt and negative in one batch.
         texts = prompts + [""] * cfg.batch if do_cfg else prompts
@@ -295,6 +303,37 @@ def run_suite(cfg: BenchConfig, progress: bool = True) -> SuiteResult:
                 dit_rows(cfg.resolution, batch, (cfg.sweep_mode,))
     result.fits = fit_scaling([r for r in result.rows if r.stage == "dit_step" and r.mode == cfg.sweep_mode])
     return result
+
+
+def memory_rows(cfg: BenchConfig, pipe, prompts, device: torch.device, offload: bool, add) -> None:
+    """One pipeline call in ``cfg.memory_mode``: per stage (condition: VLM + think tokens + bridge; denoise: the DiT;
+    decode: the VAE) its seconds and, on CUDA, ``torch.cuda.max_memory_allocated`` within the stage (reset at each
+    boundary: the bridge's forward ends the condition, the VAE decoder's starts the decode). On a CPU nothing is
+    offloaded (there is no accelerator to leave) and nothing measured; the rows say so."""
+    if offload:
+        getattr(pipe, f"enable_{cfg.memory_mode}_cpu_offload")(device=device)
+    peaks, handles = [], []
+
+    def boundary(*_):
+        peaks.append(_peak_memory(device))
+        _reset_peak(device)
+
+    handles.append(pipe.bridge.register_forward_hook(boundary))
+    handles.append(pipe.vae.decoder.register_forward_pre_hook(boundary))
+    _sync(device)
+    _reset_peak(device)
+    out = pipe(prompts, height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.steps,
+               guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(0), output_type="pil")
+    _sync(device)
+    boundary()
+    for handle in handles:
+        handle.remove()
+    note = (f"memory mode {cfg.memory_mode}" if device.type == "cuda" else
+            f"memory mode {cfg.memory_mode}: not measured on {device.type} (no offload from the CPU to itself; "
+            "peak memory is torch.cuda.max_memory_allocated)")
+    for stage, peak in zip(("condition", "denoise", "decode"), peaks):
+        add(Row(cfg.preset, pipe.mode, f"memory_{stage}", cfg.resolution, cfg.batch, cfg.guidance_scale != 1.0,
+                cfg.steps if stage == "denoise" else None, out.timings[stage] * 1000, 0.0, peak, note=note))
 
 
 def export_ranges(cfg: BenchConfig, model, do_cfg: bool):
@@ -505,7 +544,7 @@ def cmd_bench(args) -> int:
         resolution=args.resolution, batch=args.batch, steps=args.steps, guidance_scale=args.guidance,
         prompt_tokens=args.prompt_tokens, repeats=args.repeats, warmup=args.warmup,
         resolutions=_parse_ints(args.resolutions), batches=_parse_ints(args.batches, "--batches"), sweep_mode=args.sweep_mode,
-        e2e=not args.no_e2e, threads=args.threads, export_dir=args.export_dir,
+        e2e=not args.no_e2e, threads=args.threads, export_dir=args.export_dir, memory_mode=args.memory_mode,
     )
     result = run_suite(cfg)
     print(markdown_table(result))
@@ -542,5 +581,8 @@ def add_commands(sub) -> None:
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end rows")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="folder for bench.json, bench.md and plots")
+    p.add_argument("--memory-mode", choices=MEMORY_MODES, default="none", help="run the pipeline under diffusers' "
+                   "enable_model_cpu_offload (model) or enable_sequential_cpu_offload (sequential): per-stage peak "
+                   "CUDA memory only, no other rows")
     p.set_defaults(func=cmd_bench)
 
