@@ -29,7 +29,7 @@ from deepgen_components.layer_selection import LayerSelection
 from deepgen_components.model import DeepGenConfig, DeepGenModel
 from deepgen_components.pipeline_inputs import check_call_arguments, check_prompts, is_old_callback
 from deepgen_components.processing import pixels_to_pil, reference_pixels
-from deepgen_components.serialization import COMPONENTS, load_model_folder, save_model_folder
+from deepgen_components.serialization import COMPONENTS, load_model_folder, replace_folder, save_model_folder
 from deepgen_components.think_tokens import ThinkTokens
 
 __all__ = ["COMPONENT_LIBRARY", "PIPELINE_FILE", "DeepGenPipeline", "DeepGenPipelineOutput"]
@@ -512,14 +512,7 @@ class DeepGenPipeline(DiffusionPipeline):
             index = json.loads((staging / "model_index.json").read_text())
             (staging / "model_index.json").write_text(json.dumps(self._model_index(index), indent=2) + "\n")
             (staging / f"{PIPELINE_FILE}.py").write_text(_PIPELINE_SOURCE)
-            if path.exists():
-                backup = path.with_name(f".{path.name}.old")
-                shutil.rmtree(backup, ignore_errors=True)
-                os.replace(path, backup)
-                os.replace(staging, path)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.replace(staging, path)
+            replace_folder(staging, path)
         finally:
             shutil.rmtree(staging.parent, ignore_errors=True)
 

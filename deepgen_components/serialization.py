@@ -31,12 +31,25 @@ from deepgen_components.model import DeepGenConfig, DeepGenModel
 from deepgen_components.official import load_state_dict_file
 from deepgen_components.think_tokens import ThinkTokens
 
-__all__ = ["COMPONENTS", "FORMAT_VERSION", "load_model_folder", "model_skeleton", "save_model_folder"]
+__all__ = ["COMPONENTS", "FORMAT_VERSION", "load_model_folder", "model_skeleton", "replace_folder", "save_model_folder"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: think_tokens/ and bridge/ in diffusers' layout; 1 still loads
 COMPONENTS = ("vlm", "think_tokens", "bridge", "transformer", "vae", "scheduler", "tokenizer")
+
+
+def replace_folder(staging: Path, path: Path) -> None:
+    """Put the finished folder ``staging`` at ``path`` (a sibling), replacing what is there: an old folder is moved
+    aside first and removed only after the new one is in place, so a crash leaves one of them whole."""
+    if path.exists():
+        backup = path.with_name(f".{path.name}.old")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(path, backup)
+        os.replace(staging, path)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(staging, path)
 
 
 def save_model_folder(model: DeepGenModel, path: str | os.PathLike) -> None:
@@ -65,14 +78,7 @@ def save_model_folder(model: DeepGenModel, path: str | os.PathLike) -> None:
                 "vlm_class": type(vlm).__name__,
             },
         )
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(path, backup)
-            os.replace(tmp, path)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

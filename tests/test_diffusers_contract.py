@@ -9,8 +9,9 @@ still work for one release with a DeprecationWarning.
 import numpy as np
 import pytest
 import torch
+from _pipelines import seeded, tiny_pipeline
 
-from deepgen_components import DeepGenPipeline, deepgen_tiny
+from deepgen_components import DeepGenPipeline
 
 STEPS = 3
 PROMPT = "a red cat"
@@ -18,13 +19,7 @@ PROMPT = "a red cat"
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipeline = DeepGenPipeline(deepgen_tiny(seed=0))
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return tiny_pipeline()
 
 
 def run(pipe, prompt=PROMPT, seed=0, **kwargs):

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from _pipelines import seeded, tiny_pipeline
 from PIL import Image
 
 from deepgen_components import DeepGenConfig, DeepGenPipeline, conventions, deepgen_tiny, processing
@@ -23,13 +24,7 @@ PROMPT = "a red cat"
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipeline = DeepGenPipeline(deepgen_tiny(seed=0))
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return tiny_pipeline()
 
 
 def run(pipe, prompt=PROMPT, seed=0, **kwargs):
