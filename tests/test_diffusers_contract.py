@@ -9,7 +9,7 @@ still work for one release with a DeprecationWarning.
 import numpy as np
 import pytest
 import torch
-from _pipelines import seeded, tiny_pipeline
+from _pipelines import call, seeded, tiny_pipeline
 
 from deepgen_components import DeepGenPipeline
 
@@ -23,9 +23,7 @@ def pipe():
 
 
 def run(pipe, prompt=PROMPT, seed=0, **kwargs):
-    kwargs.setdefault("num_inference_steps", STEPS)
-    kwargs.setdefault("output_type", "latent")
-    return pipe(prompt, generator=kwargs.pop("generator", None) or seeded(seed), **kwargs)
+    return call(pipe, prompt, seed, steps=STEPS, **{"output_type": "latent", **kwargs})
 
 
 # -- outputs --------------------------------------------------------------------------------------------

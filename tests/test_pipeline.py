@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from _pipelines import seeded, tiny_pipeline
+from _pipelines import call, seeded, tiny_pipeline
 from PIL import Image
 
 from deepgen_components import DeepGenConfig, DeepGenPipeline, conventions, deepgen_tiny, processing
@@ -28,9 +28,7 @@ def pipe():
 
 
 def run(pipe, prompt=PROMPT, seed=0, **kwargs):
-    kwargs.setdefault("num_inference_steps", STEPS)
-    kwargs.setdefault("output_type", "pt")
-    return pipe(prompt, generator=seeded(seed), **kwargs).images
+    return call(pipe, prompt, seed, steps=STEPS, **{"output_type": "pt", **kwargs}).images
 
 
 def picture(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
