@@ -142,28 +142,16 @@ def _tiny_official():
 def write_inputs(preset: str, inputs: Path) -> dict:
     """The saved pipeline folder and the official export (both layouts) of the preset's random model, float32."""
     import torch
-    from safetensors.torch import save_file
 
     from deepgen_components import DeepGenPipeline, build_preset
-    from deepgen_components.official import to_official_state_dict
+    from deepgen_components.official import save_official_files
 
     done = inputs / "inputs.json"
     if done.is_file() and json.loads(done.read_text()).get("preset") == preset:
         return json.loads(done.read_text())
     model = build_preset(preset).to(torch.float32).eval() if preset != "tiny" else _tiny_official()
     DeepGenPipeline(model).save_pretrained(str(inputs / "folder"))
-    official = inputs / "official"
-    model.vlm.save_pretrained(official / "qwen2_5_vl")
-    model.vae.save_pretrained(official / "vae")
-    model.tokenizer.save_pretrained(official / "tokenizer")
-    state = {k: v.detach().contiguous() for k, v in to_official_state_dict(model).items()}
-    save_file(state, str(official / "deepgen.safetensors"))
-    release = official / "release"
-    model.dit.transformer.save_pretrained(release / "transformer")
-    model.vae.save_pretrained(release / "vae")
-    model.scheduler.save_pretrained(release / "scheduler")
-    model.tokenizer.save_pretrained(release / "tokenizer")
-    save_file({k: v for k, v in state.items() if not k.startswith("transformer.")}, str(release / "deepgen_scb.safetensors"))
+    save_official_files(model, inputs / "official")
     info = {
         "preset": preset,
         "fp32_weight_bytes": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())),

@@ -34,6 +34,7 @@ __all__ = [
     "import_official_weights",
     "load_state_dict_file",
     "map_official_key",
+    "save_official_files",
     "to_official_state_dict",
 ]
 
@@ -72,6 +73,31 @@ def to_official_state_dict(model) -> dict[str, torch.Tensor]:
             if name.startswith(ours):
                 out[official + name[len(ours) :]] = tensor
     return out
+
+
+def save_official_files(model, folder: str | Path) -> dict[str, Path]:
+    """Write ``model`` in both file layouts of the official release, as ``deepgen_from_official`` reads them:
+    layout (a) — ``qwen2_5_vl/``, ``vae/``, ``tokenizer/`` folders beside one ``deepgen.safetensors`` (SCB + DiT
+    under the official keys); layout (b) — a ``release/`` folder with diffusers-format ``transformer/``, ``vae/``,
+    ``scheduler/``, ``tokenizer/`` and the SCB in ``deepgen_scb.safetensors``. Returns the paths by name."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    paths = {"vlm": folder / "qwen2_5_vl", "vae": folder / "vae", "tokenizer": folder / "tokenizer",
+             "weights": folder / "deepgen.safetensors", "release": folder / "release"}
+    model.vlm.save_pretrained(paths["vlm"])
+    model.vae.save_pretrained(paths["vae"])
+    model.tokenizer.save_pretrained(paths["tokenizer"])
+    state = {k: v.detach().contiguous() for k, v in to_official_state_dict(model).items()}
+    save_file(state, str(paths["weights"]))
+    release = paths["release"]
+    model.dit.transformer.save_pretrained(release / "transformer")
+    model.vae.save_pretrained(release / "vae")
+    model.scheduler.save_pretrained(release / "scheduler")
+    model.tokenizer.save_pretrained(release / "tokenizer")
+    scb = {k: v for k, v in state.items() if not k.startswith("transformer.")}
+    save_file(scb, str(release / "deepgen_scb.safetensors"))
+    return paths
 
 
 _SAFETENSORS_DTYPES = {

@@ -35,7 +35,7 @@ from deepgen_components import (
     deepgen_tiny,
 )
 from deepgen_components.builders import deepgen_1_0, deepgen_small, materialize_random
-from deepgen_components.official import to_official_state_dict
+from deepgen_components.official import save_official_files, to_official_state_dict
 from deepgen_components.serialization import load_model_folder, save_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,29 +63,20 @@ def official_files(tmp_path_factory):
     """Layout (a): one safetensors file beside the VLM, VAE and tokenizer folders; layout (b): the release folder."""
     root = tmp_path_factory.mktemp("low_ram_official")
     model = tiny_official_model()
-    model.vlm.save_pretrained(root / "vlm")
-    model.vae.save_pretrained(root / "vae")
-    model.tokenizer.save_pretrained(root / "tokenizer")
+    paths = save_official_files(model, root)
     state = {k: v.detach().contiguous() for k, v in to_official_state_dict(model).items()}
-    save_file(state, str(root / "deepgen.safetensors"))
-    release = root / "release"
-    model.dit.transformer.save_pretrained(release / "transformer")
-    model.vae.save_pretrained(release / "vae")
-    model.scheduler.save_pretrained(release / "scheduler")
-    model.tokenizer.save_pretrained(release / "tokenizer")
-    save_file({k: v for k, v in state.items() if not k.startswith("transformer.")}, str(release / "scb.safetensors"))
-    return {"root": root, "model": model, "state": state, "release": release}
+    return {"root": root, "model": model, "state": state, "release": paths["release"]}
 
 
 def load_official(files, layout: str, dtype: torch.dtype, **kwargs) -> DeepGenModel:
     root = files["root"]
     if layout == "file":
         return deepgen_from_official(
-            root / "vlm", kwargs.pop("weights", root / "deepgen.safetensors"), vae_path=root / "vae",
+            root / "qwen2_5_vl", kwargs.pop("weights", root / "deepgen.safetensors"), vae_path=root / "vae",
             tokenizer_path=root / "tokenizer", transformer_config=files["release"] / "transformer", dtype=dtype,
             **kwargs,
         )
-    return deepgen_from_official(root / "vlm", files["release"], dtype=dtype, **kwargs)
+    return deepgen_from_official(root / "qwen2_5_vl", files["release"], dtype=dtype, **kwargs)
 
 
 def no_meta_and_all_in(model: nn.Module, dtype: torch.dtype) -> None:
