@@ -29,3 +29,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (bit-for-bit comparisons and rollouts depend on the summation
+    order), the previous count restored afterwards. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """The ``tiny`` preset as a pipeline, bar off, one per module (a module may define its own ``pipe``)."""
+    from _pipelines import tiny_pipeline
+
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def saved(pipe, tmp_path_factory):
+    """The module's ``pipe`` written by ``save_pretrained`` into a fresh folder."""
+    path = tmp_path_factory.mktemp("saved") / "tiny"
+    pipe.save_pretrained(path)
+    return path

@@ -9,17 +9,12 @@ still work for one release with a DeprecationWarning.
 import numpy as np
 import pytest
 import torch
-from _pipelines import call, seeded, tiny_pipeline
+from _pipelines import call, seeded
 
 from deepgen_components import DeepGenPipeline
 
 STEPS = 3
 PROMPT = "a red cat"
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
 
 
 def run(pipe, prompt=PROMPT, seed=0, **kwargs):
@@ -143,13 +138,6 @@ def test_the_old_from_pretrained_keywords_warn_and_still_work(pipe, saved):
 
 
 # -- a diffusers DiffusionPipeline ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def saved(pipe, tmp_path_factory):
-    path = tmp_path_factory.mktemp("diffusers") / "tiny"
-    pipe.save_pretrained(path)
-    return path
 
 
 def test_the_pipeline_registers_the_models_own_modules(pipe):

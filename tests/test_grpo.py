@@ -30,12 +30,7 @@ from deepgen_components.rl.sampling import cps_step, flow_grpo_step
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from _pipelines import call, seeded, tiny_pipeline
+from _pipelines import call, seeded
 from PIL import Image
 
 from deepgen_components import DeepGenConfig, DeepGenPipeline, conventions, deepgen_tiny, processing
@@ -20,11 +20,6 @@ from deepgen_components.processing import pixels_to_uint8
 
 STEPS = 2
 PROMPT = "a red cat"
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
 
 
 def run(pipe, prompt=PROMPT, seed=0, **kwargs):
@@ -331,13 +326,6 @@ def test_bad_latents_shape_and_reference_type_are_rejected(pipe):
 
 
 # -- save / load ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def saved(pipe, tmp_path_factory):
-    path = tmp_path_factory.mktemp("pipelines") / "tiny"
-    pipe.save_pretrained(path)
-    return path
 
 
 def test_save_layout_is_one_folder_per_component_with_config_and_safetensors(saved):

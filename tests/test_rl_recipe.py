@@ -44,12 +44,7 @@ QUIET = ["trainer.tensorboard=false"]
 SMALL = QUIET + ["rl.group_size=4", "rl.num_steps=4", "trainer.save_pipeline=false"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(*overrides, path=RL_TINY):
