@@ -206,6 +206,18 @@ class DeepGenPipeline(DiffusionPipeline):
         if hook is not None and hasattr(hook, "pre_forward"):
             hook.pre_forward(component)
 
+    def enable_sequential_cpu_offload(self, *args, **kwargs) -> None:
+        """diffusers' sequential offload; on a CPU "accelerator" its hooks run on ``cpu`` rather than ``cpu:0``: torch
+        copies a ``Parameter`` moved to ``cpu:0`` into a plain tensor, which accelerate cannot offload again."""
+        super().enable_sequential_cpu_offload(*args, **kwargs)
+        for component in self.components.values():
+            for module in component.modules() if isinstance(component, torch.nn.Module) else ():
+                hook = getattr(module, "_hf_hook", None)
+                for one in getattr(hook, "hooks", [hook]):
+                    device = getattr(one, "execution_device", None)
+                    if device is not None and torch.device(device).type == "cpu":
+                        one.execution_device = torch.device("cpu")
+
     def enable_vae_tiling(self) -> None:
         """Decode (and encode references) in overlapping tiles: the VAE's own ``enable_tiling``, for large images
         (the result differs slightly from untiled decoding at the tile seams)."""

@@ -11,8 +11,8 @@ the VLM away, fires before the DiT's first step and the VLM's never again. The i
 resident pipeline's: the same weights run the same ops on the same device.
 
 diffusers names the CPU ``cpu:0``; on torch 2.13 moving a ``Parameter`` to ``cpu:0`` copies it into a plain tensor,
-which accelerate's sequential offload cannot put back on the meta device (TypeError). The sequential-offload tests
-therefore point accelerate's hooks at ``cpu`` after diffusers installed them (:func:`execute_on_cpu`).
+which accelerate's sequential offload cannot put back on the meta device (TypeError). The pipeline's
+``enable_sequential_cpu_offload`` therefore runs a CPU "accelerator"'s hooks on ``cpu`` (tested below).
 """
 
 import pytest
@@ -52,18 +52,6 @@ def fresh() -> DeepGenPipeline:
 def resident():
     pipe = fresh()
     return {"t2i": t2i(pipe), "edit": edit(pipe)}
-
-
-def execute_on_cpu(pipe) -> None:
-    """Point every accelerate hook's execution device at ``cpu`` (see the module docstring)."""
-    for component in pipe.components.values():
-        if not isinstance(component, torch.nn.Module):
-            continue
-        for module in component.modules():
-            hook = getattr(module, "_hf_hook", None)
-            for one in getattr(hook, "hooks", [hook]):
-                if getattr(one, "execution_device", None) is not None:
-                    one.execution_device = torch.device("cpu")
 
 
 def record_hook_firing(pipe, fired: list) -> None:
@@ -128,7 +116,6 @@ def test_model_offload_images_identical_and_vlm_gone_before_denoising(resident, 
 def sequential():
     pipe = fresh()
     pipe.enable_sequential_cpu_offload(device="cpu")
-    execute_on_cpu(pipe)
     return pipe
 
 
