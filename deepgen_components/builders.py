@@ -17,7 +17,7 @@ from deepgen_components.connector import ConnectorConfig
 from deepgen_components.dit import ConditionedDiT
 from deepgen_components.layer_selection import LayerSelection
 from deepgen_components.model import DeepGenConfig, DeepGenModel
-from deepgen_components.serialization import load_model_folder, model_skeleton
+from deepgen_components.serialization import load_model_folder, load_vlm_folder, model_skeleton
 from deepgen_components.think_tokens import ThinkTokens
 from deepgen_components.tiny import (
     QWEN_SPECIAL_TOKENS,
@@ -137,25 +137,6 @@ def _qwen_vl(config_dict: dict, tokenizer=None):
     config = Qwen2_5_VLConfig(**config_dict)
     config._attn_implementation = "sdpa"
     return Qwen2_5_VLForConditionalGeneration(config)
-
-
-def _qwen_vl_from_folder(vlm_path: Path, dtype: torch.dtype):
-    """transformers' own ``from_pretrained`` of a VLM folder, fed with its safetensors read tensor by tensor and
-    already cast to ``dtype`` (transformers' memory-mapped read would keep the file's pages resident while it
-    casts: twice the bf16 bytes for a float32 folder)."""
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
-
-    from deepgen_components.official import load_state_dict_file
-
-    files = sorted(Path(vlm_path).glob("*.safetensors"))
-    if not files:  # .bin folders: transformers' own reader
-        return Qwen2_5_VLForConditionalGeneration.from_pretrained(vlm_path, dtype=dtype, attn_implementation="sdpa")
-    state = {}
-    for file in files:
-        state.update(load_state_dict_file(file, dtype=dtype))
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        None, config=AutoConfig.from_pretrained(vlm_path), state_dict=state, dtype=dtype, attn_implementation="sdpa"
-    )
 
 
 def _randomise_heads(bridge: StackedChannelBridge, std: float = 0.02) -> None:
@@ -394,7 +375,7 @@ def deepgen_from_official(
     import json
 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from deepgen_components import official
 
@@ -413,7 +394,7 @@ def deepgen_from_official(
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.padding_side = "left"
     with _default_device(device):  # the libraries' own loaders, in the target dtype
-        vlm = _qwen_vl_from_folder(vlm_path, dtype)
+        vlm = load_vlm_folder(Qwen2_5_VLForConditionalGeneration, vlm_path, dtype)
     text = vlm.config.text_config
     layers = LayerSelection.official(text.num_hidden_layers)
     num_tokens, hidden = state["meta_queries"].shape
@@ -526,9 +507,9 @@ def deepgen_1_0(
     # materialised in ``dtype`` (no fp32 copy), unless device="meta".
     with _default_device(device):
         if vlm_path is not None:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-            vlm = _qwen_vl_from_folder(vlm_path, dtype)
+            vlm = load_vlm_folder(Qwen2_5_VLForConditionalGeneration, vlm_path, dtype)
             tokenizer = AutoTokenizer.from_pretrained(vlm_path)
             tokenizer.padding_side = "left"
         transformer = SD3Transformer2DModel.from_pretrained(transformer_path, torch_dtype=dtype) if transformer_path else None

@@ -31,7 +31,15 @@ from deepgen_components.model import DeepGenConfig, DeepGenModel
 from deepgen_components.official import load_state_dict_file
 from deepgen_components.think_tokens import ThinkTokens
 
-__all__ = ["COMPONENTS", "FORMAT_VERSION", "load_model_folder", "model_skeleton", "replace_folder", "save_model_folder"]
+__all__ = [
+    "COMPONENTS",
+    "FORMAT_VERSION",
+    "load_model_folder",
+    "load_vlm_folder",
+    "model_skeleton",
+    "replace_folder",
+    "save_model_folder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +115,7 @@ def load_model_folder(path: str | os.PathLike, *, device=None, dtype: torch.dtyp
     vlm_class = getattr(transformers, index["vlm_class"], None)
     if vlm_class is None:
         raise ValueError(f"path: unknown VLM class {index['vlm_class']!r} in {path / 'model_index.json'}")
-    vlm = _load_vlm(vlm_class, path / "vlm", dtype)
+    vlm = load_vlm_folder(vlm_class, path / "vlm", dtype)
     think = _load_component(ThinkTokens, path / "think_tokens", dtype)
     bridge = _load_component(StackedChannelBridge, path / "bridge", dtype)
     transformer = _load_component(SD3Transformer2DModel, path / "transformer", dtype)
@@ -168,11 +176,13 @@ def _load_component(cls, folder: Path, dtype: torch.dtype | None):
     return module.eval()
 
 
-def _load_vlm(vlm_class, folder: Path, dtype: torch.dtype | None):
-    """The VLM through transformers' ``from_pretrained``, fed with the folder's tensors read and cast to ``dtype``
-    (its own read would keep a float32 file's memory-mapped pages resident while casting)."""
+def load_vlm_folder(vlm_class, folder: str | os.PathLike, dtype: torch.dtype | None = None):
+    """A VLM folder (a saved pipeline's ``vlm/``, an official Qwen2.5-VL folder) through transformers'
+    ``from_pretrained``, fed with the folder's tensors read and cast to ``dtype`` tensor by tensor (its own read
+    would keep a float32 file's memory-mapped pages resident while casting: twice the bf16 bytes)."""
     from transformers import AutoConfig, GenerationConfig
 
+    folder = Path(folder)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     files = _safetensors_files(folder, (_LEGACY_STEM,))
     if files is None:  # .bin folders: transformers' own reader
