@@ -18,10 +18,7 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def call(pipe, prompt="a red cat", seed=0, *, steps: int, output_type: str, **kwargs):
-    """One seeded pipeline call; ``kwargs`` may override the generator (``seed``), ``num_inference_steps``
-    (``steps``) and ``output_type``. Returns the pipeline's output."""
-    kwargs = {"generator": seeded(seed), "num_inference_steps": steps, "output_type": output_type, **kwargs}
-    if kwargs["generator"] is None:
-        kwargs["generator"] = seeded(seed)
+def call(pipe, prompt="a red cat", seed=0, **kwargs):
+    """One pipeline call with ``kwargs``; the generator is ``seeded(seed)`` unless ``kwargs`` gives one."""
+    kwargs["generator"] = kwargs.get("generator") or seeded(seed)
     return pipe(prompt, **kwargs)

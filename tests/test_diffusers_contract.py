@@ -18,7 +18,7 @@ PROMPT = "a red cat"
 
 
 def run(pipe, prompt=PROMPT, seed=0, **kwargs):
-    return call(pipe, prompt, seed, steps=STEPS, **{"output_type": "latent", **kwargs})
+    return call(pipe, prompt, seed, **{"num_inference_steps": STEPS, "output_type": "latent", **kwargs})
 
 
 # -- outputs --------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ PROMPT = "a red cat"
 
 
 def run(pipe, prompt=PROMPT, seed=0, **kwargs):
-    return call(pipe, prompt, seed, steps=STEPS, **{"output_type": "pt", **kwargs}).images
+    return call(pipe, prompt, seed, **{"num_inference_steps": STEPS, "output_type": "pt", **kwargs}).images
 
 
 def picture(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
