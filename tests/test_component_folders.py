@@ -171,11 +171,22 @@ def test_legacy_component_folders_load_bit_exactly(dtype):
     assert_same_weights(tokens, {k: cast(v) for k, v in load_file(str(folder / "think_tokens" / "model.safetensors")).items()})
 
 
-def test_legacy_pipeline_folder_reproduces_its_latents():
+@pytest.mark.parametrize("converted", [False, True], ids=["as_written", "converted"])
+def test_legacy_pipeline_folder_reproduces_its_latents(converted, tmp_path):
+    """As written, and after ``python -m deepgen_components.cli.convert_folder`` rewrote a copy in today's schema."""
+    folder = LEGACY / "pipeline"
+    if converted:
+        import shutil
+
+        from deepgen_components.cli.convert_folder import main as convert
+
+        folder = shutil.copytree(folder, tmp_path / "pipeline")
+        assert convert([str(folder)]) == 0
+        assert isinstance(json.loads((folder / "model_index.json").read_text())["_class_name"], list)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the latents were recorded (tests/data/legacy_v1/README.md)
     try:
-        pipe = DeepGenPipeline.from_pretrained(str(LEGACY / "pipeline"))
+        pipe = DeepGenPipeline.from_pretrained(str(folder))
         out = pipe(
             ["a red circle on the left"], num_inference_steps=3, guidance_scale=4.0, output_type="latent",
             generator=torch.Generator().manual_seed(0),

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from deepgen_components.pipeline import DeepGenPipeline
-from deepgen_components.serialization import COMPONENTS
+from deepgen_components.serialization import COMPONENTS, replace_folder
 
 
 def convert(folder: Path) -> None:
@@ -38,10 +38,7 @@ def convert(folder: Path) -> None:
         if extra.name not in (*COMPONENTS, "model_index.json") and not (staging / extra.name).exists():
             copy = shutil.copytree if extra.is_dir() else shutil.copy2
             copy(extra, staging / extra.name)
-    backup = folder.with_name(f"{folder.name}.old")
-    folder.rename(backup)
-    staging.rename(folder)
-    shutil.rmtree(backup)
+    replace_folder(staging, folder)
     print(f"{folder}: rewritten in the diffusers schema, {len(before)} tensors bit-identical")
 
 
