@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from deepgen_components.export.manifest import ExportedModel
+from deepgen_components.export.manifest import ExportedModel, numpy_dtype
 from deepgen_components.export.staged import StagedPipeline, StagedPipelineOutput
 
 from deepgen_components.conventions import euler_update
@@ -115,11 +115,18 @@ class OnnxDeepGenPipeline(StagedPipeline):
     def _take(self, array: np.ndarray, index: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(array[index])
 
-    def _all_finite(self, array: np.ndarray) -> bool:
+    def _cast(self, array: np.ndarray, dtype: str) -> np.ndarray:
+        return array.astype(numpy_dtype(dtype), copy=False)
+
+    def _finite_flag(self, array: np.ndarray) -> bool:
         return bool(np.isfinite(array.astype(np.float32)).all())
 
+    def _first_false(self, flags: list) -> int:
+        bad = [i for i, flag in enumerate(flags) if not flag]
+        return bad[0] if bad else -1
+
     def _euler(self, latents: np.ndarray, velocity: np.ndarray, dt: np.float32) -> np.ndarray:
-        return euler_update(latents.astype(np.float32), velocity.astype(np.float32), dt).astype(velocity.dtype)
+        return euler_update(latents.astype(np.float32), velocity.astype(np.float32), dt)
 
 
 def _provider_name(provider) -> str:

@@ -48,7 +48,7 @@ class StagedPipeline(ABC):
 
     Stage calls take and return the subclass's arrays. Backend hooks: ``_run(stage, feeds) -> {output name:
     array}``, ``_asarray(numpy)``, ``_numpy(array)``, ``_cat(arrays)``, ``_take(array, numpy index)``,
-    ``_all_finite(array)``, ``_euler(latents, velocity, dt)``.
+    ``_cast(array, dtype)``, ``_finite_flag(array)``, ``_first_false(flags)``, ``_euler(latents, velocity, dt)``.
     """
 
     output_types = ("pil", "np", "float", "latent")
@@ -81,12 +81,20 @@ class StagedPipeline(ABC):
         """Backend hook (see the class docstring)."""
 
     @abstractmethod
-    def _all_finite(self, array) -> bool:
-        """Backend hook (see the class docstring)."""
+    def _cast(self, array, dtype: str):
+        """The array in the manifest dtype ``dtype`` ("float32", "float16", "bfloat16"), on the same device."""
+
+    @abstractmethod
+    def _finite_flag(self, array):
+        """Whether every element is finite, as a backend scalar: no host sync (the loop reads all flags once)."""
+
+    @abstractmethod
+    def _first_false(self, flags: list) -> int:
+        """Index of the first false flag of :meth:`_finite_flag`'s results, or -1 (one host sync for the loop)."""
 
     @abstractmethod
     def _euler(self, latents, velocity, dt: np.float32):
-        """``conventions.euler_update`` in float32, returned in the velocity's dtype (``denoising.euler_step``)."""
+        """``conventions.euler_update`` on float32 latents and velocity, in float32 (``denoising.euler_step``)."""
 
     # -- stages --------------------------------------------------------------------------------------------
     def float_dtype(self, stage: str) -> np.dtype:
@@ -278,7 +286,8 @@ class StagedPipeline(ABC):
         if output_type == "latent":
             images = latents
         else:
-            pixels = self.run_stage("vae_decoder", {"latents": latents})["pixels"]
+            decoder_input = self._cast(latents, self.exported.stage("vae_decoder")["dtype"])
+            pixels = self.run_stage("vae_decoder", {"latents": decoder_input})["pixels"]
             images = self._convert_pixels(pixels, output_type)
         timings["decode"] = self._synced(start)
         timings["total"] = timings["condition"] + timings["denoise"] + timings["decode"]
@@ -294,30 +303,34 @@ class StagedPipeline(ABC):
         guidance_scale: float,
         progress: bool = True,
     ):
-        """The sampling loop: float32 initial noise (B, C, h, w) -> final latents (backend array, DiT dtype).
+        """The sampling loop: float32 initial noise (B, C, h, w) -> final float32 latents (backend array).
 
-        Per step one ``stage`` call ("dit" / "dit_edit") on ``[latents; latents]`` under CFG (the condition
-        ``feeds`` already in the DiT batch order ``[negative; positive]``, :func:`~conventions.cfg_order`), the
-        guidance combination and the Euler update of ``conventions``; non-finite latents raise after the loop
-        with the first step they appeared at."""
+        As in ``denoising.denoise_loop``: the latents, the CFG combination and the Euler update stay float32
+        whatever the DiT's dtype; only the DiT input is cast to it. Per step one ``stage`` call ("dit" /
+        "dit_edit") on ``[latents; latents]`` under CFG (the condition ``feeds`` already in the DiT batch order
+        ``[negative; positive]``, :func:`~conventions.cfg_order`), the guidance combination and the Euler update of
+        ``conventions``. Finiteness is recorded per step without a host sync; non-finite latents raise after the
+        loop with the first step they appeared at."""
         do_cfg = guidance_scale != 1.0
-        latents = self._asarray(latents.astype(self.float_dtype(stage)))
+        dit_dtype = self.exported.stage(stage)["dtype"]
+        latents = self._asarray(latents.astype(np.float32))
         steps = range(len(timesteps))
         if progress and not self._progress_config.get("disable", False):
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, total=len(timesteps), **{k: v for k, v in self._progress_config.items() if k != "disable"})
-        first_bad_step = -1
+        flags = []
         for i in steps:
-            model_input = self._cat([latents, latents]) if do_cfg else latents
+            model_input = self._cast(self._cat([latents, latents]) if do_cfg else latents, dit_dtype)
             t = self._asarray(np.full((model_input.shape[0],), timesteps[i], dtype=np.float32))
             velocity = self.run_stage(stage, {"hidden_states": model_input, "timestep": t, **feeds})["velocity"]
+            velocity = self._cast(velocity, "float32")
             if do_cfg:
                 half = velocity.shape[0] // 2
                 velocity = guidance(velocity[:half], velocity[half:], guidance_scale)
             latents = self._euler(latents, velocity, np.float32(sigmas[i + 1] - sigmas[i]))
-            if first_bad_step < 0 and not self._all_finite(latents):
-                first_bad_step = i
+            flags.append(self._finite_flag(latents))
+        first_bad_step = self._first_false(flags)
         if first_bad_step >= 0:
             raise FloatingPointError(
                 f"non-finite latents (NaN/inf) appeared at denoising step {first_bad_step} of {len(timesteps)}; "

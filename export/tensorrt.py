@@ -400,13 +400,26 @@ class TensorRTDeepGenPipeline(StagedPipeline):
 
         return array[torch.as_tensor(index, device=array.device)].contiguous()
 
-    def _all_finite(self, array) -> bool:
+    def _cast(self, array, dtype: str):
         import torch
 
-        return bool(torch.isfinite(array).all())
+        return array.to(getattr(torch, dtype))
+
+    def _finite_flag(self, array):
+        import torch
+
+        return torch.isfinite(array).all()
+
+    def _first_false(self, flags: list) -> int:
+        import torch
+
+        if not flags:
+            return -1
+        bad = torch.nonzero(~torch.stack(flags)).flatten().tolist()  # one host sync for the whole loop
+        return bad[0] if bad else -1
 
     def _euler(self, latents, velocity, dt: np.float32):
-        return euler_update(latents.float(), velocity.float(), float(dt)).to(velocity.dtype)
+        return euler_update(latents.float(), velocity.float(), float(dt))
 
     def _synced(self, start: float) -> float:
         import torch
