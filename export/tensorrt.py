@@ -6,15 +6,18 @@
 * :func:`build_engine` — TensorRT Python API: ONNX parser, strongly typed network (precision comes from the ONNX
   dtypes; TensorRT 11 is always strongly typed, on 10.x the ``STRONGLY_TYPED`` flag is set), one optimisation
   profile, builder optimisation level, a timing cache file; writes the engine plus a JSON sidecar (TensorRT
-  version, GPU name, compute capability) that :func:`load_engine` checks;
-* :class:`TensorRTDeepGenPipeline` — ``DeepGenPipeline``'s loop on engines with torch CUDA tensors as I/O, with an
-  optional CUDA graph per static input shape (the DiT step repeats one shape every step).
+  version, GPU name, compute capability, cache key) that :func:`load_engine` checks;
+* :func:`engine_key`, :func:`stale_reason`, :func:`ensure_engine`, :func:`build_engines` — the engine cache: an
+  engine is reused only when the ONNX content, profiles, precision, optimisation level, TensorRT version and GPU
+  architecture it was built for all match (``deepgen export --engine`` builds ahead of time);
+* :mod:`~deepgen_components.export.tensorrt_runtime` — :class:`EngineRunner` and ``TensorRTDeepGenPipeline``.
 
 Nothing here imports ``tensorrt`` until an engine is built or loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,21 +25,22 @@ import shlex
 import time
 from pathlib import Path
 
-import numpy as np
 from deepgen_components.export.manifest import ExportedModel
 from deepgen_components.export.specs import ExportRanges, ExportSpec, stage_dims
-from deepgen_components.export.staged import StagedPipeline
-
-from deepgen_components.conventions import euler_update
 
 __all__ = [
-    "EngineRunner",
-    "TensorRTDeepGenPipeline",
     "build_engine",
+    "build_engines",
     "check_engine_compatibility",
+    "device_facts",
+    "engine_key",
     "engine_sidecar_path",
+    "ensure_engine",
+    "import_tensorrt",
     "load_engine",
+    "onnx_digest",
     "profiles_for",
+    "stale_reason",
     "trtexec_command",
 ]
 
@@ -111,12 +115,52 @@ def trtexec_command(
     return " ".join(shlex.quote(a) for a in args)
 
 
-# -- engine sidecar ---------------------------------------------------------------------------------------------
+# -- the engine cache key and sidecar ----------------------------------------------------------------------------
 
 
 def engine_sidecar_path(engine_path: str | os.PathLike) -> Path:
     engine_path = Path(engine_path)
     return engine_path.with_name(engine_path.name + ".json")
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def onnx_digest(onnx_path: str | os.PathLike) -> str:
+    """sha256 over the ONNX file and its external-data files (in name order), cached per (path, size, mtime)."""
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    names = sorted({e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"})
+    files = [onnx_path] + [onnx_path.parent / name for name in names]
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if stamp not in _DIGESTS:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(file.name.encode() + b"\0")
+            with open(file, "rb") as handle:
+                for block in iter(lambda h=handle: h.read(1 << 24), b""):
+                    digest.update(block)
+        _DIGESTS[stamp] = digest.hexdigest()
+    return _DIGESTS[stamp]
+
+
+def engine_key(
+    onnx_path: str | os.PathLike, profiles: Profiles, *, optimization_level: int = 3, tensorrt_version: str,
+    compute_capability: str,
+) -> dict:
+    """Everything an engine depends on: the ONNX content, the profiles, the precision mode (strongly typed: the
+    ONNX dtypes decide; no precision flags), the builder optimisation level, the TensorRT version and the GPU
+    architecture. Two builds with equal keys are interchangeable; any difference means a rebuild."""
+    return {
+        "onnx_sha256": onnx_digest(onnx_path),
+        "profiles": {name: [list(s) for s in shapes] for name, shapes in sorted(profiles.items())},
+        "precision": {"strongly_typed": True, "builder_flags": []},
+        "optimization_level": int(optimization_level),
+        "tensorrt_version": tensorrt_version,
+        "compute_capability": compute_capability,
+    }
 
 
 def check_engine_compatibility(
@@ -141,9 +185,35 @@ def check_engine_compatibility(
                        engine_path, sidecar.get("gpu_name"), gpu_name, compute_capability)
 
 
-def _device_facts(device=None) -> tuple[str, str]:
+def stale_reason(engine_path: str | os.PathLike, key: dict) -> str | None:
+    """Why the engine at ``engine_path`` cannot serve ``key`` (missing, no sidecar, another ONNX file, other
+    profiles, ...), or None when it can."""
+    engine_path = Path(engine_path)
+    sidecar_path = engine_sidecar_path(engine_path)
+    if not engine_path.is_file():
+        return f"{engine_path} does not exist"
+    if not sidecar_path.is_file():
+        return f"{sidecar_path} (what the engine was built from) is missing"
+    built = json.loads(sidecar_path.read_text()).get("key", {})
+    what = {"onnx_sha256": "the ONNX file changed since the build (re-exported?)",
+            "profiles": "it was built for other shape profiles", "precision": "it was built with other precision flags",
+            "optimization_level": "it was built at another builder optimisation level",
+            "tensorrt_version": "it was built by another TensorRT version",
+            "compute_capability": "it was built for another GPU architecture"}
+    for field, why in what.items():
+        if built.get(field) != key[field]:
+            return f"{engine_path}: {why} ({built.get(field)!r} != {key[field]!r})" if field not in (
+                "onnx_sha256", "profiles") else f"{engine_path}: {why}"
+    return None
+
+
+def device_facts(device=None) -> tuple[str, str]:
+    """(GPU name, compute capability "major.minor") of ``device``; ("no CUDA device", "none") without CUDA, where only
+    a host-memory TensorRT (the test suite's fake) can run."""
     import torch
 
+    if not torch.cuda.is_available():
+        return "no CUDA device", "none"
     index = torch.device(device or "cuda").index or 0
     major, minor = torch.cuda.get_device_capability(index)
     return torch.cuda.get_device_name(index), f"{major}.{minor}"
@@ -152,7 +222,8 @@ def _device_facts(device=None) -> tuple[str, str]:
 # -- build and load ----------------------------------------------------------------------------------------------
 
 
-def _tensorrt():
+def import_tensorrt():
+    """``import tensorrt`` with a clear error naming the optional dependency when it is missing."""
     try:
         import tensorrt
     except ImportError as err:  # optional dependency
@@ -174,8 +245,9 @@ def build_engine(
     device=None,
 ) -> Path:
     """Build a serialized engine from ``onnx_path`` (external data beside it is read by the parser) for one
-    optimisation profile; write it and its JSON sidecar; load/extend/save ``timing_cache`` if given."""
-    trt = _tensorrt()
+    optimisation profile; write it atomically with its JSON sidecar (the :func:`engine_key` it was built for plus
+    the GPU name); load/extend/save ``timing_cache`` if given."""
+    trt = import_tensorrt()
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"onnx_path: {onnx_path} not found")
@@ -202,7 +274,10 @@ def build_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     profile = builder.create_optimization_profile()
     for name, (low, opt, high) in profiles.items():
-        profile.set_shape(name, low, opt, high)
+        try:
+            profile.set_shape(name, low, opt, high)
+        except RuntimeError as err:  # TensorRT validates min <= opt <= max here
+            raise ValueError(f"profiles: {name} min {low} / opt {opt} / max {high} refused by TensorRT: {err}") from err
     config.add_optimization_profile(profile)
     cache_file = Path(timing_cache) if timing_cache is not None else None
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file and cache_file.is_file() else b"")
@@ -211,28 +286,34 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT {trt.__version__} could not build an engine from {onnx_path} (see its log)")
-    engine_path.write_bytes(bytes(serialized))
-    if cache_file is not None:
-        cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
-    gpu_name, capability = _device_facts(device)
+    gpu_name, capability = device_facts(device)
+    key = engine_key(onnx_path, profiles, optimization_level=optimization_level, tensorrt_version=trt.__version__,
+                     compute_capability=capability)
     sidecar = {
         "tensorrt_version": trt.__version__,
         "gpu_name": gpu_name,
         "compute_capability": capability,
         "onnx_file": onnx_path.name,
-        "profiles": {name: [list(s) for s in shapes] for name, shapes in profiles.items()},
-        "optimization_level": optimization_level,
-        "strongly_typed": True,
+        "key": key,
         "build_seconds": round(time.perf_counter() - start, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    engine_sidecar_path(engine_path).write_text(json.dumps(sidecar, indent=2) + "\n")
+    _write_atomic(engine_path, bytes(serialized))
+    _write_atomic(engine_sidecar_path(engine_path), (json.dumps(sidecar, indent=2) + "\n").encode())
+    if cache_file is not None:
+        _write_atomic(cache_file, bytes(config.get_timing_cache().serialize()))
     return engine_path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def load_engine(engine_path: str | os.PathLike, *, device=None):
     """Deserialize an engine after checking its sidecar against this TensorRT and GPU."""
-    trt = _tensorrt()
+    trt = import_tensorrt()
     engine_path = Path(engine_path)
     sidecar_path = engine_sidecar_path(engine_path)
     if not engine_path.is_file():
@@ -241,7 +322,7 @@ def load_engine(engine_path: str | os.PathLike, *, device=None):
         raise FileNotFoundError(
             f"engine: {sidecar_path} (TensorRT version / GPU of the build) is missing; rebuild with build_engine"
         )
-    gpu_name, capability = _device_facts(device)
+    gpu_name, capability = device_facts(device)
     check_engine_compatibility(
         json.loads(sidecar_path.read_text()), tensorrt_version=trt.__version__, gpu_name=gpu_name,
         compute_capability=capability, engine_path=str(engine_path),
@@ -253,181 +334,61 @@ def load_engine(engine_path: str | os.PathLike, *, device=None):
     return engine
 
 
-class EngineRunner:
-    """Runs one engine on torch CUDA tensors: sets input shapes and addresses, allocates outputs, enqueues on the
-    current stream. With ``cuda_graph=True`` each distinct set of input shapes is captured once (after a warm-up
-    run) and replayed, with inputs copied into the graph's static buffers."""
-
-    def __init__(self, engine, *, cuda_graph: bool = False) -> None:
-        import torch
-
-        trt = _tensorrt()
-        self.engine = engine
-        self.context = engine.create_execution_context()
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        dtypes = {
-            trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
-            trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool,
-            trt.DataType.INT8: torch.int8, trt.DataType.UINT8: torch.uint8,
-        }
-        self.dtypes = {n: dtypes[engine.get_tensor_dtype(n)] for n in names}
-        self.cuda_graph = cuda_graph
-        self._graphs: dict[tuple, tuple] = {}
-
-    def _enqueue(self, feeds: dict, outputs: dict) -> None:
-        import torch
-
-        for name in self.inputs:
-            self.context.set_tensor_address(name, feeds[name].data_ptr())
-        for name in self.outputs:
-            self.context.set_tensor_address(name, outputs[name].data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-
-    def _prepare(self, feeds: dict) -> tuple[dict, dict]:
-        import torch
-
-        prepared = {}
-        for name in self.inputs:
-            if name not in feeds:
-                raise ValueError(f"engine input {name!r} missing; got {sorted(feeds)}")
-            tensor = feeds[name].to(device="cuda", dtype=self.dtypes[name]).contiguous()
-            if not self.context.set_input_shape(name, tuple(tensor.shape)):
-                raise ValueError(f"engine input {name!r}: shape {tuple(tensor.shape)} is outside the engine's profile")
-            prepared[name] = tensor
-        outputs = {
-            name: torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device="cuda")
-            for name in self.outputs
-        }
-        return prepared, outputs
-
-    def __call__(self, feeds: dict) -> dict:
-        import torch
-
-        if not self.cuda_graph:
-            prepared, outputs = self._prepare(feeds)
-            self._enqueue(prepared, outputs)
-            return outputs
-        key = tuple((name, tuple(feeds[name].shape)) for name in self.inputs)
-        if key not in self._graphs:
-            static_in, static_out = self._prepare(feeds)
-            self._enqueue(static_in, static_out)  # warm-up outside the capture (TensorRT allocates lazily)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._enqueue(static_in, static_out)
-            self._graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = self._graphs[key]
-        for name in self.inputs:
-            static_in[name].copy_(feeds[name].to(device="cuda", dtype=self.dtypes[name]))
-        graph.replay()
-        return {name: value.clone() for name, value in static_out.items()}
+def ensure_engine(
+    exported: ExportedModel | str | os.PathLike,
+    stage: str,
+    *,
+    engine_dir: str | os.PathLike | None = None,
+    ranges: ExportRanges | None = None,
+    build: bool = True,
+    optimization_level: int = 3,
+    workspace_bytes: int | None = None,
+    device=None,
+) -> Path:
+    """The engine of ``stage`` for these profiles, built only when no up-to-date one exists: a missing engine, or
+    one whose sidecar key differs (ONNX content, profiles, precision, optimisation level, TensorRT version, GPU
+    architecture), is built when ``build`` is true and refused with the reason otherwise."""
+    trt = import_tensorrt()
+    exported = exported if isinstance(exported, ExportedModel) else ExportedModel.load(exported)
+    engine_dir = Path(engine_dir) if engine_dir is not None else exported.path / "engines"
+    onnx_path = exported.stage_file(stage)
+    profiles = profiles_for(exported.stage(stage), ranges, config=exported.config)
+    key = engine_key(onnx_path, profiles, optimization_level=optimization_level, tensorrt_version=trt.__version__,
+                     compute_capability=device_facts(device)[1])
+    engine_path = engine_dir / f"{stage}.engine"
+    reason = stale_reason(engine_path, key)
+    if reason is None:
+        return engine_path
+    if not build:
+        raise FileNotFoundError(
+            f"engine for stage {stage!r}: {reason}. Build it ahead of time with `deepgen export ... --engine` or "
+            "tensorrt.build_engines(export_dir), or pass build=True"
+        )
+    logger.info("building %s (%s): %s", engine_path, reason, trtexec_command(onnx_path, profiles))
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    return build_engine(onnx_path, profiles, engine_path=engine_path, timing_cache=engine_dir / "timing.cache",
+                        optimization_level=optimization_level, workspace_bytes=workspace_bytes, device=device)
 
 
-class TensorRTDeepGenPipeline(StagedPipeline):
-    """``DeepGenPipeline``'s loop on TensorRT engines (torch CUDA tensors as I/O).
+def build_engines(
+    export_dir: str | os.PathLike,
+    *,
+    stages=None,
+    engine_dir: str | os.PathLike | None = None,
+    ranges: ExportRanges | None = None,
+    optimization_level: int = 3,
+    workspace_bytes: int | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Build (or keep, when up to date) the engine of every exported stage ahead of time: ``deepgen export
+    --engine``. Returns {stage: engine path}."""
+    exported = ExportedModel.load(export_dir)
+    stages = list(exported.stages) if stages is None else list(stages)
+    iterator = stages
+    if progress:
+        from tqdm.auto import tqdm
 
-    Engines live in ``engine_dir`` (default: ``<export>/engines``) as ``<stage>.engine`` + sidecar; a missing one is
-    built from the stage's ONNX file with :func:`profiles_for` (``ranges`` narrows the exported ranges, e.g. to a
-    single resolution for CUDA graphs), ``optimization_level`` and a shared timing cache."""
-
-    output_types = ("pil", "np", "float", "pt", "latent")
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        engine_dir: str | os.PathLike | None = None,
-        ranges: ExportRanges | None = None,
-        build: bool = True,
-        cuda_graph: bool = False,
-        optimization_level: int = 3,
-    ) -> None:
-        super().__init__(ExportedModel.load(path))
-        self.engine_dir = Path(engine_dir) if engine_dir is not None else self.exported.path / "engines"
-        self.ranges = ranges
-        self.build = build
-        self.cuda_graph = cuda_graph
-        self.optimization_level = optimization_level
-        self._runners: dict[str, EngineRunner] = {}
-
-    def runner(self, stage: str) -> EngineRunner:
-        if stage in self._runners:
-            return self._runners[stage]
-        engine_path = self.engine_dir / f"{stage}.engine"
-        if not engine_path.is_file():
-            if not self.build:
-                raise FileNotFoundError(f"engine: {engine_path} not found (build=False)")
-            self.engine_dir.mkdir(parents=True, exist_ok=True)
-            profiles = profiles_for(self.exported.stage(stage), self.ranges, config=self.config)
-            logger.info("building %s: %s", engine_path, trtexec_command(self.exported.stage_file(stage), profiles))
-            build_engine(
-                self.exported.stage_file(stage), profiles, engine_path=engine_path,
-                timing_cache=self.engine_dir / "timing.cache", optimization_level=self.optimization_level,
-            )
-        self._runners[stage] = EngineRunner(load_engine(engine_path), cuda_graph=self.cuda_graph)
-        return self._runners[stage]
-
-    # -- backend hooks -----------------------------------------------------------------------------------
-    def _run(self, stage: str, feeds: dict) -> dict:
-        return self.runner(stage)(feeds)
-
-    def _asarray(self, array):
-        import torch
-
-        if isinstance(array, torch.Tensor):
-            return array.cuda()
-        if str(array.dtype) == "bfloat16":  # ml_dtypes -> reinterpret the bits
-            return torch.from_numpy(np.ascontiguousarray(array).view(np.uint16)).view(torch.bfloat16).cuda()
-        return torch.from_numpy(np.ascontiguousarray(array)).cuda()
-
-    def _numpy(self, array) -> np.ndarray:
-        import torch
-
-        if array.dtype == torch.bfloat16:
-            array = array.float()
-        return array.detach().cpu().numpy()
-
-    def _cat(self, arrays: list):
-        import torch
-
-        return torch.cat(arrays, dim=0)
-
-    def _take(self, array, index: np.ndarray):
-        import torch
-
-        return array[torch.as_tensor(index, device=array.device)].contiguous()
-
-    def _cast(self, array, dtype: str):
-        import torch
-
-        return array.to(getattr(torch, dtype))
-
-    def _finite_flag(self, array):
-        import torch
-
-        return torch.isfinite(array).all()
-
-    def _first_false(self, flags: list) -> int:
-        import torch
-
-        if not flags:
-            return -1
-        bad = torch.nonzero(~torch.stack(flags)).flatten().tolist()  # one host sync for the whole loop
-        return bad[0] if bad else -1
-
-    def _euler(self, latents, velocity, dt: np.float32):
-        return euler_update(latents.float(), velocity.float(), float(dt))
-
-    def _synced(self, start: float) -> float:
-        import torch
-
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    def _convert_pixels(self, pixels, output_type: str):
-        if output_type == "pt":
-            return pixels.float()
-        return super()._convert_pixels(pixels, output_type)
+        iterator = tqdm(stages, desc="engines", unit="stage")
+    return {stage: ensure_engine(exported, stage, engine_dir=engine_dir, ranges=ranges, build=True,
+                                 optimization_level=optimization_level, workspace_bytes=workspace_bytes)
+            for stage in iterator}

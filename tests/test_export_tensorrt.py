@@ -105,7 +105,7 @@ def test_building_without_tensorrt_says_how_to_get_it(tmp_path):
 def test_tensorrt_pipeline_matches_pytorch_and_reuses_engines(tmp_path):
     pytest.importorskip("tensorrt")
     from deepgen_components.export.exporter import export_model
-    from deepgen_components.export.tensorrt import TensorRTDeepGenPipeline
+    from deepgen_components.export.tensorrt_runtime import TensorRTDeepGenPipeline
 
     model = deepgen_tiny(seed=0, config=DeepGenConfig(image_size=64))
     export_model(model, tmp_path, stages=["condition_encoder", "dit", "vae_decoder"],
@@ -115,7 +115,7 @@ def test_tensorrt_pipeline_matches_pytorch_and_reuses_engines(tmp_path):
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     expected = reference("a red cat", latents=latents, num_inference_steps=3, output_type="pt").images.numpy()
     for cuda_graph in (False, True):
-        pipe = TensorRTDeepGenPipeline(tmp_path, cuda_graph=cuda_graph)
+        pipe = TensorRTDeepGenPipeline(tmp_path, cuda_graph=cuda_graph, build=True)
         got = pipe("a red cat", latents=latents.numpy(), num_inference_steps=3, output_type="float", progress=False)
         mse = float(np.mean((np.clip(got.images, -1, 1) - np.clip(expected, -1, 1)) ** 2))
         assert 10 * np.log10(4.0 / max(mse, 1e-30)) >= 40
