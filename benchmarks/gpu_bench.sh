@@ -69,6 +69,16 @@ if [ $(( $(date +%s) - START )) -lt 390 ]; then  # only inside the 8-minute budg
         --modes eager,onnxruntime,tensorrt --resolution "${EXPORT_RES:-256}" --batch 1 --steps 20 --repeats 5 --warmup 2 \
         --out "$OUT/deepgen1_exported" >"$OUT/deepgen1_exported.log" 2>&1
     note "- exported modes (onnxruntime, tensorrt): exit $? (deepgen1_exported/)"
+    # 5b. The same in fp16: an fp16 export (the model cast to fp16, fp32 softmax/norm statistics kept) parity-checked
+    #     at its own tolerance, then ONNX Runtime / TensorRT on it where those runtimes exist (cap 90 s).
+    if [ $(( $(date +%s) - START )) -lt 390 ]; then
+        timeout 90 "$PY" -m deepgen_components.cli bench --preset "${EXPORT_PRESET:-small}" --device "$DEVICE" --dtype float16 \
+            --modes eager,onnxruntime,tensorrt --resolution "${EXPORT_RES:-256}" --batch 1 --steps 20 --repeats 5 --warmup 2 \
+            --out "$OUT/deepgen1_exported_fp16" >"$OUT/deepgen1_exported_fp16.log" 2>&1
+        note "- exported modes in fp16 (onnxruntime, tensorrt): exit $? (deepgen1_exported_fp16/)"
+    else
+        note "- exported modes in fp16: skipped (past 390 s of the 8-minute budget)"
+    fi
 else
     note "- exported modes: skipped (past 390 s of the 8-minute budget)"
 fi
