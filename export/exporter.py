@@ -6,10 +6,17 @@ ONNX Runtime CPU run of the traced example -> the parity gate at three other sha
 check or ONNX Runtime run fails at the requested opset is retried once at the fallback opset (20: attention and
 norms decomposed into basic ops); the manifest records which exporter and opset produced every file and why a
 fallback happened.
+
+Device and precision: the stage modules run where the model's parameters are (cpu or cuda); traced examples and
+parity inputs are made in numpy and moved there, outputs come back with ``.cpu()``. ``dtype`` (float32, float16,
+bfloat16; default: the model's) exports a cast *copy* of each stage module when it differs from the model's dtype,
+so the caller's model is never modified. Half-precision graphs get fp32 islands (attention softmax, norms with
+fp32 statistics) and are parity-checked against PyTorch at the same dtype (``parity`` module docstring).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -32,7 +39,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_OPSET = 23
 FALLBACK_OPSET = 20
 EXPORTER = "torch.onnx.export(dynamo=True)"
-SUPPORTED_DTYPES = ("float32", "bfloat16")
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class ExportError(RuntimeError):
@@ -58,8 +65,19 @@ def _model_dtype(model) -> str:
         raise ValueError(f"dtype: the model mixes parameter dtypes {sorted(map(str, dtypes))}; cast it to one dtype first")
     dtype = str(dtypes.pop()).removeprefix("torch.")
     if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype: export supports {' and '.join(SUPPORTED_DTYPES)} models, got {dtype}")
+        raise ValueError(f"dtype: export supports {', '.join(SUPPORTED_DTYPES)} models, got {dtype}")
     return dtype
+
+
+def _stage_module(spec, dtype: str, model_dtype: str):
+    """The stage's ``nn.Module`` in ``dtype``: the model's own submodules when the dtypes agree, else a cast deep
+    copy (on the same device), so that exporting at another precision never changes the caller's model."""
+    import torch
+
+    module = spec.module_factory().eval()
+    if dtype != model_dtype:
+        module = copy.deepcopy(module).to(getattr(torch, dtype))
+    return module
 
 
 def _external_data_files(path: Path) -> list[str]:
@@ -80,19 +98,39 @@ def _remove_stage_files(path: Path) -> None:
 
 
 def _fp32_softmax(path: Path) -> int:
-    """Give every ``Attention`` node ``softmax_precision = FLOAT`` (bf16 graphs): the exporter leaves the softmax in
-    the input precision. Norms already carry ``stash_type = 1`` (fp32 statistics). Returns the nodes changed."""
+    """Softmax in fp32 in a half graph: every ``Attention`` node (opset 23) gets ``softmax_precision = FLOAT``, and
+    every half-precision ``Softmax`` node (opset 20, attention decomposed) is wrapped in ``Cast`` to float and back
+    (the exporter leaves both in the input precision). Norms already carry ``stash_type = 1`` (fp32 statistics).
+    Returns the nodes changed."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    changed = 0
-    for node in proto.graph.node:
+    graph = proto.graph
+    half = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in onnx.shape_inference.infer_shapes(proto).graph.value_info} if any(
+        n.op_type == "Softmax" for n in graph.node) else {}
+    nodes, changed = [], 0
+    for node in graph.node:
         if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
             attributes = [a for a in node.attribute if a.name != "softmax_precision"]
             del node.attribute[:]
             node.attribute.extend(attributes + [onnx.helper.make_attribute("softmax_precision", onnx.TensorProto.FLOAT)])
             changed += 1
+        elif node.op_type == "Softmax" and node.domain in ("", "ai.onnx") and types.get(node.output[0]) in half:
+            source, result = node.input[0], node.output[0]
+            node.input[0], node.output[0] = f"{source}__fp32", f"{result}__fp32"
+            nodes.append(onnx.helper.make_node("Cast", [source], [node.input[0]], to=onnx.TensorProto.FLOAT,
+                                               name=f"{node.name}__to_fp32"))
+            nodes.append(node)
+            nodes.append(onnx.helper.make_node("Cast", [node.output[0]], [result], to=types[result],
+                                               name=f"{node.name}__from_fp32"))
+            changed += 1
+            continue
+        nodes.append(node)
     if changed:
+        del graph.node[:]
+        graph.node.extend(nodes)
         onnx.save_model(proto, str(path))  # initializers keep pointing at the same .data file
     return changed
 
@@ -117,18 +155,17 @@ def precision_summary(path: Path) -> dict:
         if node.op_type == "Attention":
             attention += 1
             attention_fp32 += int(attrs.get("softmax_precision", 0) == onnx.TensorProto.FLOAT)
+    softmax = [n for n in inferred.graph.node if n.op_type == "Softmax"]
     ops = Counter(node.op_type for node in proto.graph.node)
     return {
         "nodes_by_output_dtype": dict(sorted(by_dtype.items())),
         "norms_with_fp32_statistics": norms_fp32,
         "attention_nodes": attention,
         "attention_with_fp32_softmax": attention_fp32,
+        "softmax_nodes": len(softmax),
+        "softmax_in_fp32": sum(types.get(n.output[0]) == onnx.TensorProto.FLOAT for n in softmax),
         "op_types": dict(ops.most_common()),
     }
-
-
-def _to_torch_inputs(spec, arrays: dict[str, np.ndarray]) -> dict:
-    return {name: parity_gate.to_torch(arrays[name], spec.dtype) for name in spec.input_names}
 
 
 def _export_once(spec, module, example: dict[str, np.ndarray], path: Path, opset: int) -> None:
@@ -136,7 +173,8 @@ def _export_once(spec, module, example: dict[str, np.ndarray], path: Path, opset
     import torch
     from deepgen_components.export.modules import export_friendly
 
-    kwargs = _to_torch_inputs(spec, example)
+    device = parity_gate.module_device(module)  # the traced example goes where the module is (cpu or cuda)
+    kwargs = {name: parity_gate.to_torch(example[name], device=device) for name in spec.input_names}
     with torch.no_grad(), export_friendly(module), warnings.catch_warnings():
         # Derived dims (2*h, L+N) make the exporter note that it names an axis once; the LeafSpec notice comes
         # from torch's own pytree code. Neither is actionable.
@@ -183,11 +221,17 @@ def export_model(
     progress: bool = True,
     source: dict | None = None,
     seed: int = 0,
+    dtype: str | None = None,
 ) -> dict:
-    """Export ``stages`` of ``model`` (fp32 or bf16, as its parameters are) into ``out_dir``; return the manifest.
+    """Export ``stages`` of ``model`` into ``out_dir``; return the manifest.
+
+    ``dtype``: float32, float16 or bfloat16 (default: the dtype of the model's parameters). A dtype other than the
+    model's exports a cast copy of each stage (the model is left as it is). The model may live on any device; the
+    traced examples and the PyTorch side of the parity gate run there.
 
     Raises :class:`ExportError` when a stage fails at every opset tried and
-    :class:`~deepgen_components.export.parity.ParityError` when an fp32 stage does not match PyTorch.
+    :class:`~deepgen_components.export.parity.ParityError` when a stage does not match PyTorch (fp32: relative
+    error 1e-4; fp16 / bf16: :data:`~deepgen_components.export.parity.HALF_RULE`).
     """
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(f"opset must be in {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {opset}")
@@ -197,7 +241,10 @@ def export_model(
     if not stages:
         raise ValueError("stages: give at least one stage")
     ranges = ranges or ExportRanges()
-    dtype = _model_dtype(model)
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype: export supports {', '.join(SUPPORTED_DTYPES)}, got {dtype!r}")
+    model_dtype = _model_dtype(model)
+    dtype = dtype or model_dtype
     model = model.eval()
     config = model_config(model)
     specs = build_specs(model, ranges, stages, dtype)
@@ -214,6 +261,8 @@ def export_model(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "source": source or {},
         "dtype": dtype,
+        "model_dtype": model_dtype,
+        "device": str(parity_gate.module_device(model)),
         "opset_requested": opset,
         "fallback_opset": fallback_opset,
         "exporter": EXPORTER,
@@ -227,7 +276,6 @@ def export_model(
     }
     if "condition_encoder" in specs:
         manifest["ranges"]["max_prompt_tokens_resolved"] = specs["condition_encoder"].dims["prompt_length"].max
-    tolerance = parity_gate.TOLERANCES.get(dtype)
 
     bar = None
     if progress:
@@ -240,7 +288,7 @@ def export_model(
             if bar is not None:
                 bar.set_description(f"export {stage}")
             start = time.perf_counter()
-            module = spec.module_factory().eval()
+            module = _stage_module(spec, dtype, model_dtype)
             example_values = spec.example_values()
             example = spec.make_inputs(example_values, np.random.default_rng(seed))
             path = out / f"{stage}.onnx"
@@ -281,26 +329,12 @@ def export_model(
             }
             if cpu_error is not None:
                 entry["cpu_ep_error"] = cpu_error
-                entry["parity"] = {"skipped": f"not runnable on the CPU EP: {cpu_error}"}
-            elif not parity:
+            if not parity:
                 entry["parity"] = {"skipped": "disabled (--no-parity)"}
-            elif tolerance is None:
-                entry["parity"] = {"skipped": f"no tolerance defined for {dtype}"}
             else:
                 if bar is not None:
                     bar.set_description(f"parity {stage}")
-                parity_start = time.perf_counter()
-                records = parity_gate.check_parity(
-                    spec, path, module, spec.parity_values(parity_points), tolerance=tolerance, seed=seed + 1
-                )
-                entry["parity"] = {
-                    "tolerance": tolerance,
-                    "metric": parity_gate.RELATIVE_ERROR,
-                    "passed": True,
-                    "max_relative": max(o["relative"] for r in records for o in r["outputs"].values()),
-                    "shapes": records,
-                    "seconds": round(time.perf_counter() - parity_start, 2),
-                }
+                entry["parity"] = _parity(spec, path, module, model_dtype, parity_points, seed + 1, cpu_error is None)
             manifest["stages"][stage] = entry
             _write_manifest(out, manifest)  # after every stage: a failure later leaves a valid partial export
             if bar is not None:
@@ -310,6 +344,37 @@ def export_model(
         if bar is not None:
             bar.close()
     return manifest
+
+
+def _parity(spec, path: Path, module, model_dtype: str, points: int, seed: int, cpu_ep: bool) -> dict:
+    """The parity record of one stage (raises ParityError): fp32 against a fixed tolerance; fp16 / bf16 against
+    the bound derived from the same stage in fp32 (``parity.HALF_RULE``), on the CPU EP when it has the kernels,
+    else on ``onnx.reference``."""
+    start = time.perf_counter()
+    reference = _stage_module(spec, "float32", model_dtype) if spec.dtype != "float32" else None
+    runner = parity_gate.graph_runner(path, cpu_ep=cpu_ep)
+    records = parity_gate.check_parity(
+        spec, path, module, spec.parity_values(points), seed=seed, session=runner, reference_module=reference
+    )
+    del reference
+    outputs = [o for r in records for o in r["outputs"].values()]
+    record = {
+        "metric": parity_gate.RELATIVE_ERROR,
+        "runtime": "onnxruntime CPUExecutionProvider" if cpu_ep else "onnx.reference.ReferenceEvaluator",
+        "passed": True,
+        "max_relative": max(o["relative"] for o in outputs),
+        "shapes": records,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if spec.dtype == "float32":
+        return {"tolerance": parity_gate.TOLERANCES["float32"]} | record
+    return {
+        "tolerance": parity_gate.HALF_RULE,
+        "factor": parity_gate.HALF_FACTOR,
+        "floor": parity_gate.HALF_FLOORS[spec.dtype],
+        "max_torch_vs_fp32": max(o.get("torch_vs_fp32", 0.0) for o in outputs),
+        "min_bound": min(o["bound"] for o in outputs if "torch_vs_fp32" in o),
+    } | record
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:

@@ -214,8 +214,8 @@ def test_unsupported_opset_or_dtype_is_refused(copied, change, error):
 
 
 def test_export_refuses_unsupported_dtype_and_opset(model, tmp_path):
-    with pytest.raises(ValueError, match="float32 and bfloat16"):
-        export_model(deepgen_tiny().to(torch.float16), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="export supports float32, float16, bfloat16 models, got float64"):
+        export_model(deepgen_tiny().to(torch.float64), tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"opset must be in 18\.\.23"):
         export_model(model, tmp_path, opset=30, progress=False)
 
@@ -260,8 +260,9 @@ def test_cli_export_writes_the_manifest_and_prints_parity_and_trtexec(tmp_path, 
     assert (out / "manifest.json").is_file() and (out / "vision_encoder.onnx").is_file()
     assert "vision_encoder" in printed and "<= 0.0001" in printed
     assert f"trtexec --onnx={out}/vision_encoder.onnx" in printed
-    assert main(["export", "--preset", "tiny", "--out", str(out), "--dtype", "float16"]) == 2
-    assert "export supports float32 and bfloat16" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--preset", "tiny", "--out", str(out), "--dtype", "float64"])
+    assert exit_info.value.code == 2 and "invalid choice: 'float64'" in capsys.readouterr().err
 
 
 # -- no torch in the runtime ------------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def test_onnx_runtime_pipeline_imports_through_the_package_without_torch(exporte
 
 
 @pytest.mark.slow
-def test_bfloat16_export_is_checked_gets_fp32_softmax_and_is_recorded_as_not_runnable_on_the_cpu_ep(tmp_path):
+def test_bfloat16_export_is_parity_checked_gets_fp32_softmax_and_is_recorded_as_not_runnable_on_the_cpu_ep(tmp_path):
     model = deepgen_tiny(seed=0).to(torch.bfloat16)
     manifest = export_model(model, tmp_path, stages=["dit"], ranges=RANGES, progress=False)
     entry = manifest["stages"]["dit"]
@@ -338,11 +339,11 @@ def test_bfloat16_export_is_checked_gets_fp32_softmax_and_is_recorded_as_not_run
     except Exception as err:  # noqa: BLE001 - whatever ORT raises means "not runnable"
         cpu_error = str(err)
     assert entry["runnable_on_cpu_ep"] is (cpu_error is None), cpu_error
+    assert entry["parity"]["passed"]  # bf16 is parity-checked (tests/test_export_precision.py)
     if cpu_error is None:
-        assert entry["parity"] == {"skipped": "no tolerance defined for bfloat16"}
         assert OnnxDeepGenPipeline(tmp_path).session("dit") is not None
     else:
-        assert entry["parity"]["skipped"].startswith("not runnable on the CPU EP")
+        assert entry["parity"]["runtime"] == "onnx.reference.ReferenceEvaluator"
         assert entry["cpu_ep_error"] and entry["cpu_ep_error"].split(": ", 1)[-1] in cpu_error
         with pytest.raises(ValueError, match="CPU execution provider cannot run"):
             OnnxDeepGenPipeline(tmp_path).session("dit")
