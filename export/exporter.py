@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from deepgen_components.export import parity as parity_gate
+from deepgen_components.export import tensorrt_compat
 from deepgen_components.export.manifest import FORMAT_VERSION, MANIFEST_NAME, SUPPORTED_OPSETS
 from deepgen_components.export.specs import STAGES, ExportRanges, build_specs, model_config
 
@@ -222,12 +223,19 @@ def export_model(
     source: dict | None = None,
     seed: int = 0,
     dtype: str | None = None,
+    tensorrt_version: str | None = None,
 ) -> dict:
     """Export ``stages`` of ``model`` into ``out_dir``; return the manifest.
 
     ``dtype``: float32, float16 or bfloat16 (default: the dtype of the model's parameters). A dtype other than the
     model's exports a cast copy of each stage (the model is left as it is). The model may live on any device; the
     traced examples and the PyTorch side of the parity gate run there.
+
+    Every graph is checked against the TensorRT ONNX-parser support table (``tensorrt_compat``); each stage's
+    entry records ``tensorrt`` (the minimum TensorRT version that parses it, and why) and the manifest the
+    maximum over stages (``min_tensorrt``). ``tensorrt_version``: the TensorRT the engines will be built with; a
+    stage that version cannot parse at ``opset`` is retried at ``fallback_opset`` (decomposed attention and
+    norms), and fails when the fallback does not parse either.
 
     Raises :class:`ExportError` when a stage fails at every opset tried and
     :class:`~deepgen_components.export.parity.ParityError` when a stage does not match PyTorch (fp32: relative
@@ -241,6 +249,8 @@ def export_model(
     if not stages:
         raise ValueError("stages: give at least one stage")
     ranges = ranges or ExportRanges()
+    if tensorrt_version is not None:
+        tensorrt_compat.version_tuple(tensorrt_version)  # a clear error for a malformed version
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype: export supports {', '.join(SUPPORTED_DTYPES)}, got {dtype!r}")
     model_dtype = _model_dtype(model)
@@ -304,6 +314,10 @@ def export_model(
                     cpu_error = _ort_run(path, example)
                     if cpu_error is not None and dtype == "float32":
                         raise RuntimeError(f"ONNX Runtime CPU run failed: {cpu_error}")
+                    if tensorrt_version is not None:
+                        problems = tensorrt_compat.parse_problems(path, tensorrt_version)
+                        if problems:
+                            raise RuntimeError(f"TensorRT {tensorrt_version} cannot parse it: " + "; ".join(problems))
                 except Exception as err:  # exporter, checker and ORT errors all lead to the fallback
                     errors[attempt] = f"{type(err).__name__}: {str(err).strip()[:2000]}"
                     logger.warning("stage %s failed at opset %d: %s", stage, attempt, errors[attempt].splitlines()[0])
@@ -326,6 +340,7 @@ def export_model(
                 "example_dims": example_values,
                 "export_seconds": round(export_seconds, 2),
                 "precision": precision_summary(path) | {"attention_softmax_set_to_fp32": softmax_fp32},
+                "tensorrt": tensorrt_compat.graph_requirements(path),
             }
             if cpu_error is not None:
                 entry["cpu_ep_error"] = cpu_error
@@ -336,6 +351,7 @@ def export_model(
                     bar.set_description(f"parity {stage}")
                 entry["parity"] = _parity(spec, path, module, model_dtype, parity_points, seed + 1, cpu_error is None)
             manifest["stages"][stage] = entry
+            manifest["min_tensorrt"] = _max_version(e["tensorrt"]["min_tensorrt"] for e in manifest["stages"].values())
             _write_manifest(out, manifest)  # after every stage: a failure later leaves a valid partial export
             if bar is not None:
                 bar.update(1)
@@ -375,6 +391,14 @@ def _parity(spec, path: Path, module, model_dtype: str, points: int, seed: int, 
         "max_torch_vs_fp32": max(o.get("torch_vs_fp32", 0.0) for o in outputs),
         "min_bound": min(o["bound"] for o in outputs if "torch_vs_fp32" in o),
     } | record
+
+
+def _max_version(versions) -> str | None:
+    """The highest of dotted versions; None when any is None (a stage no known TensorRT parses)."""
+    versions = list(versions)
+    if any(v is None for v in versions):
+        return None
+    return max(versions, key=tensorrt_compat.version_tuple)
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:

@@ -94,6 +94,10 @@ CASES = [
      "--min-size 512 must be <= --max-size 256", 2),
     ("export-zero-batch", ["export", *TINY, "--out", "{out}", "--max-batch", "0"],
      "argument --max-batch: must be >= 1", 2),
+    ("export-bad-tensorrt-version", ["export", *TINY, "--out", "{out}", "--tensorrt-version", "latest"],
+     "--tensorrt-version: expected a version like 10.15 or 11.4.0, got 'latest'", 2),
+    ("export-optimization-level-above-5", ["export", *TINY, "--out", "{out}", "--optimization-level", "6"],
+     "--optimization-level: must be in 0..5, got 6", 2),
     # train
     ("train-malformed-yaml", ["train", "--config", "{badyaml}", "--out", "{out}"],
      "{badyaml}:3:7: invalid YAML: expected ',' or ']', but got ':'", 2),

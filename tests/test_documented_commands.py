@@ -126,6 +126,7 @@ RUN_GROUPS: list[list[str]] = [
     ["time python benchmarks/fidelity.py --golden tests/data/golden/deepgen_tiny_a --json fidelity_a.json"],
     ["python benchmarks/kernel_bench.py --device cpu --quick"],
     ["python benchmarks/load_memory.py --quick --out out/load_memory_quick"],
+    ["python benchmarks/export_scale.py --preset tiny --out out/export_scale"],
     # The README's SCB-between-other-models block: build, run, save and load the bridge as a diffusers model.
     ["README.md: bridge = StackedChannelBridge(BridgeConfig(num_stacked_layers=4, vlm_hidden_size=896, context_dim=1536, pooled_dim=2048,"],
     [
@@ -224,8 +225,13 @@ NOT_RUN: dict[str, str] = {
     "max_batch=4))": _FRAGMENT + ": tests/test_export.py",
     'docs/export.md: pipe = OnnxDeepGenPipeline("exported/", providers=["CPUExecutionProvider"], '
     "intra_op_num_threads=4,": _FRAGMENT + ": tests/test_export_numpy.py",
-    'docs/export.md: manifest = json.load(open("exported/manifest.json"))': "TensorRT cannot be installed here; "
-    "tests/test_export_tensorrt.py runs these calls against a fake of the tensorrt API",
+    'docs/export.md: build_engines("exported/")': "TensorRT cannot be installed here; "
+    "tests/test_tensorrt_pipeline.py runs these calls against the fake tensorrt (tests/fake_tensorrt)",
+    "deepgen export --preset small --out exported/ --min-size 512 --max-size 512 --max-batch 1 --engine": "TensorRT "
+    "cannot be installed here; tests/test_tensorrt_export_gate.py runs `deepgen export --engine` through the fake "
+    "tensorrt",
+    "python benchmarks/export_scale.py --out out/export_scale": "the measurement itself (4 minutes, 19 GB of RAM); "
+    "its --preset tiny form runs here",
     "docs/kernels.md: from deepgen_components.triton_kernels import (": "a list of signatures, not code to run",
     "docs/kernels.md: if tk.kernels_enabled():": _FRAGMENT + ": tests/test_kernels_*.py",
     "docs/pipeline.md: pipe = DeepGenPipeline(deepgen_tiny())": _WEIGHTS + " (its second pipeline); "

@@ -3,6 +3,7 @@
     deepgen export --preset tiny --out exported/
     deepgen export --pipeline saved/ --out exported/ --stages condition_encoder,dit,vae_decoder \\
         --min-size 512 --max-size 1024 --max-batch 2 --dtype bfloat16 --opset 23 --trtexec
+    deepgen export --preset small --device cuda --dtype float16 --out exported/ --tensorrt-version 10.15 --engine
     deepgen export --preset tiny --out exported_fp16/ --device cuda --dtype float16
 
 ``--device`` / ``--dtype`` load the model there and in that precision (``cli.args.load_pipeline``); the export
@@ -56,6 +57,14 @@ def add_commands(sub) -> None:
                    help=f"opset retried for a stage that fails at --opset; 0 disables (default: {FALLBACK_OPSET})")
     p.add_argument("--no-parity", action="store_true", help="skip the ONNX Runtime vs PyTorch gate (not recommended)")
     p.add_argument("--trtexec", action="store_true", help="print the trtexec command that builds each stage's engine")
+    p.add_argument("--tensorrt-version", default=None, metavar="X.Y",
+                   help="TensorRT the engines are for: a stage its ONNX parser cannot read at --opset (per the "
+                        "compatibility table) is exported at --fallback-opset instead (default: no target)")
+    p.add_argument("--engine", action="store_true",
+                   help="after the export, build every stage's TensorRT engine into OUT/engines/ ahead of time (needs "
+                        "tensorrt and a GPU; engines already up to date are kept)")
+    p.add_argument("--optimization-level", type=int_at_least(0), default=3,
+                   help="TensorRT builder optimisation level for --engine, 0..5 (default: 3)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_args(p)
     p.set_defaults(func=cmd_export)
@@ -90,6 +99,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     for flag, opset in (("--opset", args.opset), ("--fallback-opset", args.fallback_opset or None)):
         if opset is not None and opset not in SUPPORTED_OPSETS:
             raise ValueError(f"{flag}: must be in {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got {opset}")
+    if args.optimization_level > 5:
+        raise ValueError(f"--optimization-level: must be in 0..5, got {args.optimization_level}")
+    if args.tensorrt_version is not None:
+        from deepgen_components.export.tensorrt_compat import version_tuple
+
+        try:
+            version_tuple(args.tensorrt_version)
+        except ValueError:
+            raise ValueError(f"--tensorrt-version: expected a version like 10.15 or 11.4.0, got {args.tensorrt_version!r}") from None
     if args.min_size is not None and args.min_size > args.max_size:
         raise ValueError(f"--min-size {args.min_size} must be <= --max-size {args.max_size}")
     out = check_output_path(args.out, folder=True)
@@ -117,6 +135,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             source=source,
             seed=args.seed,
             dtype=args.dtype,
+            tensorrt_version=args.tensorrt_version,
         )
         _move_into(staging, out)
     except (ExportError, ParityError) as err:
@@ -126,7 +145,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {args.out}/manifest.json ({manifest['dtype']} on {manifest['device']}, {len(manifest['stages'])} stages)")
-    print(f"{'stage':<18} {'file':<24} {'opset':>5}  {'parity (max relative error)':<30}")
+    print(f"{'stage':<18} {'file':<24} {'opset':>5}  {'TensorRT':>8}  {'parity (max relative error)':<30}")
     for stage, entry in manifest["stages"].items():
         parity = entry["parity"]
         if "skipped" in parity:
@@ -137,11 +156,22 @@ def cmd_export(args: argparse.Namespace) -> int:
             result = (f"{parity['max_relative']:.2e} (torch {manifest['dtype']} vs fp32: {parity['max_torch_vs_fp32']:.2e}, "
                       f"bound 2x that or {parity['floor']:.2e}; {parity['runtime']})")
         fallback = " (fallback)" if entry["fallback"] else ""
-        print(f"{stage:<18} {entry['file']:<24} {entry['opset']:>5}{fallback}  {result}")
+        trt = entry["tensorrt"]["min_tensorrt"] or "none"
+        print(f"{stage:<18} {entry['file']:<24} {entry['opset']:>5}{fallback}  {'>=' + trt:>8}  {result}")
     if args.trtexec:
         for stage, entry in manifest["stages"].items():
             print(f"# {stage}")
             print(trtexec_command(f"{args.out}/{entry['file']}", profiles_for(entry), timing_cache=f"{args.out}/timing.cache"))
+    if args.engine:
+        from deepgen_components.export.tensorrt import build_engines
+
+        try:
+            engines = build_engines(out, optimization_level=args.optimization_level, progress=not args.quiet)
+        except (ImportError, RuntimeError) as err:
+            print(f"deepgen export: error: --engine: {err}", file=sys.stderr)
+            return 1
+        for stage, path in engines.items():
+            print(f"engine {stage}: {path}")
     return 0
 
 
