@@ -17,33 +17,51 @@ WebDataset shards (``.tar``): files grouped by key (the name before the first do
 (or .jpg/.jpeg/.webp) + ``KEY.txt`` (caption). Editing: ``KEY.src.png`` (or ``KEY.src0.png``, ``KEY.src1.png``,
 ... for several references) + ``KEY.tgt.png`` + ``KEY.txt`` (instruction).
 
-A corrupt or missing image never crashes an epoch: the sample is skipped, counted, and a warning is logged.
+A ``webdataset`` source from the config streams its shards (:class:`~deepgen_components.training.streaming.
+StreamingWebDataset`: sequential reading, shards split across ranks and DataLoader workers, exact resume); with
+``options: {streaming: false}`` it is the map-style :class:`WebDatasetSource` below, which indexes every member of
+every shard and reopens a shard per sample: fine for a few thousand samples, not for pre-training.
+
+A corrupt or missing image never crashes an epoch: the sample is skipped, counted, and a warning is logged. So is an
+image the official filter drops (``training.samples.ImageFilter``: shorter side <= 80 px, aspect outside [0.1, 10]);
+the built-in kinds apply it from the config (``options``: ``min_side``, ``min_aspect``, ``max_aspect``), the
+classes when given ``filters=``.
 """
 
 from __future__ import annotations
 
-import io
-import logging
 import tarfile
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from deepgen_components.training.config import SourceConfig, TrainConfig
 from deepgen_components.training.registry import Registry, check_options
+from deepgen_components.training.samples import (
+    FILTER_OPTIONS,
+    FilteredImage,
+    ImageFilter,
+    Sample,
+    SkipCounter,
+    decode_group,
+    find_shards,
+    group_task,
+    load_image,
+    split_key,
+)
+from deepgen_components.training.streaming import StreamingWebDataset
 
 from deepgen_components.jsonl import read_objects
-from deepgen_components.processing import fix_pixels_size, pil_to_pixels
 
 __all__ = [
+    "ImageFilter",
     "ManifestError",
     "ManifestSource",
     "Sample",
     "SkipCounter",
     "SourceFactory",
+    "StreamingWebDataset",
     "WebDatasetSource",
     "available_sources",
     "build_source",
@@ -54,53 +72,9 @@ __all__ = [
     "register_source",
 ]
 
-logger = logging.getLogger(__name__)
-
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
 
 class ManifestError(ValueError):
     """A manifest line that cannot be used; the message names the file and the line."""
-
-
-@dataclass
-class Sample:
-    """One training sample: ``target`` (3, H, W) in [-1, 1], the text, for editing the references, and
-    optionally a per-pixel loss weight (1, H, W) (the trainer averages it onto the latent grid)."""
-
-    task: str  # "t2i" or "edit"
-    text: str
-    target: torch.Tensor
-    references: list[torch.Tensor] = field(default_factory=list)
-    loss_weight: torch.Tensor | None = None
-
-
-class SkipCounter:
-    """Counts skipped samples per reason and warns (once per reason, then every 100th)."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def skip(self, reason: str, detail: str) -> None:
-        self.counts[reason] += 1
-        n = self.counts[reason]
-        if n == 1 or n % 100 == 0:
-            logger.warning("skipped sample (%s, %d so far): %s", reason, n, detail)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
-def load_image(source, image_size: int) -> torch.Tensor:
-    """Open an image (path or bytes), convert to RGB, resize by ``fix_pixels`` -> (3, H, W) in [-1, 1]."""
-    from PIL import Image
-
-    handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-    with Image.open(handle) as image:
-        image.load()
-        size = fix_pixels_size(image.height, image.width, image_size)
-        return pil_to_pixels(image, size)
 
 
 def _read_manifest(path: Path) -> list[dict]:
@@ -122,10 +96,12 @@ def _read_manifest(path: Path) -> list[dict]:
 class ManifestSource:
     """Samples listed in a JSONL or Parquet manifest (see the module docstring for the format)."""
 
-    def __init__(self, path: str | Path, image_size: int = 512, task: str | None = None, root: str | Path | None = None):
+    def __init__(self, path: str | Path, image_size: int = 512, task: str | None = None, root: str | Path | None = None,
+                 filters: ImageFilter | None = None):
         self.path = Path(path)
         self.root = Path(root) if root is not None else self.path.parent
         self.image_size = image_size
+        self.filters = filters
         self.skipped = SkipCounter()
         rows = _read_manifest(self.path)
         self.rows = []
@@ -151,55 +127,46 @@ class ManifestSource:
 
     def __getitem__(self, index: int) -> Sample | None:
         row = self.rows[index]
+        where = f"{self.path}:{row.get('_line', index + 1)}"
+        load = lambda name: load_image(self.root / name, self.image_size, self.filters)  # noqa: E731
         try:
             if row["task"] == "t2i":
-                return Sample("t2i", str(row["caption"]), load_image(self.root / row["image"], self.image_size))
+                return Sample("t2i", str(row["caption"]), load(row["image"]))
             sources = row["source"] if isinstance(row["source"], list) else [row["source"]]
-            refs = [load_image(self.root / s, self.image_size) for s in sources]
-            return Sample("edit", str(row["instruction"]), load_image(self.root / row["target"], self.image_size), refs)
+            refs = [load(s) for s in sources]
+            return Sample("edit", str(row["instruction"]), load(row["target"]), refs)
+        except FilteredImage as err:
+            self.skipped.skip(err.reason, f"{where}: {err}")
         except (OSError, ValueError, SyntaxError) as err:
-            self.skipped.skip(type(err).__name__, f"{self.path}:{row.get('_line', index + 1)}: {err}")
-            return None
+            self.skipped.skip(type(err).__name__, f"{where}: {err}")
+        return None
 
 
 class WebDatasetSource:
-    """Samples from WebDataset-style ``.tar`` shards (read with the standard library; see module docstring)."""
+    """Map-style samples from WebDataset-style ``.tar`` shards (see the module docstring): every member is indexed
+    when the source is built and a shard is reopened per sample, so keep it for small data; the config's
+    ``webdataset`` kind streams (``training.streaming``) unless ``options.streaming`` is false."""
 
-    def __init__(self, shards: str | Path | Sequence[str | Path], image_size: int = 512, task: str | None = None):
-        if isinstance(shards, (str, Path)):
-            shard_path = Path(shards)
-            shards = sorted(shard_path.glob("*.tar")) if shard_path.is_dir() else [shard_path]
-        self.shards = [Path(s) for s in shards]
-        if not self.shards:
-            raise FileNotFoundError(f"no .tar shards found in {shards}")
+    def __init__(self, shards: str | Path | Sequence[str | Path], image_size: int = 512, task: str | None = None,
+                 filters: ImageFilter | None = None):
+        self.shards = find_shards(shards)
         self.image_size = image_size
+        self.filters = filters
         self.skipped = SkipCounter()
         self.index: list[tuple[Path, str, dict[str, tarfile.TarInfo]]] = []
         for shard in self.shards:
-            if not shard.is_file():
-                raise FileNotFoundError(f"shard not found: {shard}")
             groups: dict[str, dict[str, tarfile.TarInfo]] = {}
             with tarfile.open(shard) as tar:
                 for member in tar.getmembers():
-                    if not member.isfile():
-                        continue
-                    # WebDataset key: the path up to the first dot of the file name (folders included).
-                    folder, _, name = member.name.rpartition("/")
-                    stem, _, rest = name.partition(".")
-                    key = f"{folder}/{stem}" if folder else stem
-                    groups.setdefault(key, {})[rest.lower()] = member
+                    if member.isfile():
+                        key, suffix = split_key(member.name)
+                        groups.setdefault(key, {})[suffix] = member
             for key, members in sorted(groups.items()):
-                kind = "edit" if any(r.startswith(("src", "tgt")) for r in members) else "t2i"
-                if task is not None and kind != task:
-                    continue
-                self.index.append((shard, key, members))
+                if task is None or group_task(members) == task:
+                    self.index.append((shard, key, members))
         if not self.index:
             raise ValueError(f"no {task or ''} samples found in shards {[str(s) for s in self.shards]}")
-        self.task = task or ("edit" if all(self._kind(m) == "edit" for _, _, m in self.index) else "t2i")
-
-    @staticmethod
-    def _kind(members: dict) -> str:
-        return "edit" if any(r.startswith(("src", "tgt")) for r in members) else "t2i"
+        self.task = task or ("edit" if all(group_task(m) == "edit" for _, _, m in self.index) else "t2i")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -208,25 +175,13 @@ class WebDatasetSource:
         shard, key, members = self.index[index]
         try:
             with tarfile.open(shard) as tar:
-                read = lambda m: tar.extractfile(m).read()
-                text_member = members.get("txt")
-                if text_member is None:
-                    raise ValueError(f"{key}: no .txt")
-                text = read(text_member).decode("utf-8").strip()
-                if self._kind(members) == "t2i":
-                    image = next((members[s[1:]] for s in _IMAGE_SUFFIXES if s[1:] in members), None)
-                    if image is None:
-                        raise ValueError(f"{key}: no image file")
-                    return Sample("t2i", text, load_image(read(image), self.image_size))
-                sources = sorted(r for r in members if r.startswith("src") and r.endswith(_IMAGE_SUFFIXES))
-                target = next((r for r in members if r.startswith("tgt") and r.endswith(_IMAGE_SUFFIXES)), None)
-                if not sources or target is None:
-                    raise ValueError(f"{key}: an edit sample needs src*.<image> and tgt.<image>")
-                refs = [load_image(read(members[s]), self.image_size) for s in sources]
-                return Sample("edit", text, load_image(read(members[target]), self.image_size), refs)
+                return decode_group(key, members, lambda suffix: tar.extractfile(members[suffix]).read(),
+                                    self.image_size, self.filters)
+        except FilteredImage as err:
+            self.skipped.skip(err.reason, f"{shard}:{key}: {err}")
         except (OSError, ValueError, SyntaxError, KeyError) as err:
             self.skipped.skip(type(err).__name__, f"{shard}:{key}: {err}")
-            return None
+        return None
 
 
 def next_batch(plans, sources: dict) -> tuple[dict, object]:
@@ -291,17 +246,35 @@ def build_sources(cfg: TrainConfig) -> dict:
     return sources
 
 
-def _file_source(source_class, label: str) -> SourceFactory:
-    """The factory of a built-in source read from ``path`` (no options)."""
-
-    def factory(spec: SourceConfig, image_size: int):
-        check_options(f"data.sources[{spec.name}].options", spec.options, ())
-        if not spec.path:
-            raise ValueError(f"data.sources[{spec.name}]: a {label} source needs 'path'")
-        return source_class(spec.path, image_size, task=spec.task)
-
-    return factory
+def _manifest(spec: SourceConfig, image_size: int) -> ManifestSource:
+    argument = f"data.sources[{spec.name}]"
+    check_options(f"{argument}.options", spec.options, FILTER_OPTIONS)
+    if not spec.path:
+        raise ValueError(f"{argument}: a manifest source needs 'path'")
+    filters = ImageFilter.from_options(spec.options, image_size, f"{argument}.options")
+    return ManifestSource(spec.path, image_size, task=spec.task, filters=filters)
 
 
-register_source("manifest", _file_source(ManifestSource, "manifest"))
-register_source("webdataset", _file_source(WebDatasetSource, "webdataset"))
+_STREAM_OPTIONS = ("streaming", "shuffle", "shuffle_buffer")
+
+
+def _webdataset(spec: SourceConfig, image_size: int) -> StreamingWebDataset | WebDatasetSource:
+    """``kind: webdataset``: streamed (``options``: ``shuffle`` = shard order per epoch, default true;
+    ``shuffle_buffer`` = samples shuffled in blocks of that many, default 0 = off) unless ``streaming: false``."""
+    argument = f"data.sources[{spec.name}]"
+    options = dict(spec.options)
+    check_options(f"{argument}.options", options, FILTER_OPTIONS + _STREAM_OPTIONS)
+    if not spec.path:
+        raise ValueError(f"{argument}: a webdataset source needs 'path'")
+    filters = ImageFilter.from_options(options, image_size, f"{argument}.options")
+    streaming = options.get("streaming", True)
+    if not isinstance(streaming, bool):
+        raise ValueError(f"{argument}.options.streaming: expected true or false, got {streaming!r}")
+    if not streaming:
+        return WebDatasetSource(spec.path, image_size, task=spec.task, filters=filters)
+    return StreamingWebDataset(spec.path, image_size, task=spec.task, filters=filters, name=spec.name,
+                               shuffle=options.get("shuffle", True), shuffle_buffer=options.get("shuffle_buffer", 0))
+
+
+register_source("manifest", _manifest)
+register_source("webdataset", _webdataset)

@@ -9,6 +9,10 @@ positions of its source's stream, and rank r takes the r-th slice. So the sample
 on the number of processes, and a single process with ``world_size * batch_size`` reproduces a DDP run.
 A source's stream is an endless sequence of epochs, each a fresh permutation seeded by (seed, source, epoch).
 The whole state is the micro-batch counter: ``state_dict()`` / ``load_state_dict()`` resume exactly.
+
+A streaming source (length ``None``, ``training.streaming``) is only scheduled here: its plans name it and carry the
+stream offset of the rank's first sample (for the per-sample seeds) but no indices; its own readers pick the
+samples and ``training.batches.BatchStream`` records their keys in the plan and their position for resume.
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ class MicroBatchPlan:
     source: str
     indices: tuple[int, ...]
     global_offset: int  # position of this rank's first sample in the source stream (for per-sample seeding)
+    keys: tuple[str, ...] = ()  # a streaming source's sample keys (filled in by BatchStream)
 
 
 class TaskBatchSampler:
     def __init__(
         self,
-        lengths: Mapping[str, int],
+        lengths: Mapping[str, int | None],
         repeats: Mapping[str, int],
         batch_size: int,
         *,
@@ -51,7 +56,7 @@ class TaskBatchSampler:
         if set(lengths) != set(repeats):
             raise ValueError(f"repeats {sorted(repeats)} must name exactly the sources {sorted(lengths)}")
         for name, n in lengths.items():
-            if n < 1:
+            if n is not None and n < 1:
                 raise ValueError(f"source {name!r} is empty")
         for name, r in repeats.items():
             if not isinstance(r, int) or r < 0:
@@ -105,6 +110,8 @@ class TaskBatchSampler:
 
     def stream_index(self, source: str, stream_position: int) -> int:
         length = self.lengths[source]
+        if length is None:
+            raise ValueError(f"source {source!r} is streamed: its readers pick its samples, not the sampler")
         epoch, offset = divmod(stream_position, length)
         return int(self._permutation(source, epoch)[offset])
 
@@ -112,7 +119,9 @@ class TaskBatchSampler:
         source = self.source_at(position)
         global_batch = self.batch_size * self.world_size
         start = self.batches_before(position, source) * global_batch + self.rank * self.batch_size
-        indices = tuple(self.stream_index(source, start + j) for j in range(self.batch_size))
+        indices = ()
+        if self.lengths[source] is not None:
+            indices = tuple(self.stream_index(source, start + j) for j in range(self.batch_size))
         return MicroBatchPlan(position, source, indices, start)
 
     def __iter__(self) -> Iterator[MicroBatchPlan]:
