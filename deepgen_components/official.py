@@ -16,12 +16,20 @@ Key mapping to our modules: ``meta_queries`` -> ``encoder.think_tokens.weight``;
 ``bridge.projector``; ``projector_2`` (pooled head) -> ``bridge.pooled_head``; ``projector_3`` (sequence head)
 -> ``bridge.context_head``; ``connector.*`` -> ``bridge.connector.*``; ``transformer.*`` ->
 ``dit.transformer.*``. ``vae.*`` and ``ema.*`` keys are ignored (the official ``state_dict`` drops them).
+
+The export side writes layout (a) back: ``to_official_state_dict`` (SCB + DiT + the VLM's peft LoRA as
+``lmm.<module>.lora_A.default.weight`` in the transformers 4.51 or 4.56 key layout) and
+``save_official_checkpoint`` (one safetensors file, written atomically, the LoRA's alpha in its metadata, which
+``import_official_weights`` reads when no ``lora_alpha`` is given).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +42,9 @@ __all__ = [
     "import_official_weights",
     "load_state_dict_file",
     "map_official_key",
+    "official_lora_state_dict",
+    "read_official_metadata",
+    "save_official_checkpoint",
     "save_official_files",
     "to_official_state_dict",
 ]
@@ -61,8 +72,10 @@ def map_official_key(key: str) -> str | None:
     return None
 
 
-def to_official_state_dict(model) -> dict[str, torch.Tensor]:
-    """Our model's SCB + DiT weights under the official key names (inverse of the import)."""
+def to_official_state_dict(model, *, vlm_lora: bool = True, vlm_layout: str = "4.51") -> dict[str, torch.Tensor]:
+    """Our model's SCB + DiT weights under the official key names (inverse of the import) and, with ``vlm_lora``,
+    the VLM's peft LoRA under ``lmm.*`` (:func:`official_lora_state_dict`). The VLM's base weights are not
+    written: they come from the Qwen2.5-VL folder, as with the released checkpoints."""
     inverse = {v: k for k, v in _SCB_PREFIXES.items()}
     out = {}
     for name, tensor in model.state_dict().items():
@@ -72,7 +85,101 @@ def to_official_state_dict(model) -> dict[str, torch.Tensor]:
         for ours, official in inverse.items():
             if name.startswith(ours):
                 out[official + name[len(ours) :]] = tensor
+    if vlm_lora:
+        out.update(official_lora_state_dict(model.encoder.vlm, layout=vlm_layout))
     return out
+
+
+# Our VLM names (transformers >= 4.56 layout) -> the official ``lmm.*`` names: the 4.51 layout the official code
+# was written against (its RL trainer remaps checkpoints to it; reference section 9), or the 4.56 layout as is.
+# The inverse of ``_VLM_LAYOUT`` below.
+_OFFICIAL_VLM_LAYOUTS = {
+    "4.51": ((re.compile(r"^model\.language_model\."), "model."), (re.compile(r"^model\.visual\."), "visual.")),
+    "4.56": (),
+}
+_PEFT_LORA_PARAM = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.(?P<adapter>[^.]+)(?P<weight>\.weight)?$"
+)
+
+
+def official_lora_state_dict(vlm: torch.nn.Module, *, layout: str = "4.51") -> dict[str, torch.Tensor]:
+    """The VLM's peft LoRA under official names, as the whole official module's ``state_dict`` holds it:
+    ``lmm.<module>.lora_A.default.weight`` / ``lora_B`` (embeddings: ``lora_embedding_A.default``), the module
+    named in the transformers ``layout`` ("4.51": ``model.layers.N...``, ``visual...``; "4.56":
+    ``model.language_model.layers.N...``, ``model.visual...``). Empty for a VLM without a LoRA."""
+    if layout not in _OFFICIAL_VLM_LAYOUTS:
+        raise ValueError(f"vlm_layout must be one of {', '.join(_OFFICIAL_VLM_LAYOUTS)}, got {layout!r}")
+    out = {}
+    for name, param in vlm.named_parameters():
+        match = _PEFT_LORA_PARAM.match(name)
+        if match is None:
+            continue
+        if match["adapter"] != "default":
+            raise ValueError(f"vlm: LoRA adapter {match['adapter']!r} on {match['module']}; only the single adapter "
+                             "'default' (the one the training recipes inject) can be exported")
+        module = match["module"]
+        for pattern, replacement in _OFFICIAL_VLM_LAYOUTS[layout]:
+            module = pattern.sub(replacement, module)
+        out[f"lmm.{module}.{match['kind']}.default{match['weight'] or ''}"] = param.detach()
+    return out
+
+
+def _official_metadata(vlm: torch.nn.Module, layout: str) -> dict[str, str]:
+    """safetensors metadata of an exported file: the format, the VLM key layout and the LoRA's alpha. The import
+    scales every module by ``alpha / r`` with one alpha and each module's rank read from its ``lora_A``, so a
+    LoRA with per-module alphas or rank-stabilised scaling (``alpha / sqrt(r)``) cannot be written."""
+    from peft.tuners.lora import LoraLayer
+
+    alphas = set()
+    for name, module in vlm.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.r:
+            rank, alpha = module.r["default"], module.lora_alpha["default"]
+            if module.scaling["default"] != alpha / rank:
+                raise ValueError(f"vlm: the LoRA of {name} scales by {module.scaling['default']}, not alpha / r = "
+                                 f"{alpha / rank} (rank-stabilised?); the official layout records alpha / r only")
+            alphas.add(float(alpha))
+    if len(alphas) > 1:
+        raise ValueError(f"vlm: the LoRA modules have different alphas {sorted(alphas)}; the official layout records one")
+    metadata = {"format": "deepgen-official", "vlm_layout": layout}
+    if alphas:
+        metadata["lora_alpha"] = repr(alphas.pop())
+    return metadata
+
+
+def save_official_checkpoint(model, path: str | Path, *, vlm_layout: str = "4.51", overwrite: bool = False) -> Path:
+    """Write ``model`` as one official layout (a) safetensors file: think tokens, bridge, DiT and the VLM's LoRA
+    (unmerged, :func:`to_official_state_dict`), its alpha in the file's metadata. Written atomically: into a
+    temporary file beside ``path``, synced, then renamed into place (a failed write leaves no partial file)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"path: {path}: an official checkpoint is written as .safetensors, got {path.suffix or 'no extension'!r}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"path: {path} exists; pass overwrite=True to replace it")
+    state = {k: v.detach().contiguous().cpu() for k, v in to_official_state_dict(model, vlm_layout=vlm_layout).items()}
+    metadata = _official_metadata(model.encoder.vlm, vlm_layout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_official_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors checkpoint (``{}`` for a pickle, a folder or a file without any): for a file
+    written by :func:`save_official_checkpoint`, ``format``, ``vlm_layout`` and the LoRA's ``lora_alpha``."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return {}
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return dict(json.loads(f.read(size)).get("__metadata__") or {})
 
 
 def save_official_files(model, folder: str | Path) -> dict[str, Path]:
@@ -89,7 +196,7 @@ def save_official_files(model, folder: str | Path) -> dict[str, Path]:
     model.vae.save_pretrained(paths["vae"])
     model.tokenizer.save_pretrained(paths["tokenizer"])
     state = {k: v.detach().contiguous() for k, v in to_official_state_dict(model).items()}
-    save_file(state, str(paths["weights"]))
+    save_file(state, str(paths["weights"]), metadata=_official_metadata(model.encoder.vlm, "4.51"))
     release = paths["release"]
     model.dit.transformer.save_pretrained(release / "transformer")
     model.vae.save_pretrained(release / "vae")
@@ -118,9 +225,6 @@ def _read_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.
     """A safetensors file read tensor by tensor with plain reads (no memory map, whose touched pages would count
     as resident), each floating tensor allocated in ``dtype`` and filled in 16 MiB chunks cast as they are read:
     the peak is the result plus one chunk."""
-    import json
-    import struct
-
     out: dict[str, torch.Tensor] = {}
     chunk = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)
     with open(path, "rb") as f:
@@ -358,8 +462,9 @@ def import_official_weights(
 
     Missing think-token / bridge / DiT keys raise in ``strict`` mode (the message lists them); unexpected keys
     are reported and logged. The VLM LoRA (``lmm.*``) is merged into the VLM weights (``merge_lora``) or
-    injected with peft (exact unmerged computation). The LoRA scale is ``lora_alpha / r`` (official
-    alpha 128 at r 64, i.e. 2r, when ``lora_alpha`` is None).
+    injected with peft (exact unmerged computation). The LoRA scale is ``lora_alpha / r``; when ``lora_alpha`` is
+    None, the alpha recorded in the file's metadata (:func:`save_official_checkpoint`), else the official alpha 128
+    at r 64, i.e. 2r.
 
     A think-token / bridge / DiT tensor still on the meta device (a model built on meta, as
     ``deepgen_from_official`` does) is replaced by the checkpoint's tensor itself, cast to ``dtype`` (default: the
@@ -370,6 +475,8 @@ def import_official_weights(
             raise ValueError("import_official_weights needs weights_path or state")
         state = read_official_weights(weights_path)
     path = weights_path if weights_path is not None else "<state dict>"
+    if lora_alpha is None and weights_path is not None and "lora_alpha" in (recorded := read_official_metadata(weights_path)):
+        lora_alpha = float(recorded["lora_alpha"])
 
     report = ImportReport()
     ours = model.state_dict()

@@ -153,8 +153,21 @@ CASES = [
                               "--out", "{out}"], "--prompts {tmp}/none.jsonl: no such file", 2),
     ("eval-out-under-a-file", ["eval", "--benchmark", "geneval", "--preset", "tiny", "--out", "{file}/ev"],
      "--out {file}/ev: {file} is a file", 2),
+    # convert (a checkpoint without config, and an existing output with a real checkpoint: tests/test_convert.py)
+    ("convert-unknown-target", ["convert", "--to", "onnx", "{tmp}", "{tmp}/o.safetensors"],
+     "argument --to: invalid choice: 'onnx'", 2),
+    ("convert-missing-checkpoint", ["convert", "--to", "official", "{tmp}/nowhere", "{tmp}/o.safetensors"],
+     "CHECKPOINT {tmp}/nowhere: no such file or folder; expected a checkpoint folder (state.json)", 2),
+    ("convert-not-a-checkpoint", ["convert", "--to", "official", "{tmp}", "{tmp}/o.safetensors"],
+     "CHECKPOINT {tmp}: not a checkpoint folder (state.json), a run folder (checkpoints/) or a saved pipeline", 2),
+    ("convert-official-not-safetensors", ["convert", "--to", "official", "{tmp}", "{tmp}/o.bin"],
+     "OUT {tmp}/o.bin: --to official writes one .safetensors file; got '.bin'", 2),
+    ("convert-existing-output", ["convert", "--to", "pipeline", "{tmp}", "{tmp}"],
+     "OUT {tmp}: exists; pass --overwrite to replace it", 2),
+    ("convert-out-under-a-file", ["convert", "--to", "pipeline", "{tmp}", "{file}/pipe"],
+     "OUT {file}/pipe: {file} is a file, not a folder", 2),
 ]
-SUBCOMMANDS = ("generate", "edit", "info", "demo", "export", "train", "bench", "shapes", "eval")
+SUBCOMMANDS = ("generate", "edit", "info", "demo", "export", "train", "convert", "bench", "shapes", "eval")
 
 
 @pytest.fixture
