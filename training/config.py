@@ -14,6 +14,8 @@ import yaml
 
 __all__ = [
     "DataConfig",
+    "EMAConfig",
+    "EvalConfig",
     "LoraConfigSpec",
     "ModelSpec",
     "OptimConfig",
@@ -108,6 +110,52 @@ class LoraConfigSpec:
 
 
 @dataclass
+class EMAConfig:
+    """``trainer.ema``: an fp32 exponential moving average of the trainable weights (``training.ema``)."""
+
+    decay: float = 0.9999
+    every: int = 1  # update the average after every N-th optimizer step
+    start: int = 0  # until this optimizer step the average is a copy of the weights (no averaging of the start)
+    save_pipeline: str = "both"  # the final pipeline: both (pipeline/ raw, pipeline_ema/) | ema (pipeline/) | raw
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"trainer.ema.decay must be in [0, 1), got {self.decay}")
+        if self.every < 1:
+            raise ValueError(f"trainer.ema.every must be >= 1, got {self.every}")
+        if self.start < 0:
+            raise ValueError(f"trainer.ema.start must be >= 0, got {self.start}")
+        if self.save_pipeline not in ("both", "ema", "raw"):
+            raise ValueError(f"trainer.ema.save_pipeline must be one of both, ema, raw, got {self.save_pipeline!r}")
+
+
+@dataclass
+class EvalConfig:
+    """``trainer.eval``: what ``trainer.eval_every`` renders and scores (``training.evaluate_during``). The prompts
+    come from ``prompts``, a ``prompt_file`` (.txt / .jsonl) or a registered ``benchmark`` (first ``limit``)."""
+
+    prompts: list[str] = field(default_factory=list)
+    prompt_file: str | None = None
+    benchmark: str | None = None
+    limit: int | None = None  # at most this many prompts (of any of the three)
+    seed: int = 0  # prompt i starts from the noise of torch.Generator().manual_seed(seed + i)
+    steps: int = 20
+    guidance_scale: float | None = None  # None: the model's default
+    height: int | None = None  # None: data.image_size
+    width: int | None = None
+    batch_size: int = 8
+    evaluators: list[str] = field(default_factory=list)  # registered names (evaluation.register_evaluator)
+    evaluator_options: dict[str, Any] = field(default_factory=dict)  # build_evaluator(name, **options)
+    use_ema: bool = True  # render with the EMA weights when trainer.ema is on
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "limit", "height", "width"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"trainer.eval.{name} must be >= 1, got {value}")
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 100
     seed: int = 0
@@ -119,7 +167,31 @@ class TrainerConfig:
     distributed: str = "auto"  # auto | none | ddp | fsdp
     device: str = "auto"
     save_pipeline: bool = True
-    tensorboard: bool = True
+    # Where metrics go: jsonl (out/metrics.jsonl, always written) and / or tensorboard (out/tensorboard; an error
+    # when the package is missing). None: jsonl, plus tensorboard when it is importable.
+    log_to: list[str] | None = None
+    tensorboard: bool | None = None  # deprecated: false = log_to [jsonl]; true = the default
+    ema: EMAConfig | None = None  # off by default
+    eval_every: int = 0  # render trainer.eval's prompts (and score them) every N optimizer steps; 0 = off
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.log_to is not None:
+            unknown = [sink for sink in self.log_to if sink not in ("jsonl", "tensorboard")]
+            if unknown:
+                raise ValueError(f"trainer.log_to: unknown {unknown}; accepted: jsonl, tensorboard")
+            if "jsonl" not in self.log_to:
+                raise ValueError(f"trainer.log_to: metrics.jsonl is always written (resume and the tests read it); "
+                                 f"include jsonl, got {self.log_to}")
+        if self.eval_every < 0:
+            raise ValueError(f"trainer.eval_every must be >= 0 (0 = off), got {self.eval_every}")
+        if self.tensorboard is not None:
+            import warnings
+
+            warnings.warn("trainer.tensorboard is deprecated; use trainer.log_to: [jsonl, tensorboard] or [jsonl]",
+                          DeprecationWarning, stacklevel=2)
+            if self.log_to is None and not self.tensorboard:  # true keeps the default: tensorboard if importable
+                self.log_to = ["jsonl"]
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """What every stage's run does around its loop: precision, resume from the newest checkpoint, the run folder's
 logs (``metrics.jsonl``, ``config.yaml``), atomic checkpoints, and the final pipeline.
 
-A run folder ``out`` holds ``checkpoints/`` (``training.checkpoint``), ``metrics.jsonl`` (one line per step),
-``config.yaml`` (the resolved config) and, when the run is done, ``pipeline/`` (a ``DeepGenPipeline`` folder).
+A run folder ``out`` holds ``checkpoints/`` (``training.checkpoint``; with ``trainer.ema`` also the average of each
+checkpoint, ``training.ema``), ``metrics.jsonl`` (one line per step, plus ``"type": "eval"`` lines of the in-training
+evaluation), ``tensorboard/``, ``eval/`` (``training.evaluate_during``), ``config.yaml`` (the resolved config) and, when
+the run is done, ``pipeline/`` (a ``DeepGenPipeline`` folder; ``pipeline_ema/`` with ``trainer.ema.save_pipeline:
+both``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from deepgen_components.training.checkpoint import (
 )
 from deepgen_components.training.config import TrainConfig
 from deepgen_components.training.distributed import DistInfo, barrier, gather_to_main
+from deepgen_components.training.ema import EMA, ema_path, prune_ema_files, swapped, write_state
 from deepgen_components.training.metrics import MetricsLogger
 from deepgen_components.training.state import (
     full_state,
@@ -48,15 +52,26 @@ def autocast(cfg: TrainConfig, device: torch.device):
 
 
 def resume(out: Path, *, module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
-           sampler, sharded: bool, info: DistInfo) -> int:
+           sampler, sharded: bool, info: DistInfo, ema: EMA | None = None) -> int:
     """Load the newest complete checkpoint of ``out/checkpoints`` (if any) into the trainable weights of ``model``,
     the optimizer (of the wrapped ``module``), the LR schedule, the ``sampler`` (if there is one and the checkpoint
-    saved its position) and this rank's RNG streams; returns the step to continue from (0 for a fresh run)."""
+    saved its position), the ``ema`` average (if any) and this rank's RNG streams; returns the step to continue
+    from (0 for a fresh run)."""
     path = latest_checkpoint(out / "checkpoints")
     if path is None:
         return 0
     state = load_checkpoint(path)
     load_trainable(model, state["trainable"])
+    if ema is not None:
+        average = ema_path(out / "checkpoints", state["step"])
+        if average.is_file():
+            from safetensors.torch import load_file
+
+            ema.load_state_dict(load_file(str(average)))
+        else:  # trainer.ema switched on for a run that ran without it: the average starts at the resumed weights
+            logger.warning("trainer.ema: %s has no average (%s); it starts from the resumed weights", path,
+                           average.name)
+            ema.load_state_dict(state["trainable"])
     load_optimizer(module, optimizer, state["optimizer"], sharded)
     schedule.load_state_dict(state["scheduler"])
     if sampler is not None and state["sampler"]:
@@ -68,10 +83,19 @@ def resume(out: Path, *, module: nn.Module, model: nn.Module, optimizer: torch.o
     return state["step"]
 
 
-def open_logs(out: Path, cfg: TrainConfig, info: DistInfo, *, start_step: int, total_steps: int) -> MetricsLogger:
-    """The run's ``metrics.jsonl`` (lines after ``start_step`` dropped) and, on the main process, ``config.yaml``."""
-    metrics = MetricsLogger(out, enabled=info.is_main, resume_step=start_step,
-                            tensorboard=cfg.trainer.tensorboard, total_steps=total_steps)
+def open_logs(out: Path, cfg: TrainConfig, info: DistInfo, *, start_step: int, total_steps: int,
+              runs: tuple[str, ...] = ()) -> MetricsLogger:
+    """The run's ``metrics.jsonl`` (lines after ``start_step`` dropped), TensorBoard per ``trainer.log_to`` and, on
+    the main process, ``config.yaml``. ``runs``: what the calling loop implements of ``ema`` and ``eval``; a
+    config asking for another is an error naming its key (instead of being silently ignored)."""
+    asked = {"ema": cfg.trainer.ema is not None, "eval": cfg.trainer.eval_every > 0}
+    missing = [name for name, on in asked.items() if on and name not in runs]
+    if missing:
+        keys = {"ema": "trainer.ema", "eval": "trainer.eval_every"}
+        raise ValueError(f"{', '.join(keys[m] for m in missing)}: stage {cfg.stage!r} does not run it yet; "
+                         "switch it off (trainer.ema=null, trainer.eval_every=0)")
+    metrics = MetricsLogger(out, enabled=info.is_main, resume_step=start_step, log_to=cfg.trainer.log_to,
+                            total_steps=total_steps)
     if info.is_main:
         import yaml
 
@@ -82,10 +106,15 @@ def open_logs(out: Path, cfg: TrainConfig, info: DistInfo, *, start_step: int, t
 
 def write_checkpoint(out: Path, step: int, *, module: nn.Module, model: nn.Module,
                      optimizer: torch.optim.Optimizer, schedule, sampler, sharded: bool, info: DistInfo,
-                     extra: dict, keep_last: int) -> Path | None:
+                     extra: dict, keep_last: int, ema: EMA | None = None) -> Path | None:
     """Checkpoint ``step`` into ``out/checkpoints``: the trainable weights, the optimizer state, the schedule, the
-    sampler's position (if there is a sampler) and every rank's RNG states. Every rank must call it (gathering
-    the state is a collective); the main process writes, and gets the folder (the others None)."""
+    sampler's position (if there is a sampler), every rank's RNG states and the ``ema`` average (written before
+    the checkpoint is published). Every rank must call it (gathering the state is a collective); the main
+    process writes, and gets the folder (the others None)."""
+    average = ema.state_dict() if ema is not None else None  # a collective under FSDP
+    if average is not None and info.is_main:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_state(average, ema_path(out / "checkpoints", step))
     weights = full_state(model)
     optimizer_saved = optimizer_state(module, optimizer, sharded)
     rng_states = gather_to_main(capture_rng(), info)  # every rank's RNG, written by the main process
@@ -101,6 +130,7 @@ def write_checkpoint(out: Path, step: int, *, module: nn.Module, model: nn.Modul
             keep_last=keep_last,
             rng_states=rng_states,
         )
+        prune_ema_files(out / "checkpoints")
     barrier(info)
     return path
 
@@ -114,10 +144,19 @@ def save_training_pipeline(model: DeepGenModel, directory: str | Path) -> Path:
 
 
 def save_final_pipeline(out: Path, *, module: nn.Module, model: DeepGenModel, sharded: bool, info: DistInfo,
-                        build: Callable[[], DeepGenModel]) -> Path | None:
+                        build: Callable[[], DeepGenModel], ema: EMA | None = None, ema_mode: str = "both") -> Path | None:
     """Save the trained model as ``out/pipeline`` (under FSDP gathered into ``build()``, a fresh model of the same
-    layout: a collective, every rank calls it); the main process gets the folder, the others None."""
+    layout: a collective, every rank calls it); the main process gets the folder, the others None. With an
+    ``ema``, ``ema_mode`` (``trainer.ema.save_pipeline``): ``both`` = the raw weights in ``pipeline/`` and the
+    average in ``pipeline_ema/``; ``ema`` = the average in ``pipeline/``; ``raw`` = the raw weights only."""
     whole = unsharded_model(module, info, build) if sharded else model
+    average = ema.state_dict() if ema is not None and ema_mode != "raw" else None  # a collective under FSDP
     if not info.is_main:
         return None
-    return save_training_pipeline(whole, out / "pipeline")
+    if average is None or ema_mode == "both":
+        saved = save_training_pipeline(whole, out / "pipeline")
+    if average is not None:
+        with swapped(dict(whole.named_parameters()), average):
+            averaged = save_training_pipeline(whole, out / ("pipeline_ema" if ema_mode == "both" else "pipeline"))
+        saved = averaged if ema_mode == "ema" else saved
+    return saved

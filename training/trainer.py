@@ -33,6 +33,8 @@ from deepgen_components.training.distributed import (
     seed_rank_rng,
     wrap_ddp,
 )
+from deepgen_components.training.ema import EMA
+from deepgen_components.training.evaluate_during import TrainingEvaluation
 from deepgen_components.training.optim import build_optimizer, build_schedule
 from deepgen_components.training.run import (
     autocast,
@@ -236,6 +238,9 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
         params = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
     elif mode not in ("none", "ddp", "fsdp"):
         raise ValueError(f"trainer.distributed must be auto, none, ddp or fsdp, got {mode!r}")
+    # fp32 average of the trainable weights (under FSDP each rank its shard); the in-training evaluation.
+    ema = EMA(model, cfg.trainer.ema) if cfg.trainer.ema is not None else None
+    evaluation = TrainingEvaluation(cfg, out, info, sharded=sharded)
 
     # 2. Data.
     sources = build_sources(cfg)
@@ -255,9 +260,9 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
 
     # 4. Resume.
     run_state = dict(module=objective, model=model, optimizer=optimizer, schedule=schedule, sampler=sampler,
-                     sharded=sharded, info=info)
+                     sharded=sharded, info=info, ema=ema)
     start_step = resume(out, **run_state)
-    metrics = open_logs(out, cfg, info, start_step=start_step, total_steps=total_steps)
+    metrics = open_logs(out, cfg, info, start_step=start_step, total_steps=total_steps, runs=("ema", "eval"))
 
     # 5. The loop.
     plans = iter(sampler)
@@ -283,6 +288,8 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         schedule.step()
+        if ema is not None:
+            ema.update(step + 1)
         step_loss = all_reduce_mean(torch.stack(losses).mean(), info).item()
         last_loss = step_loss
         elapsed = time.perf_counter() - started
@@ -297,6 +304,8 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"loss became non-finite at step {step + 1}")
         done = step + 1 == total_steps
+        if evaluation.due(step + 1, total_steps):
+            evaluation(model, step + 1, metrics, ema, precision=lambda: autocast(cfg, device))
         if (step + 1) % cfg.trainer.checkpoint_every == 0 or done:
             extra = {"stage": cfg.stage, "model": cfg.to_dict()["model"], "lora": cfg.to_dict()["lora"]}
             last_ckpt = write_checkpoint(out, step + 1, **run_state, extra=extra, keep_last=cfg.trainer.keep_last)
@@ -310,7 +319,8 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
             return fresh
 
         pipeline_dir = save_final_pipeline(out, module=objective, model=model, sharded=sharded, info=info,
-                                           build=fresh_model)
+                                           build=fresh_model, ema=ema,
+                                           ema_mode=cfg.trainer.ema.save_pipeline if ema is not None else "raw")
     barrier(info)
     cleanup(info)
     return TrainResult(out=out, steps=total_steps, final_loss=last_loss, checkpoint=last_ckpt, pipeline=pipeline_dir)
