@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from deepgen_components.training.batches import BatchStream
 from deepgen_components.training.config import TrainConfig
-from deepgen_components.training.data import build_sources, next_batch
 from deepgen_components.training.distributed import (
     all_reduce_mean,
     apply_fsdp,
@@ -43,7 +43,7 @@ from deepgen_components.training.run import (
     save_final_pipeline,
     write_checkpoint,
 )
-from deepgen_components.training.sampler import MicroBatchPlan, TaskBatchSampler
+from deepgen_components.training.sampler import MicroBatchPlan
 from deepgen_components.training.stage_model import build_model, configure_stage, load_init_weights
 from deepgen_components.training.teacher import build_teacher
 from torch import nn
@@ -242,16 +242,8 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
     ema = EMA(model, cfg.trainer.ema) if cfg.trainer.ema is not None else None
     evaluation = TrainingEvaluation(cfg, out, info, sharded=sharded)
 
-    # 2. Data.
-    sources = build_sources(cfg)
-    sampler = TaskBatchSampler(
-        {name: len(s) for name, s in sources.items()},
-        {src.name: src.repeat for src in cfg.data.sources},
-        cfg.data.batch_size,
-        seed=cfg.trainer.seed,
-        rank=info.rank,
-        world_size=info.world_size,
-    )
+    # 2. Data: the sources in their task cycle (streaming ones read by data.num_workers workers).
+    data = BatchStream.from_config(cfg, rank=info.rank, world_size=info.world_size)
 
     # 3. Optimizer and schedule.
     optimizer = build_optimizer(params, cfg.optim)
@@ -259,13 +251,12 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
     seed_rank_rng(cfg.trainer.seed, info)  # everything is built: from here on each rank has its own RNG
 
     # 4. Resume.
-    run_state = dict(module=objective, model=model, optimizer=optimizer, schedule=schedule, sampler=sampler,
+    run_state = dict(module=objective, model=model, optimizer=optimizer, schedule=schedule, sampler=data,
                      sharded=sharded, info=info, ema=ema)
     start_step = resume(out, **run_state)
     metrics = open_logs(out, cfg, info, start_step=start_step, total_steps=total_steps, runs=("ema", "eval"))
 
     # 5. The loop.
-    plans = iter(sampler)
     accum = cfg.optim.grad_accum
     last_loss, last_ckpt = None, None
     for step in range(start_step, total_steps):
@@ -273,7 +264,7 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
         optimizer.zero_grad(set_to_none=True)
         losses, samples = [], 0
         for micro in range(accum):
-            batch, plan = next_batch(plans, sources)
+            batch, plan = next(data)
             prepared = prepare_batch(model, batch, plan, cfg.trainer.seed, teacher,
                                      with_latents=cfg.model.flow_weight > 0)
             sync = nullcontext()
@@ -307,9 +298,11 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
         if evaluation.due(step + 1, total_steps):
             evaluation(model, step + 1, metrics, ema, precision=lambda: autocast(cfg, device))
         if (step + 1) % cfg.trainer.checkpoint_every == 0 or done:
+            data.gather_state(info)  # every rank's stream position into the main process's checkpoint
             extra = {"stage": cfg.stage, "model": cfg.to_dict()["model"], "lora": cfg.to_dict()["lora"]}
             last_ckpt = write_checkpoint(out, step + 1, **run_state, extra=extra, keep_last=cfg.trainer.keep_last)
     metrics.close()
+    data.close()
 
     pipeline_dir = None
     if cfg.trainer.save_pipeline and total_steps > start_step:
