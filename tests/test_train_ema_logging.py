@@ -196,10 +196,24 @@ def test_evaluation_is_refused_by_name_when_the_model_is_sharded(tmp_path):
         TrainingEvaluation(cfg, tmp_path, DistInfo(), sharded=True)
 
 
-def test_a_stage_whose_loop_has_no_ema_refuses_it_instead_of_ignoring_it(tmp_path):
+def test_a_loop_that_does_not_run_ema_refuses_it_instead_of_ignoring_it(tmp_path):
     cfg = load_config(CONFIGS / "rl_tiny.yaml", [*EMA_ON])
     with pytest.raises(ValueError, match="trainer.ema: stage 'rl' does not run it yet"):
-        open_logs(tmp_path, cfg, DistInfo(), start_step=0, total_steps=1)
+        open_logs(tmp_path, cfg, DistInfo(), start_step=0, total_steps=1)  # a caller that declares no EMA support
+
+
+def test_stage_3_keeps_an_average_and_saves_both_pipelines(tmp_path):
+    from deepgen_components.training.rl import train_rl
+
+    cfg = load_config(CONFIGS / "rl_tiny.yaml", [*EMA_ON, "trainer.log_to=[jsonl]", "rl.num_steps=2",
+                                                "rl.prompts_per_step=1", "rl.group_size=2"])
+    result = train_rl(cfg, out=tmp_path, max_steps=2)
+    assert ema_path(tmp_path / "checkpoints", 2).is_file()
+    raw = DeepGenPipeline.from_pretrained(result.pipeline).model.dit.state_dict()
+    average = DeepGenPipeline.from_pretrained(tmp_path / "pipeline_ema").model.dit.state_dict()
+    shadow = load_file(str(ema_path(tmp_path / "checkpoints", 2)))
+    assert any(not torch.equal(raw[k], average[k]) for k in raw)  # decay 0.5 over 2 updates: not the raw weights
+    assert len(shadow) > 0
 
 
 # -- two processes ------------------------------------------------------------------------------------------------

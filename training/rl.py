@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from deepgen_components.training.batches import BatchStream
 from deepgen_components.training.config import TrainConfig
-from deepgen_components.training.data import build_sources, next_batch
 from deepgen_components.training.distributed import (
     DistInfo,
     all_gather_cat,
@@ -35,10 +35,11 @@ from deepgen_components.training.distributed import (
     init_distributed,
     seed_rank_rng,
 )
+from deepgen_components.training.ema import EMA
+from deepgen_components.training.evaluate_during import TrainingEvaluation
 from deepgen_components.training.optim import build_optimizer, build_schedule
 from deepgen_components.training.prompts import PromptPool
 from deepgen_components.training.run import autocast, open_logs, resume, save_final_pipeline, write_checkpoint
-from deepgen_components.training.sampler import TaskBatchSampler
 from deepgen_components.training.stage_model import (
     apply_lora,
     build_model,
@@ -204,24 +205,22 @@ class _Stage3:
         self.loss_fn = MRGRPOLoss(rl.clip_range, rl.kl_beta, rl.sft_lambda, rl.eta)
         self.prompts = PromptPool(rl, cfg.data.image_size)
         # SFT auxiliary data: the data sources of the config (optional when sft_lambda == 0).
-        self.sft_sources = build_sources(cfg) if cfg.data.sources and rl.sft_lambda > 0 else None
-        self.sft_sampler = None
-        if self.sft_sources is not None:
-            self.sft_sampler = TaskBatchSampler(
-                {n: len(s) for n, s in self.sft_sources.items()}, {s.name: s.repeat for s in cfg.data.sources},
-                rl.sft_batch_size, seed=cfg.trainer.seed, rank=info.rank, world_size=info.world_size,
-            )
+        # (streaming sources are read by data.num_workers workers; see training.batches.BatchStream)
+        self.sft_stream = None
+        if cfg.data.sources and rl.sft_lambda > 0:
+            self.sft_stream = BatchStream.from_config(cfg, rank=info.rank, world_size=info.world_size,
+                                                      batch_size=rl.sft_batch_size)
+        self.ema = EMA(model, cfg.trainer.ema) if cfg.trainer.ema is not None else None
         self.optimizer = build_optimizer(params, cfg.optim)
         self.schedule = build_schedule(self.optimizer, cfg.optim, total_steps)
         seed_rank_rng(cfg.trainer.seed, info)  # everything is built: from here on each rank has its own RNG
         self.gather = (lambda t: all_gather_cat(t, info)) if rl.global_normalisation else None
-        self.sft_plans = None  # iter(sft_sampler), once a resumed sampler position is in place
 
     @property
     def state(self) -> dict:
         """What a checkpoint saves and a resume restores."""
         return dict(module=self.model, model=self.model, optimizer=self.optimizer, schedule=self.schedule,
-                    sampler=self.sft_sampler, sharded=self.sharded, info=self.info)
+                    sampler=self.sft_stream, sharded=self.sharded, info=self.info, ema=self.ema)
 
     def autocast(self):
         return autocast(self.cfg, self.device)  # bf16 on CUDA with precision auto, fp32 on CPU
@@ -312,9 +311,9 @@ class _Stage3:
 
     def sft_loss(self) -> float | None:
         """7. The SFT auxiliary loss, lambda * flow-matching loss on an image-caption batch (its gradient only)."""
-        if self.sft_plans is None:
+        if self.sft_stream is None:
             return None
-        batch, plan = next_batch(self.sft_plans, self.sft_sources)
+        batch, plan = next(self.sft_stream)
         prepared = prepare_batch(self.model, batch, plan, self.cfg.trainer.seed)
         with self.autocast():
             sft = self.model.flow_matching_loss(prepared, condition_dropout=0.0).loss
@@ -369,27 +368,36 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
     torch.manual_seed(cfg.trainer.seed)
     run = _Stage3(cfg, info, total_steps)
     start_step = resume(out, **run.state)
-    metrics = open_logs(out, cfg, info, start_step=start_step, total_steps=total_steps)
-    run.sft_plans = iter(run.sft_sampler) if run.sft_sampler is not None else None
+    metrics = open_logs(out, cfg, info, start_step=start_step, total_steps=total_steps, runs=("ema", "eval"))
+    evaluation = TrainingEvaluation(cfg, out, info, sharded=run.sharded)
 
     last_loss, last_ckpt = None, None
     for step in range(start_step, total_steps):
         started = time.perf_counter()
         record = run.step(step)
+        if run.ema is not None:
+            run.ema.update(step + 1)
         record["seconds"] = time.perf_counter() - started
         last_loss = record["loss"]
         metrics.log(record)
         if not math.isfinite(record["loss"]):
             raise FloatingPointError(f"loss became non-finite at step {step + 1}")
+        if evaluation.due(step + 1, total_steps):
+            evaluation(run.model, step + 1, metrics, run.ema, precision=run.autocast)
         # 8. Checkpoints (collectives under FSDP: every rank takes part).
         if (step + 1) % cfg.trainer.checkpoint_every == 0 or step + 1 == total_steps:
+            if run.sft_stream is not None:
+                run.sft_stream.gather_state(info)  # every rank's stream position into the checkpoint
             extra = {"stage": "rl", "model": cfg.to_dict()["model"]}
             last_ckpt = write_checkpoint(out, step + 1, **run.state, extra=extra, keep_last=cfg.trainer.keep_last)
     metrics.close()
+    if run.sft_stream is not None:
+        run.sft_stream.close()
     pipeline_dir = None
     if cfg.trainer.save_pipeline and total_steps > start_step:
         pipeline_dir = save_final_pipeline(out, module=run.model, model=run.model, sharded=run.sharded, info=info,
-                                           build=run.fresh_model)
+                                           build=run.fresh_model, ema=run.ema,
+                                           ema_mode=cfg.trainer.ema.save_pipeline if run.ema is not None else "raw")
     barrier(info)
     cleanup(info)
     return RLResult(out=out, steps=total_steps, final_loss=last_loss, checkpoint=last_ckpt, pipeline=pipeline_dir)
