@@ -49,6 +49,9 @@ class ModelSpec:
     flow_weight: float = 1.0  # weight of DeepGen's flow-matching loss; 0 = the teacher's feature loss alone (no DiT)
     condition_dropout: float = 0.1
     image_size: int | None = None
+    # dtype of the frozen weights (VLM base, VAE, frozen DiT): auto = the compute dtype (bf16 when the run autocasts
+    # to bf16: trainer.precision bf16, or auto on CUDA; else fp32) | bf16 | fp16 | fp32. Trainable weights stay fp32.
+    frozen_dtype: str = "auto"
 
 
 @dataclass

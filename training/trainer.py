@@ -35,6 +35,7 @@ from deepgen_components.training.distributed import (
 )
 from deepgen_components.training.ema import EMA
 from deepgen_components.training.evaluate_during import TrainingEvaluation
+from deepgen_components.training.memory import cast_frozen, measure_state, plan_memory, resolve_frozen_dtype
 from deepgen_components.training.optim import build_optimizer, build_schedule
 from deepgen_components.training.run import (
     autocast,
@@ -168,10 +169,14 @@ def _count(params) -> int:
 
 
 def dry_run(cfg: TrainConfig, world_size: int = 1) -> dict:
-    """Parameter counts (total / trainable per component) and an estimate of memory per GPU, without data.
+    """Parameter counts (total / trainable per component) and the persistent memory per GPU, without data.
 
-    Estimate: frozen weights in bf16 (2 B), trainable weights, gradients in fp32 (4 B each) and the two AdamW
-    moments (8 B); with FSDP the trainable part is divided by ``world_size``. Activations are not included.
+    The plan is :func:`~deepgen_components.training.memory.plan_memory` on the stage's model: frozen weights in the
+    dtype the run keeps them in (``model.frozen_dtype``, resolved for ``trainer.device`` — a GPU unless it says
+    cpu — and ``trainer.precision``), trainable weights and gradients in fp32, the two AdamW moments, the EMA
+    shadow when ``trainer.ema`` is on, stage 3's frozen reference DiT; with FSDP all but the VAE (and the reference)
+    divided by ``world_size``. Activations and a
+    teacher model are not included. A run writes what it measured against this plan to ``memory.json``.
     """
     spec = cfg.model
     if spec.preset == "deepgen-1.0" or spec.vlm or spec.weights or spec.transformer:
@@ -188,19 +193,37 @@ def dry_run(cfg: TrainConfig, world_size: int = 1) -> dict:
     trainable = sum(c["trainable"] for c in counts.values())
     frozen = sum(c["total"] for c in counts.values()) - trainable
     world = max(1, world_size) if cfg.trainer.distributed == "fsdp" else 1
-    # fp32 master weights + fp32 grads + two fp32 AdamW moments for trainable; frozen weights in bf16 on GPUs.
-    gib = 1024**3
-    estimate = {
-        "frozen_weights_gib": frozen * 2 / gib,
-        "trainable_weights_gib": trainable * 4 / gib,
-        "gradients_gib": trainable * 4 / gib,
-        "adam_states_gib": trainable * 8 / gib,
-    }
-    for key in ("trainable_weights_gib", "gradients_gib", "adam_states_gib"):
-        estimate[key] /= world
-    estimate["total_without_activations_gib"] = sum(estimate.values())
+    device_type = "cpu" if cfg.trainer.device == "cpu" else "cuda"
+    frozen_dtype = resolve_frozen_dtype(cfg.model.frozen_dtype, cfg.trainer.precision, device_type)
+    estimate = plan_memory(model, frozen_dtype=frozen_dtype, world=world, ema=cfg.trainer.ema is not None,
+                           unsharded=model.vae)
+    if cfg.stage == "rl":  # stage 3 also keeps a frozen copy of the initial DiT (the KL reference), not sharded
+        reference = counts["dit"]["total"] * (torch.finfo(frozen_dtype).bits // 8) / 1024**3
+        total = estimate.pop("total_without_activations_gib")
+        estimate["reference_dit_gib"] = reference
+        estimate["total_without_activations_gib"] = total + reference
     return {"stage": cfg.stage, "parameters": counts, "trainable": trainable, "frozen": frozen,
-            "memory_per_gpu": estimate, "sharded_over": world}
+            "frozen_dtype": str(frozen_dtype).removeprefix("torch."), "memory_per_gpu": estimate,
+            "sharded_over": world}
+
+
+def _write_memory_record(out: Path, cfg: TrainConfig, model: DeepGenModel, objective: nn.Module, optimizer, ema,
+                         *, device: torch.device, world: int) -> None:
+    """``out/memory.json``: the persistent bytes this process holds after its first optimizer step, measured, next
+    to the plan ``--dry-run`` prints for the same config (the frozen dtype resolved for this run's device)."""
+    import json
+
+    frozen_dtype = resolve_frozen_dtype(cfg.model.frozen_dtype, cfg.trainer.precision, device.type)
+    record = {
+        "device": str(device),
+        "frozen_dtype": str(frozen_dtype).removeprefix("torch."),
+        "measured_gib": measure_state(objective, optimizer, ema),
+        "planned_gib": plan_memory(model, frozen_dtype=frozen_dtype, world=world, ema=ema is not None,
+                                   unsharded=model.vae),
+        "note": "persistent state only (weights, gradients, AdamW moments, EMA); activations are not included",
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | None = None) -> TrainResult:
@@ -218,6 +241,7 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
     configure_stage(model, cfg.stage, cfg.lora)
     if cfg.model.init_from:
         load_init_weights(model, cfg.model.init_from)
+    cast_frozen(model, resolve_frozen_dtype(cfg.model.frozen_dtype, cfg.trainer.precision, device.type))
     if cfg.trainer.activation_checkpointing:
         _enable_activation_checkpointing(model)
     model.train()
@@ -281,6 +305,9 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
         schedule.step()
         if ema is not None:
             ema.update(step + 1)
+        if step == start_step and info.is_main:
+            _write_memory_record(out, cfg, model, objective, optimizer, ema, device=device,
+                                 world=info.world_size if sharded else 1)
         step_loss = all_reduce_mean(torch.stack(losses).mean(), info).item()
         last_loss = step_loss
         elapsed = time.perf_counter() - started
@@ -311,6 +338,8 @@ def train(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int | N
             configure_stage(fresh, cfg.stage, cfg.lora)
             return fresh
 
+        if not sharded:  # one dtype in the saved pipeline (frozen parts may be bf16; FSDP gathers into a fresh fp32 model)
+            cast_frozen(model, torch.float32)
         pipeline_dir = save_final_pipeline(out, module=objective, model=model, sharded=sharded, info=info,
                                            build=fresh_model, ema=ema,
                                            ema_mode=cfg.trainer.ema.save_pipeline if ema is not None else "raw")

@@ -28,7 +28,8 @@ def cmd_train(args) -> int:
         for name, c in report["parameters"].items():
             print(f"  {name:<13} total {c['total']:>15,}  trainable {c['trainable']:>15,}")
         mem = report["memory_per_gpu"]
-        print(f"memory per GPU (sharded over {report['sharded_over']}), without activations:")
+        print(f"memory per GPU (sharded over {report['sharded_over']}; frozen weights in {report['frozen_dtype']}), "
+              "without activations:")
         for key, value in mem.items():
             print(f"  {key:<32} {value:8.2f} GiB")
         return 0
