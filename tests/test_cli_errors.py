@@ -166,8 +166,35 @@ CASES = [
      "OUT {tmp}: exists; pass --overwrite to replace it", 2),
     ("convert-out-under-a-file", ["convert", "--to", "pipeline", "{tmp}", "{file}/pipe"],
      "OUT {file}/pipe: {file} is a file, not a folder", 2),
+    # data convert ({badyaml} stands for an input that is not JSON; converted data lists: tests/test_data_convert.py)
+    ("data-unknown-format", ["data", "convert", "--format", "laion", "{file}", "--images-root", "{tmp}", "--out",
+                             "{out}.jsonl"],
+     "--format laion: unknown format; the official data lists are: caption (CaptionDataset), blip3o", 2),
+    ("data-missing-input", ["data", "convert", "--format", "edit", "{tmp}/none.json", "--images-root", "{tmp}",
+                            "--out", "{out}.jsonl"],
+     "INPUT {tmp}/none.json: no such file or folder; expected an official data list (.json)", 2),
+    ("data-input-not-json", ["data", "convert", "--format", "edit", "{badyaml}", "--images-root", "{tmp}",
+                             "--out", "{out}.jsonl"],
+     "INPUT {badyaml}: expected a .json data list, a folder of them or a .jsonl file; got '.yaml'", 2),
+    ("data-input-folder-without-lists", ["data", "convert", "--format", "caption", "{tmp}", "--images-root", "{tmp}",
+                                         "--out", "{out}.jsonl"],
+     "INPUT {tmp}: a folder without *.json data lists", 2),
+    ("data-missing-images-root", ["data", "convert", "--format", "edit", "{file}", "--images-root", "{tmp}/no",
+                                  "--out", "{out}.jsonl"], "--images-root {tmp}/no: no such folder", 2),
+    ("data-task-mismatch", ["data", "convert", "--format", "blip3o", "{file}", "--images-root", "{tmp}", "--task",
+                            "edit", "--out", "{out}.jsonl"],
+     "--task edit: format 'blip3o' (BLIP3oDataset) holds t2i samples", 2),
+    ("data-caption-key-on-another-format", ["data", "convert", "--format", "edit", "{file}", "--images-root",
+                                            "{tmp}", "--caption-key", "prompt", "--out", "{out}.jsonl"],
+     "--captions-root / --caption-key: only for --format caption", 2),
+    ("data-out-not-jsonl", ["data", "convert", "--format", "edit", "{file}", "--images-root", "{tmp}", "--out",
+                            "{out}"], "--out {out}: the manifest is JSON Lines; give a .jsonl file name, got '.png'", 2),
+    ("data-existing-output", ["data", "convert", "--format", "edit", "{file}", "--images-root", "{tmp}", "--out",
+                              "{file}"], "--out {file}: exists; pass --overwrite to replace it", 2),
+    ("data-out-under-a-file", ["data", "convert", "--format", "edit", "{file}", "--images-root", "{tmp}", "--out",
+                               "{file}/m.jsonl"], "--out {file}/m.jsonl: {file} is a file, not a folder", 2),
 ]
-SUBCOMMANDS = ("generate", "edit", "info", "demo", "export", "train", "convert", "bench", "shapes", "eval")
+SUBCOMMANDS = ("generate", "edit", "info", "demo", "export", "train", "convert", "bench", "shapes", "eval", "data")
 
 
 @pytest.fixture

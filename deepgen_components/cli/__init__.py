@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from deepgen_components.cli import args, bench, convert, evaluate, export, generate, shapes, train
+from deepgen_components.cli import args, bench, convert, data, evaluate, export, generate, shapes, train
 from deepgen_components.cli.args import *  # noqa: F403 - the shared flags, public here too
 from deepgen_components.cli.args import USER_ERRORS, ArgumentParser
 from deepgen_components.cli.generate import DEMO_INSTRUCTION, DEMO_PROMPTS
@@ -21,7 +21,7 @@ from deepgen_components.cli.generate import DEMO_INSTRUCTION, DEMO_PROMPTS
 __all__ = [*args.__all__, "DEMO_INSTRUCTION", "DEMO_PROMPTS", "build_parser", "main"]
 
 # The subcommand modules, in the order `deepgen --help` lists them.
-COMMANDS = (generate, export, train, convert, shapes, bench, evaluate)
+COMMANDS = (generate, export, data, train, convert, shapes, bench, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
