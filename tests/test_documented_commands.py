@@ -122,6 +122,8 @@ RUN_GROUPS: list[list[str]] = [
         "OMP_NUM_THREADS=1 deepgen train --config training/configs/sft_tiny.yaml --out runs/sft_tiny "
         "model.init_from=runs/align_tiny/checkpoints",
         'deepgen generate --pipeline runs/sft_tiny/pipeline "a red circle" --out circle.png',
+        "deepgen convert --to official runs/sft_tiny sft.safetensors",
+        "deepgen convert --to pipeline runs/sft_tiny runs/sft_tiny_pipeline",
     ],
     ["time python benchmarks/fidelity.py --golden tests/data/golden/deepgen_tiny_a --json fidelity_a.json"],
     ["python benchmarks/kernel_bench.py --device cpu --quick"],
@@ -133,6 +135,7 @@ RUN_GROUPS: list[list[str]] = [
         "deepgen train --config training/configs/rl_tiny.yaml --max-steps 2 --out /tmp/rl rl.update_mode=per_timestep"
     ],
     ["deepgen train --config training/configs/rl_deepgen1.yaml --dry-run"],
+    ["deepgen train --config training/configs/sft_deepgen1.yaml --dry-run --world-size 8"],
     # The README's quick tour (a Python block): the shapes preset and the tiny model, generate + edit.
     ['README.md: pipe = DeepGenPipeline.from_preset("deepgen-shapes")'],
     # docs/eval.md: the smoke runs of `deepgen eval` (tiny model, a few prompts) and its torchrun form.
@@ -230,6 +233,16 @@ NOT_RUN: dict[str, str] = {
     "deepgen export --preset small --out exported/ --min-size 512 --max-size 512 --max-batch 1 --engine": "TensorRT "
     "cannot be installed here; tests/test_tensorrt_export_gate.py runs `deepgen export --engine` through the fake "
     "tensorrt",
+    "deepgen train --config training/configs/align_deepgen1.yaml --max-steps 20 --out runs/smoke "
+    "trainer.checkpoint_every=10": _WEIGHTS + "; a GPU",
+    "torchrun --standalone --nproc-per-node 8 -m deepgen_components.cli train --config "
+    "training/configs/sft_deepgen1.yaml --out runs/sft trainer.distributed=fsdp model.init_from=runs/align/checkpoints "
+    'data.num_workers=4 "trainer.ema={decay: 0.9999}"': _WEIGHTS + "; 8 GPUs",
+    "deepgen convert --to official runs/sft sft.safetensors": "converts the 8-GPU run above; its tiny form "
+    "(runs/sft_tiny) runs in the training chain",
+    "deepgen data convert --format edit data/nano/data.json --images-root data/nano --out manifests/nano.jsonl "
+    "--check-images": "needs an official dataset on disk; tests/test_data_convert.py runs the command on small lists "
+    "in every official format",
     "python benchmarks/export_scale.py --out out/export_scale": "the measurement itself (4 minutes, 19 GB of RAM); "
     "its --preset tiny form runs here",
     "docs/kernels.md: from deepgen_components.triton_kernels import (": "a list of signatures, not code to run",
@@ -365,6 +378,13 @@ def test_the_training_chain_as_documented_writes_its_outputs(ran):
     assert (work / "runs" / "sft_tiny" / "pipeline" / "model_index.json").is_file()
     with Image.open(work / "circle.png") as image:
         assert image.size[0] > 0 and image.format == "PNG"
+    # deepgen convert: the official file holds the SCB, the DiT and the VLM LoRA; the pipeline folder loads.
+    from safetensors import safe_open
+
+    with safe_open(str(work / "sft.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+    assert any(k.startswith("transformer.") for k in keys) and any(".lora_A." in k for k in keys)
+    assert (work / "runs" / "sft_tiny_pipeline" / "model_index.json").is_file()
 
 
 def test_the_fidelity_report_as_documented_finds_every_row_within_tolerance(ran):

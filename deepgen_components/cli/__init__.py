@@ -1,9 +1,9 @@
 """The ``deepgen`` command line: the application layer, on top of everything and imported by nothing below it.
 
 Every subcommand lives in its own module here and is registered explicitly in :func:`build_parser`:
-``generate`` / ``edit`` / ``info`` / ``demo`` (:mod:`.generate`), ``export`` (:mod:`.export`), ``train``
-(:mod:`.train`), ``bench`` (:mod:`.bench`), ``eval`` (:mod:`.evaluate`) and ``shapes`` (:mod:`.shapes`). The flags
-they share are public in :mod:`.args`.
+``generate`` / ``edit`` / ``info`` / ``demo`` (:mod:`.generate`), ``export`` (:mod:`.export`), ``data convert``
+(:mod:`.data`), ``train`` (:mod:`.train`), ``convert`` (:mod:`.convert`), ``bench`` (:mod:`.bench`), ``eval``
+(:mod:`.evaluate`) and ``shapes`` (:mod:`.shapes`). The flags they share are public in :mod:`.args`.
 """
 
 from __future__ import annotations
