@@ -7,6 +7,12 @@ under torchrun each process draws its own LoRA dropout masks, so each must get i
 process writes it all into a temporary folder that is renamed into place (atomic on one filesystem), then
 ``latest`` is replaced atomically; older checkpoints beyond ``keep_last`` are removed. A run killed at any
 moment resumes from the last complete checkpoint.
+
+Sharded (FSDP2 runs): the trainable weights, the optimizer state and the EMA average are not gathered; every rank
+writes its own shards with ``torch.distributed.checkpoint`` (DCP) into ``dcp/`` of the same temporary folder
+(:func:`stage_checkpoint`, then ``training.state.save_sharded``), and the main process adds the rest and publishes
+the folder as above. Such a folder has no ``trainable.safetensors``; :func:`load_checkpoint` reads ``dcp/`` whole
+in one process (any tool, any world size), and an FSDP resume reads each rank's shards only.
 """
 
 from __future__ import annotations
@@ -16,17 +22,29 @@ import logging
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["capture_rng", "latest_checkpoint", "load_checkpoint", "restore_rank_rng", "restore_rng", "save_checkpoint"]
+__all__ = [
+    "SHARDED_FOLDER",
+    "capture_rng",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "read_sharded",
+    "restore_rank_rng",
+    "restore_rng",
+    "save_checkpoint",
+    "stage_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
 RngState = tuple[dict[str, torch.Tensor], dict]  # (tensors, JSON metadata) of one process
+SHARDED_FOLDER = "dcp"  # a checkpoint's torch.distributed.checkpoint folder (FSDP runs)
 
 
 def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
@@ -95,34 +113,51 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
+def stage_checkpoint(directory: str | Path, step: int) -> Path:
+    """A fresh, empty temporary folder for checkpoint ``step`` of ``directory``: written into (e.g. the shards of
+    every rank, ``SHARDED_FOLDER``), then published by :func:`save_checkpoint` with ``staged=``. Main process."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".tmp_step_{step:08d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
 def save_checkpoint(
     directory: str | Path,
     step: int,
     *,
-    trainable: dict[str, torch.Tensor],
+    trainable: dict[str, torch.Tensor] | None,
     optimizer_state: dict | None = None,
     scheduler_state: dict | None = None,
     sampler_state: dict | None = None,
     extra: dict | None = None,
     keep_last: int = 2,
     rng_states: list[RngState] | None = None,
+    staged: Path | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically into ``directory`` and prune old ones; returns its folder.
 
     ``rng_states``: one ``capture_rng()`` per rank, in rank order (gathered to the main process); default:
-    this process's states as the only rank."""
+    this process's states as the only rank. ``staged``: a folder of :func:`stage_checkpoint` that already holds
+    part of the checkpoint (the sharded ``SHARDED_FOLDER``, whose weights and optimizer state make ``trainable``
+    and ``optimizer_state`` None); it is completed and published."""
     from safetensors.torch import save_file
 
     if keep_last < 1:  # 0 would delete the checkpoint just written and leave ``latest`` dangling
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    sharded = staged is not None and (Path(staged) / SHARDED_FOLDER / ".metadata").is_file()
+    if trainable is None and not sharded:
+        raise ValueError("save_checkpoint: trainable is None but there is no sharded checkpoint (staged=) to publish")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:08d}"
-    tmp = directory / f".tmp_step_{step:08d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    tmp = Path(staged) if staged is not None else stage_checkpoint(directory, step)
+    if trainable is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
     state: dict[str, Any] = {"step": step, "scheduler": scheduler_state, "sampler": sampler_state, "extra": extra or {}}
+    if sharded:
+        state["sharded"] = SHARDED_FOLDER  # weights, optimizer (and EMA) state: torch.distributed.checkpoint
     if optimizer_state is not None:
         opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -132,9 +167,10 @@ def save_checkpoint(
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     state["rng"] = {"ranks": [meta for _, meta in rng_states]}
     _write_json(tmp / "state.json", state)
-    for f in tmp.iterdir():  # make the data durable before the rename publishes it
-        with f.open("rb") as handle:
-            os.fsync(handle.fileno())
+    for f in tmp.iterdir():  # make the data durable before the rename publishes it (DCP syncs its own files)
+        if f.is_file():
+            with f.open("rb") as handle:
+                os.fsync(handle.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -159,33 +195,87 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def read_sharded(folder: str | Path) -> dict[str, Any]:
+    """A DCP folder read whole in this process (no collective, any world size): the nested state it was saved
+    from, every DTensor as one full tensor (``{"model": ..., "optim": ..., "ema": ...}`` for a training
+    checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(folder))
+    metadata = reader.read_metadata()
+    flat: dict[str, Any] = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype) if isinstance(meta, TensorStorageMetadata) else None
+        for key, meta in metadata.state_dict_metadata.items()
+    }  # None: a non-tensor value (e.g. the optimizer's param_groups), filled in by the planner
+    planner = DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)  # fill ``flat`` itself
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(flat, storage_reader=reader, planner=planner, no_dist=True)
+    # DCP saved the nested dict flattened; planner_data maps each flat key to its path (str: dict key, int: index).
+    paths = metadata.planner_data or {key: (key,) for key in flat}
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        _set_path(nested, paths[key], value)
+    return nested
+
+
+def _set_path(nested: dict, path: tuple, value: Any) -> None:
+    node: Any = nested
+    for depth, part in enumerate(path):
+        if isinstance(node, list) and len(node) <= part:
+            node.extend(None for _ in range(part + 1 - len(node)))
+        if depth == len(path) - 1:
+            node[part] = value
+            return
+        child = node[part] if isinstance(node, list) else node.get(part)
+        if child is None:
+            child = [] if isinstance(path[depth + 1], int) else {}
+            node[part] = child
+        node = child
+
+
+def load_checkpoint(path: str | Path, *, tensors: bool = True) -> dict:
     """Read a checkpoint folder: trainable weights, optimizer/scheduler/sampler state, extra, and ``rng``: a list
-    of (tensors, metadata) per rank (one entry for a checkpoint of the old single-state format)."""
+    of (tensors, metadata) per rank (one entry for a checkpoint of the old single-state format).
+
+    A sharded checkpoint (``sharded``: its DCP folder, else None) is read whole (:func:`read_sharded`; the
+    optimizer state keyed by parameter name, and ``ema``, the average, when it was saved); ``tensors=False``
+    leaves its weights, optimizer state and average out (None), for ``training.state.load_sharded``."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"checkpoint: {path} has no state.json (not a complete checkpoint)")
     state = json.loads((path / "state.json").read_text())
+    sharded = path / state["sharded"] if state.get("sharded") else None
     out = {
         "step": state["step"],
-        "trainable": load_file(str(path / "trainable.safetensors")),
+        "trainable": None,
         "scheduler": state.get("scheduler"),
         "sampler": state.get("sampler"),
         "extra": state.get("extra", {}),
         "optimizer": None,
+        "ema": None,
         "rng": None,
+        "sharded": sharded,
     }
+    if sharded is not None:
+        if tensors:
+            whole = read_sharded(sharded)
+            out.update(trainable=whole["model"], optimizer=whole.get("optim"), ema=whole.get("ema"))
+    else:
+        out["trainable"] = load_file(str(path / "trainable.safetensors"))
     if "optimizer" in state and (path / "optimizer.safetensors").is_file():
         out["optimizer"] = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     if (path / "rng.safetensors").is_file():
-        tensors, meta = load_file(str(path / "rng.safetensors")), state["rng"]
+        rng_tensors, meta = load_file(str(path / "rng.safetensors")), state["rng"]
         if "ranks" not in meta:  # the old format: the main process's states only, unprefixed
-            out["rng"] = [(tensors, meta)]
+            out["rng"] = [(rng_tensors, meta)]
         else:
             per_rank: list[dict[str, torch.Tensor]] = [{} for _ in meta["ranks"]]
-            for key, value in tensors.items():
+            for key, value in rng_tensors.items():
                 rank, name = key.split(".", 1)
                 per_rank[int(rank.removeprefix("rank"))][name] = value
             out["rng"] = list(zip(per_rank, meta["ranks"]))

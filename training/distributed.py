@@ -18,7 +18,9 @@ __all__ = [
     "all_gather_cat",
     "all_reduce_mean",
     "apply_fsdp",
+    "all_reduce_gradients",
     "barrier",
+    "broadcast_from_main",
     "cleanup",
     "gather_to_main",
     "init_distributed",
@@ -92,6 +94,46 @@ def all_gather_cat(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     parts = [torch.empty_like(value) for _ in range(info.world_size)]
     dist.all_gather(parts, value.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def all_reduce_gradients(params, info: DistInfo, bucket_bytes: int = 32 * 2**20) -> None:
+    """Average the ``.grad`` of ``params`` over ranks in place (what DDP does), in buckets of at most
+    ``bucket_bytes`` per dtype: the extra memory is one bucket, never a flat copy of every gradient; a gradient
+    larger than a bucket is reduced in place on its own. Parameters without a gradient are passed over (every
+    rank must have the same set). The sum of each element is the one a single flat all_reduce gives."""
+    if not info.enabled:
+        return
+    buckets: dict[torch.dtype, list[tuple[int, list[torch.Tensor]]]] = {}  # per dtype: (bytes, gradients)
+    for grad in (p.grad for p in params if p.grad is not None):
+        size = grad.numel() * grad.element_size()
+        if size >= bucket_bytes and grad.is_contiguous():
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)  # alone, in place
+            grad.div_(info.world_size)
+            continue
+        per_dtype = buckets.setdefault(grad.dtype, [(0, [])])
+        filled, bucket = per_dtype[-1]
+        if bucket and filled + size > bucket_bytes:
+            filled, bucket = 0, []
+            per_dtype.append((filled, bucket))
+        bucket.append(grad)
+        per_dtype[-1] = (filled + size, bucket)
+    for bucket in (b for per_dtype in buckets.values() for _, b in per_dtype if b):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= info.world_size
+        offset = 0
+        for grad in bucket:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+
+def broadcast_from_main(value, info: DistInfo):
+    """The main process's picklable ``value`` on every rank (a collective: every rank calls it)."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_to_main(value, info: DistInfo) -> list | None:

@@ -17,21 +17,25 @@ from pathlib import Path
 
 import torch
 from deepgen_components.training.checkpoint import (
+    SHARDED_FOLDER,
     capture_rng,
     latest_checkpoint,
     load_checkpoint,
     restore_rank_rng,
     save_checkpoint,
+    stage_checkpoint,
 )
 from deepgen_components.training.config import TrainConfig
-from deepgen_components.training.distributed import DistInfo, barrier, gather_to_main
+from deepgen_components.training.distributed import DistInfo, barrier, broadcast_from_main, gather_to_main
 from deepgen_components.training.ema import EMA, ema_path, prune_ema_files, swapped, write_state
 from deepgen_components.training.metrics import MetricsLogger
 from deepgen_components.training.state import (
     full_state,
     load_optimizer,
+    load_sharded,
     load_trainable,
     optimizer_state,
+    save_sharded,
     unsharded_model,
 )
 from torch import nn
@@ -60,19 +64,29 @@ def resume(out: Path, *, module: nn.Module, model: nn.Module, optimizer: torch.o
     path = latest_checkpoint(out / "checkpoints")
     if path is None:
         return 0
-    state = load_checkpoint(path)
-    load_trainable(model, state["trainable"])
-    if ema is not None:
-        average = ema_path(out / "checkpoints", state["step"])
-        if average.is_file():
+    # An FSDP run reads its own shards of a sharded checkpoint; anything else reads the tensors whole.
+    own_shards = sharded and (path / SHARDED_FOLDER / ".metadata").is_file()
+    state = load_checkpoint(path, tensors=not own_shards)
+    if own_shards:
+        has_average = load_sharded(state["sharded"], module=module, model=model, optimizer=optimizer,
+                                   average=ema.shadow if ema is not None else None)
+    else:
+        load_trainable(model, state["trainable"])
+        load_optimizer(module, optimizer, state["optimizer"], sharded)
+        average, saved_average = state["ema"], ema_path(out / "checkpoints", state["step"])
+        if ema is not None and average is None and saved_average.is_file():
             from safetensors.torch import load_file
 
-            ema.load_state_dict(load_file(str(average)))
-        else:  # trainer.ema switched on for a run that ran without it: the average starts at the resumed weights
-            logger.warning("trainer.ema: %s has no average (%s); it starts from the resumed weights", path,
-                           average.name)
-            ema.load_state_dict(state["trainable"])
-    load_optimizer(module, optimizer, state["optimizer"], sharded)
+            average = load_file(str(saved_average))
+        has_average = ema is not None and average is not None
+        if has_average:
+            ema.load_state_dict(average)
+    if ema is not None and not has_average:
+        # trainer.ema switched on for a run that ran without it: the average starts at the resumed weights
+        logger.warning("trainer.ema: %s has no average; it starts from the resumed weights", path)
+        with torch.no_grad():
+            for name, shadow in ema.shadow.items():
+                shadow.copy_(ema.params[name].detach())
     schedule.load_state_dict(state["scheduler"])
     if sampler is not None and state["sampler"]:
         sampler.load_state_dict(state["sampler"])
@@ -109,19 +123,27 @@ def write_checkpoint(out: Path, step: int, *, module: nn.Module, model: nn.Modul
                      extra: dict, keep_last: int, ema: EMA | None = None) -> Path | None:
     """Checkpoint ``step`` into ``out/checkpoints``: the trainable weights, the optimizer state, the schedule, the
     sampler's position (if there is a sampler), every rank's RNG states and the ``ema`` average (written before
-    the checkpoint is published). Every rank must call it (gathering the state is a collective); the main
-    process writes, and gets the folder (the others None)."""
-    average = ema.state_dict() if ema is not None else None  # a collective under FSDP
-    if average is not None and info.is_main:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_state(average, ema_path(out / "checkpoints", step))
-    weights = full_state(model)
-    optimizer_saved = optimizer_state(module, optimizer, sharded)
+    the checkpoint is published). Every rank must call it (a collective). Unsharded: the main process writes
+    everything. ``sharded`` (FSDP2): every rank writes its shards of the weights, the optimizer state and the
+    average (``training.state.save_sharded``) into the folder's ``dcp/``; nothing is gathered. The main process
+    publishes the folder, and gets it (the others None)."""
+    checkpoints = out / "checkpoints"
     rng_states = gather_to_main(capture_rng(), info)  # every rank's RNG, written by the main process
+    weights = optimizer_saved = staged = None
+    if sharded:  # nothing gathered: every rank writes its shards (DCP) into the folder the main process publishes
+        staged = broadcast_from_main(stage_checkpoint(checkpoints, step) if info.is_main else None, info)
+        save_sharded(staged / SHARDED_FOLDER, module=module, model=model, optimizer=optimizer,
+                     average=ema.shadow if ema is not None else None)
+    else:
+        if ema is not None and info.is_main:  # written before the checkpoint that it belongs to is published
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            write_state(ema.state_dict(), ema_path(checkpoints, step))
+        weights = full_state(model)
+        optimizer_saved = optimizer_state(module, optimizer, sharded)
     path = None
     if info.is_main:
         path = save_checkpoint(
-            out / "checkpoints", step,
+            checkpoints, step,
             trainable=weights,
             optimizer_state=optimizer_saved,
             scheduler_state=schedule.state_dict(),
@@ -129,8 +151,9 @@ def write_checkpoint(out: Path, step: int, *, module: nn.Module, model: nn.Modul
             extra=extra,
             keep_last=keep_last,
             rng_states=rng_states,
+            staged=staged,
         )
-        prune_ema_files(out / "checkpoints")
+        prune_ema_files(checkpoints)
     barrier(info)
     return path
 
