@@ -3,8 +3,9 @@ process with batch 2b, step for step. By design (sampler and trainer docstrings)
 batch of the source stream sliced across ranks, and every per-sample random draw is seeded by the sample's
 position in that stream, so the world size changes neither the data nor the noise. DDP averages gradients over
 ranks; FSDP2 (``fully_shard``) shards the DiT blocks, the connector layers and the rest of the model (the VAE,
-which encodes latents outside the wrapped forward, stays whole), and gathers the full weights and AdamW state
-into its checkpoints.
+which encodes latents outside the wrapped forward, stays whole), and each rank saves its own shards of the
+weights and AdamW state into its checkpoints (``torch.distributed.checkpoint``), read back whole by
+``load_checkpoint``.
 
 Caveat (documented in docs/training.md): LoRA dropout masks come from each process's global RNG, so stage-2
 parity holds with ``lora.dropout=0``; with dropout the runs are equally valid but not identical.

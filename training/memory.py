@@ -106,6 +106,7 @@ def measure_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         tensors = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
         measured["adam_states_gib"] = _storage_bytes(tensors, seen) / GIB
     if ema is not None:
-        measured["ema_gib"] = _storage_bytes(list(ema.state_dict().values()), seen) / GIB
+        # the shadow tensors this process holds (under FSDP its shards; state_dict() would gather: a collective)
+        measured["ema_gib"] = _storage_bytes(list(ema.shadow.values()), seen) / GIB
     measured["total_without_activations_gib"] = sum(measured.values())
     return measured

@@ -28,6 +28,7 @@ from deepgen_components.training.config import TrainConfig
 from deepgen_components.training.distributed import (
     DistInfo,
     all_gather_cat,
+    all_reduce_gradients,
     all_reduce_mean,
     apply_fsdp,
     barrier,
@@ -37,6 +38,7 @@ from deepgen_components.training.distributed import (
 )
 from deepgen_components.training.ema import EMA
 from deepgen_components.training.evaluate_during import TrainingEvaluation
+from deepgen_components.training.memory import cast_frozen, resolve_frozen_dtype
 from deepgen_components.training.optim import build_optimizer, build_schedule
 from deepgen_components.training.prompts import PromptPool
 from deepgen_components.training.run import autocast, open_logs, resume, save_final_pipeline, write_checkpoint
@@ -125,26 +127,6 @@ def _reference_velocity(reference_dit, model: DeepGenModel, latents, timestep, c
     return v
 
 
-def _sync_gradients(params: list[torch.nn.Parameter], info) -> None:
-    """Average the gradients over ranks (what DDP does; the RL loop runs the DiT unwrapped because a rollout,
-    30 re-evaluations and the SFT batch are not one forward). Every rank runs the same code path, so the set
-    of parameters with a gradient is the same on every rank."""
-    if not info.enabled:
-        return
-    import torch.distributed as dist
-
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= info.world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
 def _check(cfg: TrainConfig) -> None:
     if cfg.stage != "rl" or cfg.rl is None:
         raise ValueError("train_rl needs stage: rl and an rl: section")
@@ -189,6 +171,10 @@ class _Stage3:
         model.eval()  # no dropout anywhere: rollouts and updates must see the same function
         # The reference DiT stays the initial (init_from) policy: it is copied before a resumed run's weights load.
         self.reference_dit = copy.deepcopy(model.dit).requires_grad_(False).eval()
+        # Frozen weights (VLM, VAE, the reference DiT) in the compute dtype (model.frozen_dtype); the policy fp32.
+        frozen_dtype = resolve_frozen_dtype(cfg.model.frozen_dtype, cfg.trainer.precision, device.type)
+        cast_frozen(model, frozen_dtype)
+        cast_frozen(self.reference_dit, frozen_dtype)
         if cfg.trainer.activation_checkpointing:
             model.dit.transformer.enable_gradient_checkpointing()  # recomputation is exact: ratios stay 1 on-policy
         self.sharded = cfg.trainer.distributed == "fsdp" and info.enabled
@@ -266,8 +252,10 @@ class _Stage3:
 
     def optimizer_step(self, norms: list[float]) -> None:
         """Average the gradients over ranks, clip, one AdamW step; records the pre-clip gradient norm."""
-        if not self.sharded:  # FSDP2's reduce-scatter has already averaged them
-            _sync_gradients(self.trainable, self.info)
+        # Under DDP the DiT runs unwrapped (a rollout, its re-evaluated timesteps and the SFT batch are not one
+        # forward), so the gradients are averaged here, in bounded buckets; FSDP2's reduce-scatter already did.
+        if not self.sharded:
+            all_reduce_gradients(self.trainable, self.info)
         norms.append(float(torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip)))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -395,6 +383,8 @@ def train_rl(cfg: TrainConfig, *, out: str | Path | None = None, max_steps: int 
         run.sft_stream.close()
     pipeline_dir = None
     if cfg.trainer.save_pipeline and total_steps > start_step:
+        if not run.sharded:  # one dtype in the saved pipeline (frozen parts may be bf16; FSDP gathers into fp32)
+            cast_frozen(run.model, torch.float32)
         pipeline_dir = save_final_pipeline(out, module=run.model, model=run.model, sharded=run.sharded, info=info,
                                            build=run.fresh_model, ema=run.ema,
                                            ema_mode=cfg.trainer.ema.save_pipeline if run.ema is not None else "raw")
