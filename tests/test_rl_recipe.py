@@ -365,7 +365,7 @@ def test_two_ranks_average_gradients(tmp_path):
 
     Averaged, not summed: AdamW is nearly invariant to the gradient's scale, so the weights alone would not
     show a sum. Each rank records its own gradient before the reduction and the gradient AdamW steps with
-    (``_sync_gradients`` is wrapped to observe, not replaced); the latter must be the mean of the former, and
+    (``all_reduce_gradients`` is wrapped to observe, not replaced); the latter must be the mean of the former, and
     the logged pre-clip ``grad_norm`` its norm (clipping at 1.0 is inactive at these norms)."""
     worker = tmp_path / "worker.py"
     worker.write_text(textwrap.dedent(f"""
@@ -379,7 +379,7 @@ def test_two_ranks_average_gradients(tmp_path):
         import deepgen_components.training.rl as rl_module
 
         hashes, original, local, stepped, order = [], torch.optim.AdamW.step, [], [], []
-        sync = rl_module._sync_gradients
+        sync = rl_module.all_reduce_gradients
         flat = lambda params: torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None]).clone()
 
         def observed_sync(params, info):  # records this rank's own gradient, then reduces as the recipe does
@@ -387,7 +387,7 @@ def test_two_ranks_average_gradients(tmp_path):
             local.append(flat(params))
             sync(params, info)
 
-        rl_module._sync_gradients = observed_sync
+        rl_module.all_reduce_gradients = observed_sync
 
         def step(self, *args, **kwargs):  # observe (not replace) torch's optimizer: a hash of the weights
             stepped.append(flat(order))  # the gradient this step uses, in the same order
