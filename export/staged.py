@@ -37,7 +37,9 @@ __all__ = ["StagedPipeline", "StagedPipelineOutput"]
 
 @dataclass
 class StagedPipelineOutput:
-    """images: PIL images, uint8 (B, H, W, 3), float (B, 3, H, W) in [-1, 1], or latents; timings in seconds."""
+    """images: PIL images, float32 (B, H, W, 3) in [0, 1] (``"np"``, as diffusers and ``DeepGenPipeline``), uint8
+    (B, H, W, 3) (``"uint8"``, the official rounding), float (B, 3, H, W) in [-1, 1] (``"float"``), or latents;
+    timings in seconds."""
 
     images: object
     timings: dict[str, float] = field(default_factory=dict)
@@ -51,7 +53,7 @@ class StagedPipeline(ABC):
     ``_cast(array, dtype)``, ``_finite_flag(array)``, ``_first_false(flags)``, ``_euler(latents, velocity, dt)``.
     """
 
-    output_types = ("pil", "np", "float", "latent")
+    output_types = ("pil", "np", "uint8", "float", "latent")
 
     def __init__(self, exported: ExportedModel) -> None:
         self.exported = exported
@@ -345,8 +347,10 @@ class StagedPipeline(ABC):
         array = self._numpy(pixels).astype(np.float32)
         if output_type == "float":
             return array
+        if output_type == "np":  # diffusers' convention, as DeepGenPipeline: float32 (B, H, W, 3) in [0, 1]
+            return np.clip(array / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
         uint8 = pixels_to_uint8_array(array)
-        if output_type == "np":
+        if output_type == "uint8":
             return uint8
         from PIL import Image
 

@@ -148,7 +148,7 @@ class TensorRTDeepGenPipeline(StagedPipeline):
     that needs it. ``ranges`` narrows the exported ranges (e.g. one resolution for CUDA graphs); ``cuda_graph`` and
     ``max_graphs`` configure each stage's :class:`EngineRunner`."""
 
-    output_types = ("pil", "np", "float", "pt", "latent")
+    output_types = ("pil", "np", "uint8", "float", "pt", "latent")
 
     def __init__(
         self,

@@ -171,6 +171,19 @@ def test_onnx_pipeline_pil_output_and_numpy_generator(onnx_pipe):
     assert images[0].size == (64, 64) and np.array_equal(np.asarray(images[0]), np.asarray(again[0]))
 
 
+def test_onnx_pipeline_np_output_is_diffusers_floats_as_pytorch_and_uint8_is_the_pil_bytes(torch_pipe, onnx_pipe):
+    latents = noise(1, 16, 8, 8, seed=5)
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=4.0)
+    expected = torch_pipe("a cat", latents=latents, output_type="np", **kwargs).images
+    got = onnx_pipe("a cat", latents=latents.numpy(), output_type="np", **kwargs).images
+    assert got.dtype == np.float32 and got.shape == expected.shape == (1, 64, 64, 3)
+    assert 0.0 <= got.min() and got.max() <= 1.0
+    assert np.abs(got - expected).max() < 1e-3
+    as_bytes = onnx_pipe("a cat", latents=latents.numpy(), output_type="uint8", **kwargs).images
+    pil = onnx_pipe("a cat", latents=latents.numpy(), output_type="pil", **kwargs).images
+    assert as_bytes.dtype == np.uint8 and np.array_equal(as_bytes[0], np.asarray(pil[0]))
+
+
 # -- bad input ---------------------------------------------------------------------------------------------------
 
 
@@ -294,6 +307,7 @@ from deepgen_components.export.onnx_pipeline import OnnxDeepGenPipeline
 pipe = OnnxDeepGenPipeline(sys.argv[1])
 out = pipe("a red cat", num_inference_steps=2, generator=0, output_type="np", progress=False)
 assert out.images.shape == (1, 64, 64, 3), out.images.shape
+assert out.images.dtype == "float32" and 0 <= out.images.min() and out.images.max() <= 1  # diffusers' "np"
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "diffusers"))
 assert not heavy, heavy
 print("ok")
