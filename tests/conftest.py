@@ -55,3 +55,34 @@ def saved(pipe, tmp_path_factory):
     path = tmp_path_factory.mktemp("saved") / "tiny"
     pipe.save_pretrained(path)
     return path
+
+
+# -- shared tiny exports (session-wide: each costs seconds of dynamo export per stage) -----------------------------
+# The tiny model at image size 64 and ranges 64..128 px, batch 1, without the parity gate (tests/test_export.py
+# checks parity). Read-only by convention: a test that writes into an export copies it first (shutil.copytree).
+
+
+def _tiny_export(folder, stages, **kwargs):
+    from deepgen_components.export.exporter import export_model
+    from deepgen_components.export.specs import ExportRanges
+
+    from deepgen_components import DeepGenConfig, deepgen_tiny
+
+    model = deepgen_tiny(seed=0, config=DeepGenConfig(image_size=64))
+    return export_model(model, folder, stages=stages, ranges=ExportRanges(min_size=64, max_size=128, max_batch=1),
+                        parity=False, progress=False, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_t2i_export(tmp_path_factory):
+    """condition_encoder + dit + vae_decoder of the tiny model, fp32, opset 23: the text-to-image runtimes' input."""
+    folder = tmp_path_factory.mktemp("tiny_t2i_export") / "exported"
+    _tiny_export(folder, ["condition_encoder", "dit", "vae_decoder"])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_for_tensorrt_10_14(tmp_path_factory):
+    """The tiny DiT exported for TensorRT 10.14, which cannot parse the opset-23 graph: the fallback (opset 20)."""
+    folder = tmp_path_factory.mktemp("tiny_dit_trt1014") / "exported"
+    return folder, _tiny_export(folder, ["dit"], tensorrt_version="10.14")

@@ -300,16 +300,8 @@ def test_install_swaps_the_module_in_and_back_out():
 
 
 @pytest.fixture(scope="module")
-def vae_decoder(tmp_path_factory):
-    from deepgen_components.export.exporter import export_model
-    from deepgen_components.export.specs import ExportRanges
-
-    from deepgen_components import DeepGenConfig, deepgen_tiny
-
-    folder = tmp_path_factory.mktemp("export")
-    export_model(deepgen_tiny(seed=0, config=DeepGenConfig(image_size=64)), folder, stages=["vae_decoder"],
-                 ranges=ExportRanges(min_size=64, max_size=128, max_batch=1), parity=False, progress=False)
-    return folder / "vae_decoder.onnx"
+def vae_decoder(tiny_t2i_export):
+    return tiny_t2i_export / "vae_decoder.onnx"  # the session's tiny export (read only)
 
 
 def test_an_exported_stage_runs_through_the_fake_engine_like_onnx_runtime(monkeypatch, vae_decoder):

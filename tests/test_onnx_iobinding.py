@@ -35,10 +35,8 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def fp32_export(model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp32")
-    export_model(model, out, stages=T2I, ranges=RANGES, parity=False, progress=False)
-    return out
+def fp32_export(tiny_t2i_export):
+    return tiny_t2i_export  # the session's tiny text-to-image export (same model, ranges and stages)
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,12 @@ in bounded buckets instead of one flat copy of every gradient.
 * One process: a DCP folder published by ``save_checkpoint(staged=...)`` reads back whole (weights, the optimizer
   state keyed by parameter name, the EMA average), and its optimizer state loads into an unsharded run.
 * Two gloo processes: ``all_reduce_gradients`` gives the gradients one flat all_reduce gives, bit for bit.
-* ``torchrun``, 2 gloo ranks, FSDP2, stage 2 with EMA: every rank writes only its shards (no gathered weights,
-  optimizer or average on disk), and a run restarted from the older checkpoint repeats its steps exactly.
+* Two gloo processes, FSDP2: each rank's shards of the weights, the optimizer state and the EMA average round-trip.
+* The ``torchrun`` stage-2 FSDP2 run (every rank writes only its own shards; a restart from the older checkpoint
+  repeats its steps, weights and AdamW state exactly) is in tests/test_training_distributed.py.
 """
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import deepgen_components.training as training_package
@@ -30,7 +27,6 @@ from deepgen_components.training.checkpoint import (
     stage_checkpoint,
 )
 from deepgen_components.training.distributed import DistInfo, all_reduce_gradients
-from deepgen_components.training.metrics import read_metrics
 from deepgen_components.training.state import load_optimizer
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -166,47 +162,3 @@ def test_fsdp2_shards_of_weights_optimizer_and_average_round_trip(tmp_path):
     whole = read_sharded(tmp_path / "dcp")  # one process reads the two ranks' files whole
     assert whole["model"]["0.weight"].shape == (16, 8) and whole["ema"]["0.weight"].shape == (16, 8)
     assert whole["optim"]["state"]["0.weight"]["exp_avg"].shape == (16, 8)
-
-
-# -- torchrun, FSDP2 ------------------------------------------------------------------------------------------------
-
-
-def torchrun(out: Path, steps: int) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "deepgen_components.cli", "train", "--config", str(CONFIGS / "sft_tiny.yaml"),
-               "--max-steps", str(steps), "--out", str(out), "data.batch_size=2", "trainer.distributed=fsdp",
-               "trainer.checkpoint_every=2", "trainer.keep_last=2", "trainer.save_pipeline=false",
-               "trainer.log_to=[jsonl]"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-@pytest.mark.slow
-def test_fsdp2_checkpoints_are_written_sharded_and_resume_exactly(tmp_path):
-    out = tmp_path / "fsdp"
-    torchrun(out, 4)
-    folder = out / "checkpoints" / "step_00000004"
-    assert sorted(p.name for p in folder.iterdir()) == [SHARDED_FOLDER, "rng.safetensors", "state.json"]
-    saved = load_checkpoint(folder)
-    # nothing was gathered: each rank wrote its own file, and every weight of >= 2 rows as two row shards
-    metadata = dcp.FileSystemReader(str(folder / SHARDED_FOLDER)).read_metadata()
-    assert {item.relative_path for item in metadata.storage_data.values()} == {"__0_0.distcp", "__1_0.distcp"}
-    for name, value in saved["trainable"].items():
-        chunks = metadata.state_dict_metadata[f"model.{name}"].chunks
-        assert value.shape[0] < 2 or sorted(c.offsets[0] for c in chunks) == [0, (value.shape[0] + 1) // 2], name
-    assert "model.dit.transformer.proj_out.weight" in saved["optimizer"]["state"]
-    assert saved["optimizer"]["state"]["model.dit.transformer.proj_out.weight"]["exp_avg"].shape == (16 * 4, 32)
-
-    # a crash after step 2: the restarted run reads each rank's shards of step 2 and repeats steps 3-4 exactly
-    expected = read_metrics(out)
-    shutil.rmtree(folder)
-    (out / "checkpoints" / "latest").write_text("step_00000002")
-    resumed = torchrun(out, 4)
-    assert "resuming from" in resumed.stderr
-    assert [row["loss"] for row in read_metrics(out)] == [row["loss"] for row in expected]
-    again = load_checkpoint(folder)
-    assert all(again["trainable"][n].equal(v) for n, v in saved["trainable"].items())
-    for name, state in saved["optimizer"]["state"].items():
-        assert all(again["optimizer"]["state"][name][k].equal(v) for k, v in state.items()), name

@@ -144,20 +144,11 @@ def test_pyproject_tensorrt_floor_is_the_default_exports_floor():
 
 
 @pytest.fixture(scope="module")
-def tiny_dit_exports(tmp_path_factory):
-    from deepgen_components.export.exporter import export_model
-    from deepgen_components.export.specs import ExportRanges
-
-    from deepgen_components import DeepGenConfig, deepgen_tiny
-
-    model = deepgen_tiny(seed=0, config=DeepGenConfig(image_size=64))
-    paths = {}
-    for opset in (23, 20):
-        out = tmp_path_factory.mktemp(f"opset{opset}")
-        export_model(model, out, stages=["dit"], ranges=ExportRanges(min_size=64, max_size=128, max_batch=1),
-                     parity=False, progress=False, opset=opset, fallback_opset=None)
-        paths[opset] = out / "dit.onnx"
-    return paths
+def tiny_dit_exports(tiny_t2i_export, tiny_dit_for_tensorrt_10_14):
+    """The tiny DiT at opset 23 (the session's export) and at opset 20 (exported for TensorRT 10.14: the fallback)."""
+    folder, manifest = tiny_dit_for_tensorrt_10_14
+    assert manifest["stages"]["dit"]["opset"] == 20
+    return {23: tiny_t2i_export / "dit.onnx", 20: folder / "dit.onnx"}
 
 
 def test_the_default_export_needs_the_declared_floor_and_the_fallback_an_older_tensorrt(tiny_dit_exports):

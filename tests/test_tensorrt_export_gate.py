@@ -27,14 +27,15 @@ def model():
     return deepgen_tiny(seed=0, config=DeepGenConfig(image_size=64))
 
 
-def test_manifest_records_the_minimum_tensorrt_and_an_older_target_falls_back(model, tmp_path):
-    default = export_model(model, tmp_path / "default", stages=["dit"], ranges=RANGES, parity=False, progress=False)
+def test_manifest_records_the_minimum_tensorrt_and_an_older_target_falls_back(
+    model, tiny_t2i_export, tiny_dit_for_tensorrt_10_14, tmp_path
+):
+    default = json.loads((tiny_t2i_export / "manifest.json").read_text())
     entry = default["stages"]["dit"]
     assert entry["opset"] == 23 and entry["tensorrt"]["min_tensorrt"] == DEFAULT_TENSORRT_FLOOR
     assert "RMSNormalization" in entry["tensorrt"]["needs_newer"]
     assert default["min_tensorrt"] == DEFAULT_TENSORRT_FLOOR
-    old = export_model(model, tmp_path / "old", stages=["dit"], ranges=RANGES, parity=False, progress=False,
-                       tensorrt_version="10.14")
+    _, old = tiny_dit_for_tensorrt_10_14  # export_model(..., tensorrt_version="10.14")
     entry = old["stages"]["dit"]
     assert entry["opset"] == 20
     assert "TensorRT 10.14 cannot parse it" in entry["fallback"]["error"]

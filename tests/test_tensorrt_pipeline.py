@@ -20,18 +20,16 @@ Specification:
 import importlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 from _fake_trt import install
 from deepgen_components.export import tensorrt as trt_export
 from deepgen_components.export import tensorrt_runtime as trt_runtime
-from deepgen_components.export.exporter import export_model
 from deepgen_components.export.onnx_pipeline import OnnxDeepGenPipeline
 from deepgen_components.export.specs import ExportRanges
 from deepgen_components.export.tensorrt_runtime import EngineRunner, TensorRTDeepGenPipeline
-
-from deepgen_components import DeepGenConfig, deepgen_tiny
 
 RANGES = ExportRanges(min_size=64, max_size=128, max_batch=1)
 FILES = ("export/tensorrt.py", "export/tensorrt_runtime.py")
@@ -53,11 +51,10 @@ def coverage_of_engine_code():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, coverage_of_engine_code):
+def exported(tiny_t2i_export, tmp_path_factory, coverage_of_engine_code):
+    """A copy of the session's tiny text-to-image export (the tests build engines into it)."""
     out = tmp_path_factory.mktemp("trt") / "exported"
-    model = deepgen_tiny(seed=0, config=DeepGenConfig(image_size=64))
-    export_model(model, out, stages=["condition_encoder", "dit", "vae_decoder"], ranges=RANGES, parity=False,
-                 progress=False)
+    shutil.copytree(tiny_t2i_export, out)
     return out
 
 

@@ -85,8 +85,9 @@ def test_dry_run_prints_parameter_counts_and_memory_per_gpu(capsys):
 
 
 def test_dry_run_memory_estimate_follows_its_formula(capsys):
-    # frozen weights in bf16 (2 B); trainable weights, gradients (fp32, 4 B each) and two AdamW moments (8 B),
-    # the trainable part divided by the world size under FSDP. Activations are not included.
+    # frozen weights in bf16 (2 B: the dry run plans a GPU, where precision auto autocasts to bf16); trainable
+    # weights, gradients (fp32, 4 B each) and two AdamW moments (8 B); under FSDP everything but the VAE (which FSDP
+    # ignores) divided by the world size. Activations are not included.
     for distributed, world in (("ddp", 1), ("fsdp", 4)):
         assert main(["train", "--config", str(CONFIGS / "sft_tiny.yaml"), "--dry-run", "--json", "--world-size", "4",
                      f"trainer.distributed={distributed}"]) == 0
@@ -97,7 +98,9 @@ def test_dry_run_memory_estimate_follows_its_formula(capsys):
         assert report["trainable"] == trainable and report["frozen"] == total - trainable
         assert report["sharded_over"] == world
         mem = report["memory_per_gpu"]
-        assert mem["frozen_weights_gib"] == pytest.approx((total - trainable) * 2 / GIB)
+        vae = counts["vae"]["total"]
+        assert report["frozen_dtype"] == "bfloat16"
+        assert mem["frozen_weights_gib"] == pytest.approx((vae + (total - trainable - vae) / world) * 2 / GIB)
         assert mem["trainable_weights_gib"] == pytest.approx(trainable * 4 / GIB / world)
         assert mem["gradients_gib"] == pytest.approx(trainable * 4 / GIB / world)
         assert mem["adam_states_gib"] == pytest.approx(trainable * 8 / GIB / world)

@@ -20,7 +20,8 @@ from pathlib import Path
 import deepgen_components.training as training_package
 import pytest
 import torch
-from deepgen_components.training.checkpoint import latest_checkpoint, load_checkpoint
+import torch.distributed.checkpoint as dcp
+from deepgen_components.training.checkpoint import SHARDED_FOLDER, latest_checkpoint, load_checkpoint
 from deepgen_components.training.config import load_config
 from deepgen_components.training.metrics import read_metrics
 from deepgen_components.training.trainer import train
@@ -82,8 +83,17 @@ def test_fsdp2_with_two_processes_matches_one_process_and_resumes_exactly(tmp_pa
     single_process("sft_tiny.yaml", tmp_path / "single", 4, "data.batch_size=4", "trainer.save_pipeline=false", *common)
     assert_same_run(fsdp, tmp_path / "single")
 
-    # the checkpoint holds the gathered (unsharded) AdamW state, keyed by parameter name
-    optimizer = load_checkpoint(fsdp / "checkpoints" / "step_00000004")["optimizer"]
+    # the checkpoint is sharded (torch.distributed.checkpoint): each rank wrote its own file, every weight of >= 2
+    # rows as two row shards; read back whole, the AdamW state is keyed by parameter name
+    folder = fsdp / "checkpoints" / "step_00000004"
+    assert sorted(p.name for p in folder.iterdir()) == [SHARDED_FOLDER, "rng.safetensors", "state.json"]
+    saved = load_checkpoint(folder)
+    metadata = dcp.FileSystemReader(str(folder / SHARDED_FOLDER)).read_metadata()
+    assert {item.relative_path for item in metadata.storage_data.values()} == {"__0_0.distcp", "__1_0.distcp"}
+    for name, value in saved["trainable"].items():
+        chunks = metadata.state_dict_metadata[f"model.{name}"].chunks
+        assert value.shape[0] < 2 or sorted(c.offsets[0] for c in chunks) == [0, (value.shape[0] + 1) // 2], name
+    optimizer = saved["optimizer"]
     assert "model.dit.transformer.proj_out.weight" in optimizer["state"]
     assert optimizer["state"]["model.dit.transformer.proj_out.weight"]["exp_avg"].shape == (16 * 4, 32)
     # the pipeline is saved from the gathered weights
@@ -102,3 +112,6 @@ def test_fsdp2_with_two_processes_matches_one_process_and_resumes_exactly(tmp_pa
     assert "resuming from" in resumed.stderr
     assert [row["loss"] for row in read_metrics(fsdp)] == [row["loss"] for row in expected]
     assert all(final_weights(fsdp)[n].equal(v) for n, v in weights.items())
+    again = load_checkpoint(folder)["optimizer"]["state"]
+    for name, state in optimizer["state"].items():
+        assert all(again[name][k].equal(v) for k, v in state.items()), name
