@@ -30,7 +30,12 @@ from pathlib import Path
 import numpy as np
 from deepgen_components.export import parity as parity_gate
 from deepgen_components.export import tensorrt_compat
-from deepgen_components.export.manifest import FORMAT_VERSION, MANIFEST_NAME, SUPPORTED_OPSETS
+from deepgen_components.export.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SUPPORTED_OPSETS,
+    external_data_files,
+)
 from deepgen_components.export.specs import STAGES, ExportRanges, build_specs, model_config
 
 __all__ = ["DEFAULT_OPSET", "FALLBACK_OPSET", "ExportError", "export_model", "library_versions"]
@@ -79,18 +84,6 @@ def _stage_module(spec, dtype: str, model_dtype: str):
     if dtype != model_dtype:
         module = copy.deepcopy(module).to(getattr(torch, dtype))
     return module
-
-
-def _external_data_files(path: Path) -> list[str]:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    files = set()
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                files.add(entry.value)
-    return sorted(files)
 
 
 def _remove_stage_files(path: Path) -> None:
@@ -332,7 +325,7 @@ def export_model(
             export_seconds = time.perf_counter() - start
             entry = spec.to_dict() | {
                 "file": path.name,
-                "external_data": _external_data_files(path),
+                "external_data": external_data_files(path),
                 "exporter": EXPORTER,
                 "opset": used,
                 "fallback": None if used == opset else {"requested_opset": opset, "error": errors[opset]},

@@ -21,6 +21,7 @@ __all__ = [
     "SUPPORTED_OPSETS",
     "ExportedModel",
     "axis_text",
+    "external_data_files",
     "numpy_dtype",
 ]
 
@@ -38,6 +39,14 @@ def numpy_dtype(name: str) -> np.dtype:
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
+
+
+def external_data_files(onnx_path: str | os.PathLike) -> list[str]:
+    """The external-data file names an ONNX file's initializers point to (sorted; the graph only is read)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    return sorted({e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"})
 
 
 def axis_text(axis) -> str:

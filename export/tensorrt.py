@@ -25,7 +25,7 @@ import shlex
 import time
 from pathlib import Path
 
-from deepgen_components.export.manifest import ExportedModel
+from deepgen_components.export.manifest import ExportedModel, external_data_files
 from deepgen_components.export.specs import ExportRanges, ExportSpec, stage_dims
 
 __all__ = [
@@ -128,12 +128,8 @@ _DIGESTS: dict[tuple, str] = {}
 
 def onnx_digest(onnx_path: str | os.PathLike) -> str:
     """sha256 over the ONNX file and its external-data files (in name order), cached per (path, size, mtime)."""
-    import onnx
-
     onnx_path = Path(onnx_path)
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    names = sorted({e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"})
-    files = [onnx_path] + [onnx_path.parent / name for name in names]
+    files = [onnx_path] + [onnx_path.parent / name for name in external_data_files(onnx_path)]
     stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     if stamp not in _DIGESTS:
         digest = hashlib.sha256()
@@ -202,8 +198,8 @@ def stale_reason(engine_path: str | os.PathLike, key: dict) -> str | None:
             "compute_capability": "it was built for another GPU architecture"}
     for field, why in what.items():
         if built.get(field) != key[field]:
-            return f"{engine_path}: {why} ({built.get(field)!r} != {key[field]!r})" if field not in (
-                "onnx_sha256", "profiles") else f"{engine_path}: {why}"
+            detail = "" if field in ("onnx_sha256", "profiles") else f" ({built.get(field)!r} != {key[field]!r})"
+            return f"{engine_path}: {why}{detail}"
     return None
 
 

@@ -61,7 +61,7 @@ def plan_memory(model: nn.Module, *, frozen_dtype: torch.dtype, world: int = 1, 
     trainable = sum(p.numel() for p in params if p.requires_grad)
 
     def frozen_bytes(p) -> float:
-        size = p.numel() * (torch.finfo(frozen_dtype).bits // 8 if p.is_floating_point() else p.element_size())
+        size = p.numel() * (frozen_dtype.itemsize if p.is_floating_point() else p.element_size())
         return size if id(p) in kept else size / world
 
     plan = {

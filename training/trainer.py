@@ -198,7 +198,7 @@ def dry_run(cfg: TrainConfig, world_size: int = 1) -> dict:
     estimate = plan_memory(model, frozen_dtype=frozen_dtype, world=world, ema=cfg.trainer.ema is not None,
                            unsharded=model.vae)
     if cfg.stage == "rl":  # stage 3 also keeps a frozen copy of the initial DiT (the KL reference), not sharded
-        reference = counts["dit"]["total"] * (torch.finfo(frozen_dtype).bits // 8) / 1024**3
+        reference = counts["dit"]["total"] * frozen_dtype.itemsize / 1024**3
         total = estimate.pop("total_without_activations_gib")
         estimate["reference_dit_gib"] = reference
         estimate["total_without_activations_gib"] = total + reference
