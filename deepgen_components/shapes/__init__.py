@@ -28,5 +28,7 @@ register_source("shapes", data.source_from_config)  # data.sources: [{kind: shap
 register_prompt_source("shapes", data.rl_prompts)  # rl.prompt_source: {kind: shapes, ...}
 register_teacher("prompt_encoder", teacher.teacher_from_config)  # teacher: {kind: prompt_encoder, ...}
 register_reward("shapes", reward.ShapesReward)  # rl.rewards: {NAME: {name: shapes}}
+register_reward("shapes_composition", reward.ShapesCompositionReward)  # discrete compositional correctness
+register_reward("shapes_placement", reward.ShapesPlacementReward)  # minus the placement error in pixels
 register_evaluator("shapes", evaluation.ShapesEvaluator)  # deepgen eval --evaluators shapes
 register_benchmark(evaluation.BENCHMARK, evaluation.prompt_records)  # deepgen eval --benchmark shapes

@@ -4,7 +4,8 @@ source of stage 3.
 ``deepgen_components.shapes`` registers both under the kind ``shapes``: :func:`source_from_config` with
 ``training.data.register_source`` (``data.sources: [{kind: shapes, task, seed, options: {length,
 foreground_weight, edit_kinds}}]``) and :func:`rl_prompts` with ``training.prompts.register_prompt_source``
-(``rl.prompt_source: {kind: shapes, seed, count, category, edits, edit_category, edit_weight}``).
+(``rl.prompt_source: {kind: shapes, seed, count, category, edits, edit_category, edit_weight, pairs,
+pair_category, pair_weight}``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from deepgen_components.training.registry import check_options
 __all__ = ["ShapesSource", "foreground_mask", "rl_prompts", "source_from_config"]
 
 SOURCE_OPTIONS = ("length", "foreground_weight", "edit_kinds")
-PROMPT_SOURCE_KEYS = ("seed", "count", "category", "edits", "edit_category", "edit_weight")
+PROMPT_SOURCE_KEYS = ("seed", "count", "category", "edits", "edit_category", "edit_weight", "pairs", "pair_category",
+                      "pair_weight")
 
 
 class ShapesSource:
@@ -83,17 +85,23 @@ def source_from_config(spec: SourceConfig, image_size: int) -> ShapesSource:
 
 
 def rl_prompts(options: Mapping, image_size: int) -> list[dict]:
-    """The ``kind: shapes`` prompt source of stage 3: ``count`` training captions (default 512) in ``category``
+    """The ``kind: shapes`` prompt source of stage 3: ``count`` training captions (default 512) in ``category``,
+    ``pairs`` distinct two-shape training captions (default 0) in ``pair_category`` with weight ``pair_weight``,
     and ``edits`` training editing tasks (default 0) in ``edit_category`` with weight ``edit_weight``, from the
     world of seed ``seed``. An edit item carries its source image and, as ``reward_prompt``, the caption of the
     scene the edit should produce; held-out compositions are never drawn."""
     check_options("rl.prompt_source", options, PROMPT_SOURCE_KEYS)
     world = ShapesWorld(image_size=image_size, seed=int(options.get("seed", 0)))
-    count, edits = int(options.get("count", 512)), int(options.get("edits", 0))
-    if count < 0 or edits < 0 or count + edits == 0:
-        raise ValueError(f"rl.prompt_source: count and edits must be >= 0 and not both 0, got {count}, {edits}")
+    count, edits, pairs = (int(options.get(key, default)) for key, default in (("count", 512), ("edits", 0),
+                                                                                ("pairs", 0)))
+    if min(count, edits, pairs) < 0 or count + edits + pairs == 0:
+        raise ValueError("rl.prompt_source: count, pairs and edits must be >= 0 and not all 0, "
+                         f"got {count}, {pairs}, {edits}")
     category = options.get("category", "general")
     items = [{"text": world.t2i_sample(i)[1], "category": category} for i in range(count)]
+    items += [{"text": caption(scene), "category": options.get("pair_category", category),
+               "weight": float(options.get("pair_weight", 1.0))}
+              for scene in (world.pair_scenes(pairs, heldout=False) if pairs else [])]
     for i in range(edits):
         scene, instruction, target = world.edit_triplet(i)
         items.append({"text": instruction, "image": world.render(scene), "reward_prompt": caption(target),

@@ -492,6 +492,27 @@ class ShapesWorld:
         rng = np.random.default_rng([self.seed, _STREAM_HELDOUT_EDIT, int(seed), int(unseen)])
         return [EditTask(*self._sample_edit(rng, heldout=unseen)) for _ in range(n)]
 
+    def pair_scenes(self, n: int, seed: int = 0, *, heldout: bool = True) -> list[Scene]:
+        """``n`` distinct two-shape scenes (distinct captions), the harder prompts of stage 3 (docs/shapes.md,
+        "Stage 3 with headroom"). ``heldout=True``: the first shape is a held-out composition, the second any
+        composition on that background in another third, so no caption is a training one; ``heldout=False``:
+        both shapes are training compositions. Raises ``ValueError`` when fewer than ``n`` exist."""
+        stream = _STREAM_HELDOUT_T2I if heldout else _STREAM_T2I
+        rng = np.random.default_rng([self.seed, stream, int(seed), 2])
+        firsts = self.heldout_combos if heldout else self.train_combos
+        seconds = self.heldout_combos + self.train_combos if heldout else self.train_combos
+        pool = sorted({((s, c, p), (s2, c2, p2), b) for s, c, p, b in firsts
+                       for s2, c2, p2, b2 in seconds if b2 == b and p2 != p})
+        if n > len(pool):
+            raise ValueError(f"n: at most {len(pool)} distinct two-shape scenes exist here, got {n}")
+        out = []
+        for k in rng.permutation(len(pool))[:n]:
+            (s, c, p), (s2, c2, p2), b = pool[int(k)]
+            dx, dy = self._jitter(rng)
+            dx2, dy2 = self._jitter(rng)
+            out.append(Scene(s, c, p, b, dx=dx, dy=dy, second=SceneObject(s2, c2, p2, dx2, dy2)))
+        return out
+
     # -- rendering ------------------------------------------------------------------------------------
     def render(self, scene: Scene) -> Image.Image:
         """Draw a scene as an ``image_size``² RGB ``PIL.Image`` (supersampled, box-downsampled)."""
