@@ -4,6 +4,7 @@
     deepgen shapes --out runs/shapes --quick          # the whole chain at toy budgets in ~15 s (numbers meaningless)
     deepgen shapes --out runs/gpu --device cuda --set base.dit_steps=3000 --set base.dit_batch=128
     deepgen shapes --out runs/p --base-from runs/gpu --install   # reuse a base; ship the result as the preset
+    deepgen shapes --out runs/rl --rl-from deepgen-shapes        # stage 3 alone, from a finished pipeline
 
 docs/shapes.md has what the chain measures (on 2 CPU cores, and from a GPU-made base: the shipped
 ``deepgen-shapes`` preset).
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import deepgen_components.shapes  # noqa: F401  (registers the shapes world's kinds: data source, teacher, ...)
 
-__all__ = ["add_commands", "install_preset", "parse_sets", "run_shapes"]
+__all__ = ["QUICK_RL_PAIRS", "add_commands", "install_preset", "parse_sets", "run_shapes"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,16 @@ QUICK_OVERRIDES = {  # a smoke test of the whole chain in about a minute (number
     "base": {"t2i_images": 64, "edit_triplets": 32, "vae_steps": 4, "dit_steps": 4, "lm_steps": 2, "dit_batch": 8},
     "stage": ["trainer.max_steps=2", "data.batch_size=2", "rl.prompts_per_step=1", "rl.group_size=2", "rl.num_steps=3",
               "rl.sft_batch_size=2"],
-    "eval": {"heldout": 4, "seen": 2, "edits": 3, "steps": 2},
+    "eval": {"heldout": 4, "seen": 2, "edits": 3, "pairs": 3, "steps": 2},
 }
+EVAL_PAIRS = 96  # distinct held-out two-shape captions: stage 3's headroom task
+# `--rl-from ... --quick`: a real, short stage 3 that learns (tests/test_shapes_rl.py measures its rewards rise):
+# QUICK_RL_PAIRS two-shape training captions, 8 images each per step, 6-step rollouts.
+QUICK_RL_PAIRS = 4
+QUICK_RL_OVERRIDES = ["trainer.max_steps=12", "trainer.checkpoint_every=12", "rl.prompts_per_step=2",
+                      "rl.group_size=8", "rl.num_steps=6", "rl.sft_batch_size=2",
+                      f"rl.prompt_source={{kind: shapes, seed: 0, count: 0, pairs: {QUICK_RL_PAIRS}, "
+                      "pair_category: pairs}"]
 
 
 def parse_sets(items: list[str] | None) -> tuple[dict, dict[str, list[str]]]:
@@ -104,10 +113,25 @@ def _table(results: dict) -> str:
             f"{s['reward']:.3f} | {'—' if s.get('edit_reward') is None else format(s['edit_reward'], '.3f')} |"
         )
     first = next(iter(results.values()))
-    lines.append(f"\nn = {first['n_t2i']} T2I prompts ({first['n_heldout']} held-out compositions, the rest seen "
-                 f"compositions with new jitter), {first['n_edits']} held-out edits; "
-                 f"{first['settings']['steps']} Euler steps, CFG {first['settings']['guidance']} "
+    distinct = first.get("n_heldout_distinct") or "?"
+    lines.append(f"\nn = {first['n_t2i']} T2I prompts ({first['n_heldout']} of held-out compositions: {distinct} "
+                 f"distinct captions; the rest seen compositions with new jitter), {first['n_edits']} held-out "
+                 f"edits; {first['settings']['steps']} Euler steps, CFG {first['settings']['guidance']} "
                  f"(edits {first['settings']['edit_guidance']}).")
+    if first.get("pairs"):
+        scales = list(first["pairs"])
+        lines.append("\nStage 3's headroom task: " + f"{first['n_pairs']} distinct held-out two-shape captions "
+                     "(layout = both shapes drawn, each in its named third, nothing else).\n")
+        lines.append("| model | " + " | ".join(f"layout (CFG {s}) | all (CFG {s})" for s in scales)
+                     + " | composition | placement error (px) |")
+        lines.append("|---" * (1 + 2 * len(scales) + 2) + "|")
+        for name, s in results.items():
+            if not s.get("pairs"):
+                continue
+            p = s["pairs"]
+            lines.append(f"| {name} | " + " | ".join(f"{100 * p[k]['layout']:.1f} | {100 * p[k]['all']:.1f}"
+                                                     for k in scales)
+                         + f" | {p[scales[0]]['composition']:.3f} | {p[scales[0]]['placement_px']:.2f} |")
     return "\n".join(lines)
 
 
@@ -124,6 +148,7 @@ def run_shapes(
     sets: list[str] | None = None,
     base_from: str | Path | None = None,
     eval_start: bool = False,
+    rl_from: str | Path | None = None,
 ) -> dict:
     """Run (or resume) the whole shapes-world chain into ``out``; returns the report.
 
@@ -132,14 +157,15 @@ def run_shapes(
     :func:`parse_sets`); ``base_from`` copies the base models of another run (its ``base`` folder, or the run
     folder holding it) instead of making them; ``eval_start`` also evaluates the stage-1 start (the base DiT
     behind a fresh, zero-head SCB: the null condition for every prompt, about 1 min on 2 cores). The overrides,
-    the device and the base's origin are recorded in ``report.json``."""
+    the device and the base's origin are recorded in ``report.json``. ``rl_from`` (a pipeline folder, or
+    ``deepgen-shapes`` for the shipped preset) runs stage 3 alone from that pipeline, copied into ``out/start``:
+    no base models, no stages 1-2, and the starting pipeline evaluated as "before stage 3"."""
     import torch
 
     from deepgen_components.pipeline import DeepGenPipeline
     from deepgen_components.shapes import evaluation as shapes_eval
     from deepgen_components.shapes.base import ShapesBaseConfig, build_base
     from deepgen_components.shapes.teacher import PromptEncoderPipeline
-    from deepgen_components.training.rl import train_rl
     from deepgen_components.training.trainer import train
 
     out = Path(out)
@@ -152,12 +178,12 @@ def run_shapes(
     save = lambda: report_path.write_text(json.dumps(report, indent=2))  # noqa: E731
     started = time.perf_counter()
 
-    stage_extra = list(QUICK_OVERRIDES["stage"] if quick else [])
+    stage_extra = list((QUICK_RL_OVERRIDES if rl_from is not None else QUICK_OVERRIDES["stage"]) if quick else [])
     if device is not None:
         stage_extra.append(f"trainer.device={device}")
     report["device"] = str(device or "cpu")
     report["sets"] = list(sets or [])
-    eval_kwargs = dict(QUICK_OVERRIDES["eval"]) if quick else {"steps": eval_steps}
+    eval_kwargs = dict(QUICK_OVERRIDES["eval"]) if quick else {"steps": eval_steps, "pairs": EVAL_PAIRS}
     steps = eval_kwargs.pop("steps")
     evals = shapes_eval.eval_set(**eval_kwargs)
     images: dict[str, dict] = {}
@@ -174,6 +200,36 @@ def run_shapes(
               f"background {t['background']:.3f} all {t['all']:.3f} edit {scores.edit_success} "
               f"reward {scores.reward:.3f} ({scores.seconds:.0f} s)", flush=True)
         save()
+
+    def load(path):  # eager PyTorch on any device: the evaluation is the same computation everywhere
+        return DeepGenPipeline.from_pretrained(path, device=device).optimize("eager")
+
+    def finish() -> dict:
+        report["seconds"]["total (this invocation)"] = time.perf_counter() - started
+        report["table"] = _table(report["results"])
+        save()
+        (out / "report.md").write_text(report["table"] + "\n")
+        _write_grids(out / "images", evals, images, grid_rows)
+        _plot_rewards(out / "rl" / "metrics.jsonl", out / "images" / "rl_rewards.png")
+        print(report["table"])
+        return report
+
+    if rl_from is not None:  # stage 3 alone, from a finished pipeline
+        start = out / "start"
+        if not (start / "model_index.json").is_file():
+            import shutil
+
+            shutil.copytree(_pipeline_folder(rl_from), start, dirs_exist_ok=True)
+            report["rl_from"] = str(rl_from)
+            save()
+        evaluate("before stage 3 (start)", load(start))
+        cfg = _stage_config("rl", out, start, None, stage_extra + stage_sets["rl"], configs)
+        cfg.lora = None  # a pipeline folder holds its VLM with the stage-2 LoRA merged
+        cfg.model.init_from = None  # ... and every trained weight: nothing to load on top
+        _train_rl_once(cfg, out / "rl", report, save)
+        torch.manual_seed(0)
+        evaluate("after stage 3 (rl)", load(out / "rl" / "pipeline"))
+        return finish()
 
     # 1. Base models (not DeepGen's recipe: its pretrained starting points, made here).
     base_dir = out / "base"
@@ -198,8 +254,6 @@ def run_shapes(
         report["seconds"]["base"] = time.perf_counter() - t0
         save()
     base_pipeline = base_dir / "pipeline"
-    def load(path):  # eager PyTorch on any device: the evaluation is the same computation everywhere
-        return DeepGenPipeline.from_pretrained(path, device=device).optimize("eager")
 
     evaluate("base DiT (own prompt encoder)", PromptEncoderPipeline.from_base(base_dir).to(device or "cpu"))
     if eval_start:
@@ -210,22 +264,71 @@ def run_shapes(
     for name in STAGES:
         cfg = _stage_config(name, out, base_pipeline, previous, stage_extra + stage_sets[name], configs)
         stage_dir = out / name
-        if not (stage_dir / "pipeline" / "model_index.json").exists():
+        if name == "rl":
+            _train_rl_once(cfg, stage_dir, report, save)
+        elif not (stage_dir / "pipeline" / "model_index.json").exists():
             t0 = time.perf_counter()
-            (train_rl if name == "rl" else train)(cfg, out=stage_dir)
+            train(cfg, out=stage_dir)
             report["seconds"][name] = time.perf_counter() - t0
             save()
         torch.manual_seed(0)
         evaluate(f"after stage {STAGES.index(name) + 1} ({name})", load(stage_dir / "pipeline"))
         previous = stage_dir
+    return finish()
 
-    report["seconds"]["total (this invocation)"] = time.perf_counter() - started
-    report["table"] = _table(report["results"])
-    save()
-    (out / "report.md").write_text(report["table"] + "\n")
-    _write_grids(out / "images", evals, images, grid_rows)
-    print(report["table"])
-    return report
+
+def _pipeline_folder(name_or_path: str | Path) -> Path:
+    """``deepgen-shapes`` (the shipped preset) or a pipeline folder (holding ``model_index.json``)."""
+    from deepgen_components.builders import SHAPES_PRESET_DIR
+
+    path = SHAPES_PRESET_DIR if str(name_or_path) == "deepgen-shapes" else Path(name_or_path)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"rl_from: {path} has no model_index.json; give a pipeline folder (e.g. a run's "
+                                "sft/pipeline) or deepgen-shapes")
+    return path
+
+
+def _train_rl_once(cfg, stage_dir: Path, report: dict, save) -> None:
+    """Stage 3 into ``stage_dir`` unless its pipeline exists (an interrupted run resumes from its checkpoint)."""
+    from deepgen_components.training.rl import train_rl
+
+    if not (stage_dir / "pipeline" / "model_index.json").exists():
+        t0 = time.perf_counter()
+        train_rl(cfg, out=stage_dir)
+        report["seconds"]["rl"] = time.perf_counter() - t0
+        save()
+
+
+def _plot_rewards(metrics: Path, target: Path) -> None:
+    """Stage 3's rollout rewards per step (each reward, and a moving average) as a PNG, when matplotlib is there."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not metrics.is_file():
+        return
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    names = sorted({k for r in rows for k in r if k.startswith("reward/")})
+    if not names:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        steps = [r["step"] for r in rows if name in r]
+        values = [r[name] for r in rows if name in r]
+        window = max(1, len(values) // 8)
+        smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+                  for i in range(len(values))]
+        ax.plot(steps, values, lw=0.8, alpha=0.4)
+        ax.plot(steps, smooth, lw=2)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(target, dpi=80)
+    plt.close(fig)
 
 
 def _write_grids(folder: Path, evals, images: dict, rows: int) -> None:
@@ -248,6 +351,15 @@ def _write_grids(folder: Path, evals, images: dict, rows: int) -> None:
     image_grid(edit_rows).save(folder / "edits_heldout.png", optimize=True)
     legend = {"t2i_heldout.png": ["ground truth"] + names, "edits_heldout.png": ["source", "target"] + names,
               "t2i_prompts": evals.prompts[: rows], "edit_instructions": [e.instruction for e in evals.edits[:rows]]}
+    if evals.pair_prompts:  # stage 3's headroom task, at each evaluated guidance scale
+        for scale in images[names[0]].get("pairs", {}):
+            count = min(rows, len(evals.pair_prompts))
+            pair_rows = [[world.render(parse_caption(evals.pair_prompts[i]))] + [images[n]["pairs"][scale][i]
+                                                                                   for n in names]
+                         for i in range(count)]
+            image_grid(pair_rows).save(folder / f"pairs_heldout_cfg{float(scale):g}.png", optimize=True)
+            legend[f"pairs_heldout_cfg{float(scale):g}.png"] = ["ground truth"] + names
+        legend["pair_prompts"] = evals.pair_prompts[:rows]
     (folder / "legend.json").write_text(json.dumps(legend, indent=2))
 
 
@@ -311,12 +423,20 @@ def cmd_shapes(args) -> int:
                                  else f"--set {name}.*: {message}") from None
         if args.base_from is not None and not Path(args.base_from).is_dir():
             raise FileNotFoundError(f"--base-from {args.base_from}: no such folder")
+        if args.rl_from is not None:
+            if args.base_from is not None or args.eval_start:
+                raise ValueError("--rl-from runs stage 3 alone: it takes no --base-from or --eval-start")
+            if any(item.split("=", 1)[0].split(".", 1)[0] != "rl" for item in args.set):
+                raise ValueError("--rl-from runs stage 3 alone: only --set rl.KEY=VALUE applies")
+            if args.rl_from != "deepgen-shapes" and not (Path(args.rl_from) / "model_index.json").is_file():
+                raise FileNotFoundError(f"--rl-from {args.rl_from}: no model_index.json there; give a pipeline "
+                                        "folder (e.g. a run's sft/pipeline) or deepgen-shapes")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.install_only:
         run_shapes(args.out, quick=args.quick, configs=args.configs, eval_steps=args.eval_steps,
                    guidance=args.guidance, edit_guidance=args.edit_guidance, device=args.device, sets=args.set,
-                   base_from=args.base_from, eval_start=args.eval_start)
+                   base_from=args.base_from, eval_start=args.eval_start, rl_from=args.rl_from)
     if args.install or args.install_only:
         target = install_preset(args.out)
         size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
@@ -343,6 +463,8 @@ def add_commands(sub) -> None:
                    help="also evaluate the stage-1 start (zero-head SCB: every prompt is the null condition)")
     p.add_argument("--base-from", default=None, metavar="DIR",
                    help="copy the base models of another run (its folder or its base/ folder) instead of making them")
+    p.add_argument("--rl-from", default=None, metavar="PIPELINE",
+                   help="run stage 3 alone from a pipeline folder, or deepgen-shapes (the shipped preset)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test of the chain (numbers meaningless)")
     p.add_argument("--install", action="store_true",
                    help="then copy the final pipeline into the package as the deepgen-shapes preset")

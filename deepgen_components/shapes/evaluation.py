@@ -21,10 +21,10 @@ import torch
 from deepgen_components.evaluation.evaluators import EvalResult, by_category, mean
 from deepgen_components.evaluation.prompts import Benchmark, PromptRecord, Protocol
 from deepgen_components.shapes.evaluator import ShapesEval
-from deepgen_components.shapes.world import EditTask, ShapesWorld, parse_instruction
+from deepgen_components.shapes.world import EditTask, ShapesWorld, caption, parse_instruction
 
 __all__ = ["BENCHMARK", "EvalSet", "ShapesEvaluator", "ShapesScores", "evaluate_pipeline", "eval_set", "image_grid",
-           "prompt_records"]
+           "pair_metrics", "prompt_records"]
 
 ATTRIBUTES = ("color", "shape", "position", "background")
 
@@ -35,21 +35,25 @@ class EvalSet:
     seen_prompts: list[str]
     edits: list[EditTask]
     image_size: int = 64
+    pair_prompts: list[str] = field(default_factory=list)  # distinct held-out two-shape captions
 
     @property
     def prompts(self) -> list[str]:
         return self.heldout_prompts + self.seen_prompts
 
 
-def eval_set(heldout: int = 54, seen: int = 54, edits: int = 54, image_size: int = 64, seed: int = 0) -> EvalSet:
-    """``heldout`` prompts cycle through the 27 held-out compositions (54 = each twice); ``seen`` are training
-    compositions with new jitter; ``edits`` are held-out edit tasks."""
+def eval_set(heldout: int = 54, seen: int = 54, edits: int = 54, image_size: int = 64, seed: int = 0,
+             pairs: int = 0) -> EvalSet:
+    """``heldout`` prompts cycle through the 27 held-out compositions (54 = 27 distinct captions, each twice with
+    other jitter and noise); ``seen`` are training compositions with new jitter; ``edits`` are held-out edit tasks;
+    ``pairs`` are distinct held-out two-shape captions (``ShapesWorld.pair_scenes``), stage 3's headroom task."""
     world = ShapesWorld(image_size, seed=0)
     return EvalSet(
         heldout_prompts=world.heldout_prompts(heldout, seed=seed) if heldout else [],
         seen_prompts=world.heldout_prompts(seen, seed=seed, unseen=False) if seen else [],
         edits=world.heldout_edits(edits, seed=seed) if edits else [],
         image_size=image_size,
+        pair_prompts=[caption(s) for s in world.pair_scenes(pairs, seed=seed)] if pairs else [],
     )
 
 
@@ -69,6 +73,11 @@ class ShapesScores:
     n_edits: int = 0
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
+    n_heldout_distinct: int = 0  # distinct held-out captions (the 54 held-out prompts are 27 captions twice)
+    # Held-out two-shape captions, per guidance scale ("1.0": none, stage 3's rollouts; "4.0": the T2I default):
+    # the score_t2i rates plus "composition", "placement_px" and "reward" means.
+    pairs: dict[str, dict[str, float]] = field(default_factory=dict)
+    n_pairs: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,9 +117,11 @@ def generate_edits(pipe, tasks: list[EditTask], *, steps: int, guidance: float, 
 
 
 def evaluate_pipeline(pipe, evals: EvalSet, *, steps: int = 20, guidance: float = 4.0,
-                      edit_guidance: float | None = None, seed: int = 0, keep_images: bool = False):
-    """Score T2I (per attribute, held-out and seen) and editing; returns ``ShapesScores`` (and the images when
-    ``keep_images``: {"t2i": [...], "edit_sources": [...], "edits": [...]})."""
+                      edit_guidance: float | None = None, seed: int = 0, keep_images: bool = False,
+                      pair_guidances: tuple[float, ...] = (1.0, 4.0)):
+    """Score T2I (per attribute, held-out and seen), editing and the two-shape captions (at each of
+    ``pair_guidances``); returns ``ShapesScores`` (and the images when ``keep_images``: {"t2i": [...],
+    "edit_sources": [...], "edits": [...], "pairs": {guidance: [...]}})."""
     edit_guidance = guidance if edit_guidance is None else edit_guidance
     evaluator = ShapesEval()
     started = time.perf_counter()
@@ -133,6 +144,11 @@ def evaluate_pipeline(pipe, evals: EvalSet, *, steps: int = 20, guidance: float 
         for task, result in zip(evals.edits, results):
             kinds.setdefault(parse_instruction(task.instruction).kind, []).append(result)
         by_kind = {kind: _mean(res, "success") for kind, res in sorted(kinds.items())}
+    pair_scores, pair_images = {}, {}
+    for scale in pair_guidances if evals.pair_prompts else ():
+        images = generate_t2i(pipe, evals.pair_prompts, steps=steps, guidance=scale, seed=seed + 20_000)
+        pair_scores[str(float(scale))] = pair_metrics(evaluator, images, evals.pair_prompts)
+        pair_images[str(float(scale))] = images
     scores = ShapesScores(
         t2i={k: _mean(rows, k) for k in keys},
         heldout={k: _mean(held, k) for k in keys},
@@ -146,10 +162,28 @@ def evaluate_pipeline(pipe, evals: EvalSet, *, steps: int = 20, guidance: float 
         n_edits=len(evals.edits),
         seconds=time.perf_counter() - started,
         settings={"steps": steps, "guidance": guidance, "edit_guidance": edit_guidance, "seed": seed},
+        n_heldout_distinct=len(set(evals.heldout_prompts)),
+        pairs=pair_scores,
+        n_pairs=len(evals.pair_prompts),
     )
     if keep_images:
-        return scores, {"t2i": t2i_images, "edit_sources": sources, "edits": edited}
+        return scores, {"t2i": t2i_images, "edit_sources": sources, "edits": edited, "pairs": pair_images}
     return scores
+
+
+PAIR_METRICS = ("layout", "count", "position", "shape", "color", "background", "all")
+
+
+def pair_metrics(evaluator: ShapesEval, images: list, prompts: list[str]) -> dict[str, float]:
+    """Rates of ``score_t2i`` over two-shape images (``layout`` first: stage 3's headroom metric), and the means of
+    the three stage-3 rewards: ``composition``, ``placement_px`` (the error, in pixels) and ``reward``."""
+    rows = [evaluator.score_t2i(image, prompt) for image, prompt in zip(images, prompts)]
+    out = {k: _mean(rows, k) for k in PAIR_METRICS}
+    n = max(len(images), 1)
+    out["composition"] = sum(evaluator.composition(i, p) for i, p in zip(images, prompts)) / n
+    out["placement_px"] = sum(evaluator.placement_error(i, p) for i, p in zip(images, prompts)) / n
+    out["reward"] = sum(evaluator.reward(i, p) for i, p in zip(images, prompts)) / n
+    return out
 
 
 def image_grid(rows: list[list], tile: int = 64, pad: int = 2, background=(255, 255, 255)):
@@ -178,8 +212,9 @@ BENCHMARK = Benchmark("shapes", "plain", 1, Protocol(64, 64, 20, 4.0, "docs/shap
 
 
 def prompt_records() -> list[PromptRecord]:
-    """The T2I part of the fixed evaluation set (:func:`eval_set`: 54 held-out compositions, then 54 seen
-    compositions with new jitter), in that order, with the categories ``heldout`` and ``seen``."""
+    """The T2I part of the fixed evaluation set (:func:`eval_set`: 54 prompts of held-out compositions, the 27
+    distinct held-out captions twice each with other jitter, then 54 of seen compositions with new jitter), in that
+    order, with the categories ``heldout`` and ``seen``."""
     evals = eval_set(edits=0)
     held = len(evals.heldout_prompts)
     return [PromptRecord(i, f"{i:05d}", p, "heldout" if i < held else "seen") for i, p in enumerate(evals.prompts)]
