@@ -143,6 +143,13 @@ CASES = [
      "--set: expected PART.KEY=VALUE", 2),
     ("shapes-zero-eval-steps", ["shapes", "--quick", "--out", "{out}", "--eval-steps", "0"],
      "argument --eval-steps: must be >= 1", 2),
+    ("shapes-rl-from-not-a-pipeline", ["shapes", "--out", "{out}", "--rl-from", "{tmp}"],
+     "--rl-from {tmp}: no model_index.json there", 2),
+    ("shapes-rl-from-with-a-base", ["shapes", "--out", "{out}", "--rl-from", "deepgen-shapes", "--base-from", "{tmp}"],
+     "--rl-from runs stage 3 alone: it takes no --base-from or --eval-start", 2),
+    ("shapes-rl-from-with-a-stage-2-set", ["shapes", "--out", "{out}", "--rl-from", "deepgen-shapes", "--set",
+                                          "sft.optim.lr=1"],
+     "--rl-from runs stage 3 alone: only --set rl.KEY=VALUE applies", 2),
     ("shapes-out-under-a-file", ["shapes", "--quick", "--out", "{file}/run"], "--out {file}/run: {file} is a file", 2),
     # eval
     ("eval-unknown-benchmark", ["eval", "--benchmark", "nope", "--out", "{out}"],

@@ -152,6 +152,8 @@ RUN = {key for group in RUN_GROUPS for key in group}
 
 _WEIGHTS = "needs the official DeepGen 1.0 / Qwen2.5-VL weights (local folders a CPU test cannot have)"
 _GPU = "needs CUDA (the GPU tier; benchmarks/gpu_*.sh run it on the device machine)"
+_SHAPES_RL = ("a measured stage-3 run (about 16 minutes on 2 cores); its --quick form runs in tests/test_shapes_rl.py "
+              "(test_a_quick_stage3_run_raises_its_rewards_on_its_own_training_prompts)")
 _FRAGMENT = "an API fragment (names defined by the surrounding text); the same calls run in the test named"
 NOT_RUN: dict[str, str] = {
     "python benchmarks/load_memory.py --out out/load_memory": "the small preset: about 2 minutes and 1.5 GB of "
@@ -243,6 +245,13 @@ NOT_RUN: dict[str, str] = {
     "deepgen data convert --format edit data/nano/data.json --images-root data/nano --out manifests/nano.jsonl "
     "--check-images": "needs an official dataset on disk; tests/test_data_convert.py runs the command on small lists "
     "in every official format",
+    "deepgen shapes --out runs/rl_s0 --rl-from deepgen-shapes --threads 1 --set rl.trainer.seed=0": _SHAPES_RL,
+    "deepgen shapes --out runs/rl_grpo_s0 --rl-from deepgen-shapes --threads 1 --set rl.trainer.seed=0 --set "
+    "rl.rl.advantages=grpo": _SHAPES_RL,
+    "python benchmarks/rl_gain.py --runs runs/rl_s0 runs/rl_s1 runs/rl_s2 --ablation runs/rl_grpo_s0 runs/rl_grpo_s1 "
+    "--no-kl-sft runs/rl_nokl_s0 --out docs/results/rl_gain.json --plot docs/images/shapes/rl_rewards.png --grid "
+    "docs/images/shapes/rl_pairs_heldout.png": "reads the six 16-minute runs above; tests/test_shapes_rl.py runs "
+    "gain_record on a real quick run",
     "python benchmarks/export_scale.py --out out/export_scale": "the measurement itself (4 minutes, 19 GB of RAM); "
     "its --preset tiny form runs here",
     "docs/kernels.md: from deepgen_components.triton_kernels import (": "a list of signatures, not code to run",
