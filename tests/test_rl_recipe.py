@@ -299,7 +299,7 @@ def test_the_shapes_prompt_source_draws_edit_tasks_scored_against_their_target()
     with pytest.raises(ValueError, match="unknown keys.*edit"):
         PromptPool(cfg.rl, 64)
     cfg.rl.prompt_source = {"kind": "shapes", "count": 0, "edits": 0}
-    with pytest.raises(ValueError, match="count and edits"):
+    with pytest.raises(ValueError, match="count, pairs and edits"):
         PromptPool(cfg.rl, 64)
     cfg.rl.prompt_source = {"kind": "shape", "count": 4}
     with pytest.raises(ValueError, match=r"rl.prompt_source.kind: unknown prompt source kind 'shape'; known: .*shapes"
