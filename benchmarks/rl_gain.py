@@ -109,37 +109,6 @@ def _variant(folders: list[Path], before: dict, metric, what: str) -> dict:
             "t2i_all": [100 * e["t2i"]["all"] for e in ends],
             "edit_success": [100 * e["edit_success"] for e in ends]}
 
-
-def plot(groups: dict[str, list[Path]], target: Path) -> None:
-    """Per reward, the rollout reward of every run per step (a moving average over 8 steps), one colour a group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series = {}
-    for label, folders in groups.items():
-        for folder in folders:
-            rows = [json.loads(line) for line in (folder / "rl" / "metrics.jsonl").read_text().splitlines() if line]
-            series.setdefault(label, []).append(rows)
-    names = sorted({k for runs in series.values() for rows in runs for r in rows for k in r if k.startswith("reward/")})
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False)
-    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
-    for ax, name in zip(axes[0], names):
-        for colour, (label, runs) in zip(colours, series.items()):
-            for i, rows in enumerate(runs):
-                values = [r[name] for r in rows if name in r]
-                smooth = [statistics.fmean(values[max(0, j - 7): j + 1]) for j in range(len(values))]
-                ax.plot(range(1, len(smooth) + 1), smooth, color=colour, lw=1.5, label=label if i == 0 else None)
-        ax.set_title(name.replace("reward/", "rollout reward: "))
-        ax.set_xlabel("step")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=80)
-    plt.close(fig)
-
-
 def seeds_grid(runs: list[Path], target: Path, name: str = "pairs_heldout_cfg1.png", tile: int = 64,
                pad: int = 2) -> None:
     """One grid of the held-out two-shape captions: ground truth | before | after, for each run (seed): the first
@@ -178,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     if args.plot is not None:
-        plot({"GDPO (recipe)": args.runs, "summed raw rewards (GRPO)": args.ablation,
-              "no KL, no SFT term": args.no_kl_sft}, args.plot)
+        from deepgen_components.shapes.evaluation import plot_rewards
+
+        groups = {"GDPO (recipe)": args.runs, "summed raw rewards (GRPO)": args.ablation,
+                  "no KL, no SFT term": args.no_kl_sft}
+        plot_rewards({label: [run / "rl" / "metrics.jsonl" for run in runs] for label, runs in groups.items()},
+                     args.plot)
     if args.grid is not None:
         seeds_grid(args.runs, args.grid)
     s = record["after_summary"]

@@ -277,14 +277,15 @@ def run_shapes(
     return finish()
 
 
-def _pipeline_folder(name_or_path: str | Path) -> Path:
-    """``deepgen-shapes`` (the shipped preset) or a pipeline folder (holding ``model_index.json``)."""
+def _pipeline_folder(name_or_path: str | Path, argument: str = "rl_from") -> Path:
+    """``deepgen-shapes`` (the shipped preset) or a pipeline folder (holding ``model_index.json``); ``argument``
+    names the option in the error."""
     from deepgen_components.builders import SHAPES_PRESET_DIR
 
     path = SHAPES_PRESET_DIR if str(name_or_path) == "deepgen-shapes" else Path(name_or_path)
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"rl_from: {path} has no model_index.json; give a pipeline folder (e.g. a run's "
-                                "sft/pipeline) or deepgen-shapes")
+        raise FileNotFoundError(f"{argument} {name_or_path}: no model_index.json there; give a pipeline folder "
+                                "(e.g. a run's sft/pipeline) or deepgen-shapes")
     return path
 
 
@@ -300,36 +301,15 @@ def _train_rl_once(cfg, stage_dir: Path, report: dict, save) -> None:
 
 
 def _plot_rewards(metrics: Path, target: Path) -> None:
-    """Stage 3's rollout rewards per step (each reward, and a moving average) as a PNG, when matplotlib is there."""
+    """Stage 3's rollout rewards per step as a PNG, when the run has them and matplotlib is there."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         return
-    if not metrics.is_file():
-        return
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    names = sorted({k for r in rows for k in r if k.startswith("reward/")})
-    if not names:
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        steps = [r["step"] for r in rows if name in r]
-        values = [r[name] for r in rows if name in r]
-        window = max(1, len(values) // 8)
-        smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
-                  for i in range(len(values))]
-        ax.plot(steps, values, lw=0.8, alpha=0.4)
-        ax.plot(steps, smooth, lw=2)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(target, dpi=80)
-    plt.close(fig)
+    if metrics.is_file():
+        from deepgen_components.shapes.evaluation import plot_rewards
 
+        plot_rewards({"stage 3": [metrics]}, target)
 
 def _write_grids(folder: Path, evals, images: dict, rows: int) -> None:
     """Held-out T2I (ground truth | each model) and edits (source | target | each model), 64 px tiles."""
@@ -428,9 +408,7 @@ def cmd_shapes(args) -> int:
                 raise ValueError("--rl-from runs stage 3 alone: it takes no --base-from or --eval-start")
             if any(item.split("=", 1)[0].split(".", 1)[0] != "rl" for item in args.set):
                 raise ValueError("--rl-from runs stage 3 alone: only --set rl.KEY=VALUE applies")
-            if args.rl_from != "deepgen-shapes" and not (Path(args.rl_from) / "model_index.json").is_file():
-                raise FileNotFoundError(f"--rl-from {args.rl_from}: no model_index.json there; give a pipeline "
-                                        "folder (e.g. a run's sft/pipeline) or deepgen-shapes")
+            _pipeline_folder(args.rl_from, "--rl-from")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.install_only:

@@ -24,7 +24,7 @@ from deepgen_components.shapes.evaluator import ShapesEval
 from deepgen_components.shapes.world import EditTask, ShapesWorld, caption, parse_instruction
 
 __all__ = ["BENCHMARK", "EvalSet", "ShapesEvaluator", "ShapesScores", "evaluate_pipeline", "eval_set", "image_grid",
-           "pair_metrics", "prompt_records"]
+           "pair_metrics", "plot_rewards", "prompt_records"]
 
 ATTRIBUTES = ("color", "shape", "position", "background")
 
@@ -198,6 +198,38 @@ def image_grid(rows: list[list], tile: int = 64, pad: int = 2, background=(255, 
                 continue
             grid.paste(image.convert("RGB").resize((tile, tile), Image.NEAREST), (pad + c * (tile + pad), pad + r * (tile + pad)))
     return grid
+
+
+def plot_rewards(groups: dict[str, list[Path]], target: str | Path) -> None:
+    """Stage 3's rollout rewards per step as a PNG: one panel per ``reward/NAME`` of the runs' ``metrics.jsonl``
+    files, each run a line (a moving average over 8 steps), one colour per group label. Needs matplotlib."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {label: [[json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+                      for path in paths] for label, paths in groups.items() if paths}
+    names = sorted({k for runs in series.values() for rows in runs for r in rows for k in r if k.startswith("reward/")})
+    if not names:
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False)
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    for ax, name in zip(axes[0], names):
+        for colour, (label, runs) in zip(colours, series.items()):
+            for i, rows in enumerate(runs):
+                values = [r[name] for r in rows if name in r]
+                smooth = [statistics.fmean(values[max(0, j - 7): j + 1]) for j in range(len(values))]
+                ax.plot(range(1, len(smooth) + 1), smooth, color=colour, lw=1.5, label=label if i == 0 else None)
+        ax.set_title(name.replace("reward/", "rollout reward: "))
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=80)
+    plt.close(fig)
 
 
 def save_scores(scores: ShapesScores, path: str | Path) -> None:
